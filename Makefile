@@ -1,0 +1,44 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Both do all set-up first;
+# set-up is idempotent and takes seconds when already done.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+RUNNER := build/host/et_bench
+RUNNER_SRC := $(wildcard android_bench/*.cpp android_bench/*.h) android_bench/CMakeLists.txt
+
+.PHONY: setup system venv runner demo test test-fast bench clean
+
+setup: system venv runner
+
+system:
+	@bash scripts/setup_system.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing Python dependencies into $(VENV) ..."
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	@# torch first and pinned: the CPU wheel, not the registry's CUDA build
+	@$(PY) -m pip install -q torch==2.13.0
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+runner: $(RUNNER)
+
+$(RUNNER): $(RUNNER_SRC) $(VENV)/.installed
+	@bash android_bench/build_host.sh $(PY) build/host
+
+demo: setup
+	@$(BIN)/amc-mobile demo
+
+test: setup
+	@$(BIN)/pytest -q -ra
+
+test-fast: setup
+	@$(BIN)/pytest -q -ra -m "not slow"
+
+clean:
+	rm -rf build runs .pytest_cache

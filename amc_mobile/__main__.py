@@ -1,0 +1,5 @@
+import sys
+
+from amc_mobile.cli import main
+
+sys.exit(main())

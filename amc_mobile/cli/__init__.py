@@ -1,0 +1,65 @@
+"""`amc-mobile` entry point: a thin parser; every subcommand lives in its own module here.
+
+Each module in this package that defines `register(subparsers)` adds its subcommand(s);
+the parser it adds sets `func`, which gets the parsed args and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+import warnings
+
+from amc_mobile import __version__
+from amc_mobile.errors import AmcError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amc-mobile",
+        description="AMC channel pruning with latency measured on the target device.",
+    )
+    parser.add_argument("--version", action="version", version=f"amc-mobile {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    # torch.export and ExecuTorch are chatty; users want our progress bars, not their warnings.
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "executorch", "torchao", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except AmcError as exc:
+        if args.verbose:
+            raise
+        print(f"amc-mobile: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("amc-mobile: interrupted; every measurement taken so far is saved (rerun to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

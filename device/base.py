@@ -1,0 +1,121 @@
+"""The Device interface: measure a batch of candidates, describe what makes measurements comparable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .stats import LatencyStats
+
+_METHOD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class Candidate:
+    """One thing to time: a module and an example input; `name` becomes the .pte method name."""
+
+    name: str
+    module: torch.nn.Module
+    example_input: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not _METHOD_RE.match(self.name):
+            raise ValueError(f"candidate name {self.name!r} must be an identifier (it becomes a method name)")
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How to time each candidate. Devices pick sane defaults for what is None."""
+
+    warmup: int = 10  # untimed runs first: caches, page faults, frequency ramp-up
+    iterations: int = 50  # timed runs per candidate
+    min_time_ms: float = 0.0  # keep iterating until this much time was timed, if more than `iterations`
+    threads: int | None = None  # None: the device's default (1 on the host, the big cores on a phone)
+    affinity: str | None = None  # hex CPU mask, e.g. "f0"; None: device default
+    repeats: int = 1  # whole runner invocations per batch; samples are pooled
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What makes two latency measurements comparable. Tables are keyed by it."""
+
+    kind: str  # "local", "cuda", "adb"
+    hardware: str  # CPU model, GPU name, or phone manufacturer/model/SoC
+    runtime: str  # e.g. "executorch-1.4.1", "torch-2.13.0+cu130"
+    backend: str  # "xnnpack", "cuda-fp32", ...
+    threads: int
+    affinity: str | None = None
+    extra: dict = field(default_factory=dict)  # governor, ABI, ...: recorded, not compared
+
+    def comparable_fields(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+    def digest(self) -> str:
+        blob = json.dumps(self.comparable_fields(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    def slug(self) -> str:
+        """A folder name a person can read: kind-hardware-backend-tN-digest."""
+        hw = re.sub(r"[^a-z0-9]+", "-", self.hardware.lower()).strip("-")[:40]
+        return f"{self.kind}-{hw}-{self.backend}-t{self.threads}-{self.digest()}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fingerprint":
+        return cls(**d)
+
+    def differences(self, other: "Fingerprint") -> list[str]:
+        a, b = self.comparable_fields(), other.comparable_fields()
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+ProgressFn = Callable[[int], None]
+
+
+class Device(ABC):
+    """A measurement target. Each device does its own lowering of the candidates."""
+
+    uri: str
+
+    @abstractmethod
+    def fingerprint(self, config: MeasureConfig | None = None) -> Fingerprint:
+        """The fingerprint of measurements taken with `config`."""
+
+    @abstractmethod
+    def measure(
+        self,
+        candidates: Sequence[Candidate],
+        config: MeasureConfig = MeasureConfig(),
+        progress: ProgressFn | None = None,
+    ) -> list[LatencyStats]:
+        """Time every candidate; one result per candidate, in order.
+
+        A candidate that fails to lower or run gets a result with `error` set,
+        so one bad candidate never loses the others' measurements.
+        """
+
+    def info(self) -> dict:
+        """Everything worth printing about the device (`amc-mobile device-info`)."""
+        return self.fingerprint().to_dict()
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
