@@ -1,0 +1,153 @@
+"""Fused units: the things a latency table is keyed by (conv+BN+activation, depthwise, linear, add, pool).
+
+A unit is what XNNPACK runs as one fused kernel; nn-Meter showed that predicting per
+fused kernel is what makes a sum over layers accurate (99% within ±10% vs 91% per op).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+from torch import nn
+
+from amc_mobile.errors import AmcError
+
+UNIT_KINDS = ("conv", "dwconv", "linear", "add", "pool")
+ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish}
+
+
+@dataclass(frozen=True, order=True)
+class UnitSpec:
+    """One fused unit at concrete channel counts. Units are batch-1 NCHW unless `batch` says otherwise."""
+
+    kind: str  # one of UNIT_KINDS
+    h: int  # input height (1 for linear)
+    w: int  # input width (1 for linear)
+    c_in: int
+    c_out: int
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    act: str = "none"  # activation fused after the op (and after BN for convs)
+    dtype: str = "fp32"
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in UNIT_KINDS:
+            raise AmcError(f"unknown unit kind {self.kind!r}: expected one of {', '.join(UNIT_KINDS)}")
+        if self.act not in ACTIVATIONS:
+            raise AmcError(f"unknown activation {self.act!r} in a {self.kind} unit: expected one of {', '.join(ACTIVATIONS)}")
+        if min(self.c_in, self.c_out, self.h, self.w, self.stride, self.batch) < 1 or self.kernel < 0:
+            raise AmcError(f"unit {self.key()} has a non-positive size")
+
+    def key(self) -> str:
+        """A key a person can read, e.g. `conv3x3-s1-p1-g1-in32-out64-hw14x14-relu6-fp32-b1`."""
+        return (
+            f"{self.kind}{self.kernel}x{self.kernel}-s{self.stride}-p{self.padding}-g{self.groups}"
+            f"-in{self.c_in}-out{self.c_out}-hw{self.h}x{self.w}-{self.act}-{self.dtype}-b{self.batch}"
+        )
+
+    def shape_key(self) -> tuple:
+        """Everything but the channel counts: units that share it form one (c_in, c_out) surface."""
+        return (self.kind, self.h, self.w, self.kernel, self.stride, self.padding, self.act, self.dtype, self.batch,
+                self.groups == self.c_in and self.kind == "dwconv")
+
+    def with_channels(self, c_in: int, c_out: int) -> "UnitSpec":
+        if self.kind in ("dwconv", "add", "pool"):
+            c_out = c_in  # these keep their channel count
+        groups = c_in if self.kind == "dwconv" else self.groups
+        return replace(self, c_in=c_in, c_out=c_out, groups=groups)
+
+    def output_hw(self) -> tuple[int, int]:
+        if self.kind == "linear" or (self.kind == "pool" and self.kernel == 0):
+            return 1, 1
+        return ((self.h + 2 * self.padding - self.kernel) // self.stride + 1,
+                (self.w + 2 * self.padding - self.kernel) // self.stride + 1)
+
+    def flops(self) -> int:
+        """Multiply-accumulates, as the AMC paper counts FLOPs."""
+        h_out = (self.h + 2 * self.padding - self.kernel) // self.stride + 1
+        w_out = (self.w + 2 * self.padding - self.kernel) // self.stride + 1
+        if self.kind in ("conv", "dwconv"):
+            return self.batch * h_out * w_out * self.c_out * (self.c_in // self.groups) * self.kernel**2
+        if self.kind == "linear":
+            return self.batch * self.c_in * self.c_out
+        return self.batch * self.h * self.w * self.c_in
+
+    def input_shape(self) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return (self.batch, self.c_in)
+        return (self.batch, self.c_in, self.h, self.w)
+
+    def build(self, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+        """A module that runs exactly this fused unit, and an example input for it."""
+        gen = torch.Generator().manual_seed(seed)
+        module = _UNIT_BUILDERS[self.kind](self)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            for m in module.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.1, 0.1, generator=gen)
+                    m.running_var.uniform_(0.5, 1.5, generator=gen)
+        x = torch.randn(self.input_shape(), generator=gen)
+        return module.eval(), x
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UnitSpec":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise AmcError(f"unknown unit field(s) {sorted(unknown)}")
+        return cls(**{k: (v if k in ("kind", "act", "dtype") else int(v)) for k, v in d.items()})
+
+
+class _ConvUnit(nn.Module):
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+        self.conv = nn.Conv2d(s.c_in, s.c_out, s.kernel, s.stride, s.padding, groups=s.groups, bias=False)
+        self.bn = nn.BatchNorm2d(s.c_out)
+        self.act = ACTIVATIONS[s.act]()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class _LinearUnit(nn.Module):
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+        self.fc = nn.Linear(s.c_in, s.c_out)
+        self.act = ACTIVATIONS[s.act]()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+class _AddUnit(nn.Module):
+    """A residual add. Both operands are the one input, so the unit is a single add kernel."""
+
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+        self.act = ACTIVATIONS[s.act]()
+
+    def forward(self, x):
+        return self.act(x + x)
+
+
+class _PoolUnit(nn.Module):
+    """Global average pool (kernel 0) or a max pool with the unit's kernel and stride."""
+
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1) if s.kernel == 0 else nn.MaxPool2d(s.kernel, s.stride, s.padding)
+
+    def forward(self, x):
+        return self.pool(x)
+
+
+_UNIT_BUILDERS = {"conv": _ConvUnit, "dwconv": _ConvUnit, "linear": _LinearUnit, "add": _AddUnit, "pool": _PoolUnit}
