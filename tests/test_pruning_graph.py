@@ -123,3 +123,14 @@ def test_corrupt_pruned_folder_is_a_clear_error(tmp_path):
     torch.save(model.state_dict(), tmp_path / "model.pt")  # unpruned weights, pruned spec
     with pytest.raises(AmcError, match="does not match"):
         load_pruned(tmp_path)
+
+
+def test_decoupled_scope_makes_every_unit_depend_on_one_group():
+    graph = build_graph(build_model("mobilenet_v2"))
+    chosen = set(graph.decision_groups("decoupled"))
+    assert len(chosen) == 18  # stem, 16 expansions, head
+    for u in graph.units:
+        assert len({u.in_group, u.out_group} & chosen) <= 1
+    assert [l.in_group for l in graph.decision_layers("decoupled")] == graph.decision_groups("decoupled")
+    with pytest.raises(AmcError, match="unknown channel scope"):
+        graph.decision_groups("some")

@@ -28,6 +28,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from amc_mobile.errors import AmcError
 from latency_tables.units import UnitSpec
 
+SCOPES = ("all", "decoupled")
+# Per-family default scope: where "all" would make the latency table impractically large.
+DEFAULT_SCOPE = {"mobilenet_v2": "decoupled"}
+
 _PASSTHROUGH_MODULES = (
     nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Identity, nn.Dropout, nn.AdaptiveAvgPool2d,
     nn.AvgPool2d, nn.MaxPool2d, nn.Sigmoid, nn.Hardtanh,
@@ -102,6 +106,33 @@ class PruningGraph:
                 seen.add(g)
                 out.append(layer)
         return out
+
+    def decision_layers(self, scope: str = "all") -> list[Layer]:
+        """AMC's decision points within `scope` (see `decision_groups`)."""
+        allowed = set(self.decision_groups(scope))
+        return [l for l in self.prunable_layers if l.in_group in allowed]
+
+    def decision_groups(self, scope: str = "all") -> list[int]:
+        """Groups the search may prune, in forward order.
+
+        - "all": every prunable group.
+        - "decoupled": greedily, in forward order, skip a group when some unit ties it to a group
+          already chosen, so every unit depends on at most one pruned group. For MobileNet-V2 this
+          is AMC's choice (the expansion channels, plus the stem and head); it turns the latency
+          table's (c_in, c_out) surfaces into lines, roughly 6x fewer configurations to measure.
+        """
+        if scope not in SCOPES:
+            raise AmcError(f"unknown channel scope {scope!r}: expected one of {', '.join(SCOPES)}")
+        groups = [l.in_group for l in self.prunable_layers]
+        if scope == "all":
+            return groups
+        chosen: list[int] = []
+        for g in groups:
+            partners = {u.in_group for u in self.units if u.out_group == g} | {
+                u.out_group for u in self.units if u.in_group == g}
+            if not partners.intersection(chosen):
+                chosen.append(g)
+        return chosen
 
     def full_channels(self) -> dict[int, int]:
         return {g.id: g.size for g in self.groups.values()}
