@@ -1,0 +1,56 @@
+"""`amc-mobile bench`: measure whole models on a device and print latency statistics."""
+
+from __future__ import annotations
+
+import argparse
+
+from amc_mobile.cli.common import add_measure_options, dump_json, measure_config, stats_table
+from amc_mobile.errors import AmcError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="measure the latency of whole models on a device",
+                       description="Measure whole models on a device. MODEL is a registry name "
+                                   "(e.g. mobilenet_v2), a pruned-model or checkpoint folder, or a .pte file.")
+    p.add_argument("--model", "-m", action="append", default=None,
+                   help="model to measure (repeatable; default: the default model)")
+    p.add_argument("--device", "-d", default="local", help="device URI (default: local)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading a fully pickled module (.pt)")
+    p.add_argument("--json", action="store_true", help="print JSON (with raw samples) instead of a table")
+    add_measure_options(p, iterations=100, warmup=20)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from amc_mobile.model_io import load_model
+    from amc_mobile.models import DEFAULT_MODEL
+    from device import Candidate, open_device
+
+    config = measure_config(args)
+    refs = args.model or [DEFAULT_MODEL]
+    models = [load_model(r, allow_pickle=args.allow_pickle) for r in refs]
+    with open_device(args.device) as dev:
+        results = []
+        modules = [(i, m) for i, m in enumerate(models) if m.module is not None]
+        if modules:
+            cands = [Candidate(f"m{i}", m.module, m.example_input) for i, m in modules]
+            for (i, _), s in zip(modules, dev.measure(cands, config)):
+                results.append((i, s))
+        for i, m in enumerate(models):
+            if m.pte_path is not None:
+                measure_pte = getattr(dev, "measure_pte", None)
+                if measure_pte is None:
+                    raise AmcError(f"device {args.device} runs PyTorch modules, not .pte files: "
+                                   f"pass a model name or a pruned-model folder for {m.label}")
+                for s in measure_pte(m.pte_path, None, config):
+                    results.append((i, s))
+        fp = dev.fingerprint(config)
+    labelled = [(models[i].label if s.name.startswith("m") or len(models) == 1 else f"{models[i].label}:{s.name}", s)
+                for i, s in sorted(results, key=lambda r: r[0])]
+    if args.json:
+        print(dump_json({"device": args.device, "fingerprint": fp.to_dict(), "config": config.to_dict(),
+                         "results": [{"model": lbl, **s.to_dict(with_samples=True)} for lbl, s in labelled]}))
+    else:
+        print(f"device {args.device}: {fp.hardware} | {fp.runtime} | {fp.backend} | threads {fp.threads}")
+        print(stats_table(labelled))
+    return 0 if all(s.ok for _, s in labelled) else 1

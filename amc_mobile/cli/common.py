@@ -1,0 +1,56 @@
+"""Options and printing shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from device import LatencyStats, MeasureConfig
+
+
+def add_measure_options(p: argparse.ArgumentParser, iterations: int = 50, warmup: int = 10) -> None:
+    g = p.add_argument_group("measurement")
+    g.add_argument("--iterations", type=int, default=iterations, help="timed runs per candidate (default %(default)s)")
+    g.add_argument("--warmup", type=int, default=warmup, help="untimed runs first (default %(default)s)")
+    g.add_argument("--min-time-ms", type=float, default=0.0, help="keep timing until this much time was timed")
+    g.add_argument("--repeats", type=int, default=1, help="runner invocations per batch; samples pooled")
+    g.add_argument("--threads", type=int, default=None, help="runtime threads (default: device's choice)")
+    g.add_argument("--affinity", default=None, help="hex CPU mask to pin to, e.g. f0 (default: device's choice)")
+
+
+def measure_config(args: argparse.Namespace) -> MeasureConfig:
+    from amc_mobile.errors import AmcError
+
+    if args.iterations < 1 or args.warmup < 0 or args.repeats < 1:
+        raise AmcError("--iterations and --repeats must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise AmcError("--threads must be >= 1")
+    if args.affinity is not None:
+        try:
+            if int(args.affinity, 16) <= 0:
+                raise ValueError
+        except ValueError:
+            raise AmcError(f"--affinity {args.affinity!r} is not a non-zero hex CPU mask (e.g. f0)") from None
+    return MeasureConfig(warmup=args.warmup, iterations=args.iterations, min_time_ms=args.min_time_ms,
+                         threads=args.threads, affinity=args.affinity, repeats=args.repeats)
+
+
+def _fmt(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def stats_table(rows: list[tuple[str, LatencyStats]]) -> str:
+    head = f"{'model':28s} {'median ms':>10s} {'p10':>8s} {'p90':>8s} {'mean':>8s} {'std':>7s} {'n':>5s} {'load ms':>8s}"
+    out = [head, "-" * len(head)]
+    for label, s in rows:
+        if not s.ok:
+            out.append(f"{label:28s} error: {s.error}")
+            continue
+        out.append(f"{label:28s} {_fmt(s.median_ms):>10s} {_fmt(s.p10_ms):>8s} {_fmt(s.p90_ms):>8s} "
+                   f"{_fmt(s.mean_ms):>8s} {_fmt(s.std_ms):>7s} {s.n:>5d} {_fmt(s.load_ms):>8s}")
+    return "\n".join(out)
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
