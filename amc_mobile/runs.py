@@ -1,0 +1,80 @@
+"""Run folders: every long job (search, table validation, compare) writes into one folder with a
+`run.json` manifest (kind, exact command, versions, time), so `amc-mobile report RUN_DIR` can
+rebuild a self-contained report from the folder alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+MANIFEST = "run.json"
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("amc-mobile", "torch", "executorch", "adb-shell", "numpy", "pandas"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def new_run_dir(kind: str, out: str | Path | None = None, root: str | Path | None = None) -> Path:
+    """`out` if given, else runs/<kind>-<UTC timestamp>/ (root: AMC_RUNS_DIR or ./runs)."""
+    if out is not None:
+        path = Path(out)
+    else:
+        base = Path(root or os.environ.get("AMC_RUNS_DIR", "runs"))
+        path = base / f"{kind}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_manifest(run_dir: Path, kind: str, argv: list[str] | None = None, **extra) -> Path:
+    """Write (or update) run.json; `extra` holds JSON-safe facts such as device fingerprints."""
+    path = Path(run_dir) / MANIFEST
+    data = read_manifest(run_dir) if path.exists() else {}
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0].endswith(("amc-mobile", "__main__.py")):
+        argv[0] = "amc-mobile"
+    data.update({
+        "kind": kind,
+        "command": shlex.join(argv),
+        "versions": versions(),
+        "started": data.get("started") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    data.update(extra)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(run_dir: Path) -> dict:
+    from amc_mobile.errors import AmcError
+
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        raise AmcError(f"{run_dir} is not a run folder: {MANIFEST} is missing")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise AmcError(f"{path} is not valid JSON: {exc}") from exc
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
