@@ -94,7 +94,7 @@ def test_mobilenet_v2_structure():
     assert [b.use_residual for b in m.blocks].count(True) == 10
     assert m.head.out_channels == 1280
     assert isinstance(m.pool, nn.AdaptiveAvgPool2d) and isinstance(m.classifier, nn.Linear)
-    # stem stride 1 on 28x28: 28, 28, 14, 7, 4, 4, 2, 2 across the stem and the 7 stages
+    # CIFAR-style on 28x28 (stem and stage 2 at stride 1): 28, 28, 28, 14, 7, 7, 4, 4
     x = m.stem(torch.randn(1, 1, 28, 28))
     sizes = [x.shape[-1]]
     with torch.no_grad():
@@ -102,8 +102,9 @@ def test_mobilenet_v2_structure():
             x = b(x)
             sizes.append(x.shape[-1])
     stage_ends = [0, 1, 3, 6, 10, 13, 16, 17]
-    assert [sizes[i] for i in stage_ends] == [28, 28, 14, 7, 4, 4, 2, 2]
-    assert build_model("mobilenet_v2", input_size=224).stem.conv.stride == (2, 2)
+    assert [sizes[i] for i in stage_ends] == [28, 28, 28, 14, 7, 7, 4, 4]
+    big = build_model("mobilenet_v2", input_size=224)
+    assert big.stem.conv.stride == (2, 2) and big.blocks[1].depthwise.conv.stride == (2, 2)
 
 
 def test_resnets():
