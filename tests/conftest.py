@@ -1,0 +1,18 @@
+"""Shared fixtures. The ADB test device's fixtures live in conftest_adb.py (a real ADB peer on loopback)."""
+
+import os
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore")
+# Tests must never write into the user's cache or the repo's stored tables.
+os.environ.setdefault("AMC_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", "build", "test-cache"))
+
+from conftest_adb import *  # noqa: E402,F401,F403  (pytest puts tests/ on sys.path: rootdir conftest)
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMC_RUNS_DIR", str(tmp_path / "runs"))
+    return tmp_path / "runs"
