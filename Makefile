@@ -20,10 +20,10 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing Python dependencies into $(VENV) ..."
-	@$(PY) -m pip install -q --upgrade pip >/dev/null
-	@# torch first and pinned: the CPU wheel, not the registry's CUDA build
-	@$(PY) -m pip install -q torch==2.13.0
-	@$(PY) -m pip install -q -e '.[dev]'
+	@# torch first and pinned: the CPU wheel, not the registry's CUDA build. pip's chatter goes
+	@# to a log that is shown only when something fails.
+	@( $(PY) -m pip install -q torch==2.13.0 && $(PY) -m pip install -q -e '.[dev]' ) \
+		>$(VENV)/pip.log 2>&1 || { tail -n 30 $(VENV)/pip.log; echo "pip install failed (full log: $(VENV)/pip.log)"; exit 1; }
 	@touch $@
 
 runner: $(RUNNER)
