@@ -1,0 +1,243 @@
+"""`local`: time candidates on this machine's CPU with ExecuTorch + XNNPACK, through `et_bench`.
+
+How a batch is measured (`measure`):
+
+- every candidate is exported and lowered into ONE multi-method `.pte` (`device.lowering.lower_to_pte`)
+  in a temporary folder; a candidate that does not export or lower gets `LatencyStats.failed(reason)`.
+- `et_bench` runs once for the whole batch (`--methods` in candidate order), `config.repeats`
+  times; the samples of the repeats are pooled with `merge_repeats`.
+- defaults: `threads=1`, no affinity; `warmup`, `iterations`, `min_time_ms` from the config.
+- if the runner stops on a method (load or execution failure, crash, timeout), the methods it
+  finished keep their samples, that method gets the runner's one-line reason, and the runner is
+  started again for the methods after it. Bad arguments (exit 2, e.g. an affinity mask naming
+  CPUs that do not exist) are the caller's mistake and raise `AmcError`.
+- `progress(1)` is called after each candidate is done (failures included): fits `tqdm.update`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from amc_mobile.errors import AmcError
+
+from .base import Candidate, Device, Fingerprint, MeasureConfig, ProgressFn
+from .lowering import lower_to_pte
+from .runner import EXIT_LOAD, EXIT_USAGE, build_argv, find_runner, parse_list, run_runner, runner_error
+from .stats import LatencyStats, merge_repeats
+
+RUNTIME_VERSION = "1.4.1"
+BACKEND = "xnnpack"
+DEFAULT_THREADS = 1
+
+
+def executorch_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("executorch").split("+")[0]
+    except Exception:
+        return RUNTIME_VERSION
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Hardware", "Processor") and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def discover() -> list[tuple[str, str]]:
+    return [("local", f"{cpu_model()}, {os.cpu_count()} cores, executorch {executorch_version()} {BACKEND}")]
+
+
+class LocalDevice(Device):
+    """This machine's CPU, through the host `et_bench` (built by `make runner`)."""
+
+    uri = "local"
+
+    def __init__(self, runner: str | os.PathLike | None = None, timeout_s: float | None = None):
+        self._runner = Path(runner) if runner is not None else None
+        self._timeout_s = timeout_s  # None: derived from the batch
+
+    @classmethod
+    def from_uri_rest(cls, rest: str) -> "LocalDevice":
+        if rest:
+            raise AmcError(f"bad device URI 'local:{rest}': the local device takes no options (use 'local')")
+        return cls()
+
+    @property
+    def runner(self) -> Path:
+        if self._runner is None:
+            self._runner = find_runner()
+        return self._runner
+
+    # ------------------------------------------------------------------ fingerprint
+
+    def fingerprint(self, config: MeasureConfig | None = None) -> Fingerprint:
+        config = config or MeasureConfig()
+        threads = config.threads if config.threads is not None else DEFAULT_THREADS
+        extra = {"cores": os.cpu_count(), "kernel": platform.release(), "machine": platform.machine()}
+        governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
+        if governor:
+            extra["governor"] = governor
+        return Fingerprint(
+            kind="local",
+            hardware=cpu_model(),
+            runtime=f"executorch-{executorch_version()}",
+            backend=BACKEND,
+            threads=int(threads),
+            affinity=config.affinity,
+            extra=extra,
+        )
+
+    def info(self) -> dict:
+        d = self.fingerprint().to_dict()
+        try:
+            d["runner"] = str(self.runner)
+        except AmcError as exc:
+            d["runner"] = f"missing: {exc}"
+        return d
+
+    # ---------------------------------------------------------------------- measure
+
+    def measure(
+        self,
+        candidates: Sequence[Candidate],
+        config: MeasureConfig = MeasureConfig(),
+        progress: ProgressFn | None = None,
+    ) -> list[LatencyStats]:
+        candidates = list(candidates)
+        if not candidates:
+            return []
+        runner = self.runner  # fail before spending minutes on lowering
+        with tempfile.TemporaryDirectory(prefix="amc-local-") as tmp:
+            pte = Path(tmp) / "batch.pte"
+            failed = lower_to_pte(candidates, pte)
+            for _ in failed:
+                _tick(progress)
+            names = [c.name for c in candidates if c.name not in failed]
+            measured = self._measure_methods(runner, pte, names, config, progress) if names else {}
+        return [
+            LatencyStats.failed(c.name, failed[c.name]) if c.name in failed else measured[c.name]
+            for c in candidates
+        ]
+
+    def measure_pte(
+        self,
+        path: str | os.PathLike,
+        methods: Sequence[str] | None = None,
+        config: MeasureConfig = MeasureConfig(),
+        progress: ProgressFn | None = None,
+    ) -> list[LatencyStats]:
+        """Time the methods of an existing `.pte` (all of them when `methods` is None)."""
+        path = Path(path)
+        if not path.is_file():
+            raise AmcError(f"no such .pte file: {path}")
+        runner = self.runner
+        if methods is None:
+            methods = self.list_methods(path)
+        methods = list(methods)
+        if not methods:
+            return []
+        measured = self._measure_methods(runner, path, methods, config, progress)
+        return [measured[m] for m in methods]
+
+    def list_methods(self, path: str | os.PathLike) -> list[str]:
+        """The method names in a `.pte`, from `et_bench --list`."""
+        argv = [str(self.runner), "--model_path", str(path), "--list"]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=300)
+        except subprocess.TimeoutExpired:
+            raise AmcError(f"et_bench --list {path} did not finish within 300s") from None
+        if proc.returncode != 0:
+            raise runner_error(proc.returncode, proc.stderr)
+        return parse_list(proc.stdout)
+
+    def timeout_for(self, n_methods: int, config: MeasureConfig) -> float:
+        """A generous bound for one invocation: minutes per method would be a hang, not a model."""
+        if self._timeout_s is not None:
+            return float(self._timeout_s)
+        per_method = 30.0 + 2.0 * (config.warmup + config.iterations) + 3.0 * config.min_time_ms / 1000.0
+        return 60.0 + n_methods * per_method
+
+    def _measure_methods(
+        self,
+        runner: Path,
+        pte: Path,
+        names: list[str],
+        config: MeasureConfig,
+        progress: ProgressFn | None,
+    ) -> dict[str, LatencyStats]:
+        """{name: stats} for every name: measured, or failed with the runner's reason."""
+        samples: dict[str, list[LatencyStats]] = {n: [] for n in names}
+        errors: dict[str, str] = {}
+        repeats = max(1, int(config.repeats))
+        for rep in range(repeats):
+            todo = [n for n in names if n not in errors]
+            timeouts = 0
+            while todo:
+                argv = build_argv(runner, pte, config, todo, default_threads=DEFAULT_THREADS)
+                res = run_runner(argv, self.timeout_for(len(todo), config))
+                for rec in res.records:
+                    if rec.method in samples:
+                        samples[rec.method].append(rec.to_stats())
+                        if rep == repeats - 1:
+                            _tick(progress)
+                if res.error is None:
+                    missing = [n for n in todo if n not in {r.method for r in res.records}]
+                    if missing:
+                        raise AmcError(f"et_bench exited 0 but did not report {', '.join(missing[:5])}")
+                    break
+                if res.returncode == EXIT_USAGE:
+                    raise res.error
+                if res.returncode == EXIT_LOAD and "cannot load program" in str(res.error):
+                    for n in todo:  # the file itself is bad: no method will do better
+                        errors[n] = str(res.error)
+                        _tick(progress)
+                    break
+                done = {r.method for r in res.records}
+                rest = [n for n in todo if n not in done]
+                if not rest:
+                    break
+                # The runner goes through --methods in order: it stopped on the first one not done.
+                culprit = rest[0]
+                errors[culprit] = f"et_bench failed on {culprit!r}: {res.error}"
+                _tick(progress)
+                todo = rest[1:]
+                timeouts = timeouts + 1 if res.returncode is None else 0
+                if res.returncode is None:
+                    if timeouts >= 2 and not done:  # two hangs in a row without progress: give up
+                        for n in todo:
+                            errors[n] = f"not measured: et_bench keeps timing out ({res.error})"
+                            _tick(progress)
+                        todo = []
+        out: dict[str, LatencyStats] = {}
+        for n in names:
+            if n in errors:
+                out[n] = LatencyStats.failed(n, errors[n])
+            else:
+                out[n] = merge_repeats(n, samples[n])
+        return out
+
+
+def _tick(progress: ProgressFn | None) -> None:
+    if progress is not None:
+        progress(1)

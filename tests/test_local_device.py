@@ -1,0 +1,209 @@
+"""The `local` device: real lowering, the real host et_bench, real latencies."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from amc_mobile.errors import AmcError
+from device import Candidate, MeasureConfig, open_device
+from device.local import LocalDevice, cpu_model, discover
+from device.lowering import lower_to_pte
+from device.runner import DEFAULT_RUNNER, ENV_RUNNER, REPO_ROOT, find_runner
+
+
+@pytest.fixture(scope="session")
+def runner():
+    if not os.environ.get(ENV_RUNNER) and not DEFAULT_RUNNER.exists():
+        subprocess.run(
+            ["bash", str(REPO_ROOT / "android_bench" / "build_host.sh"), sys.executable, str(DEFAULT_RUNNER.parent)],
+            check=True,
+        )
+    return find_runner()
+
+
+@pytest.fixture
+def dev(runner):
+    return LocalDevice(runner=runner)
+
+
+class ConvUnit(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor's value: torch.export cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:
+            return y.relu()
+        return y
+
+
+class TinyEmbedding(nn.Module):
+    """Lowers, then fails at run time: et_bench feeds 0/1 indices into a 1-row table."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, 8))
+
+    def forward(self, idx):
+        return nn.functional.embedding(idx, self.weight)
+
+
+def conv(name: str, cin: int, cout: int, hw: int) -> Candidate:
+    torch.manual_seed(0)
+    return Candidate(name, ConvUnit(cin, cout), torch.randn(1, cin, hw, hw))
+
+
+FAST = MeasureConfig(warmup=2, iterations=6)
+
+
+# -- no measuring -----------------------------------------------------------------------------------
+
+
+def test_uri():
+    dev = open_device("local")
+    assert isinstance(dev, LocalDevice) and dev.uri == "local"
+    with pytest.raises(AmcError, match="takes no options"):
+        open_device("local:0")
+    with pytest.raises(AmcError):
+        LocalDevice.from_uri_rest("x")
+
+
+def test_discover():
+    ((uri, desc),) = discover()
+    assert uri == "local"
+    assert f"{os.cpu_count()} cores" in desc and "executorch 1.4.1" in desc and "xnnpack" in desc
+
+
+def test_fingerprint():
+    with open("/proc/cpuinfo") as f:
+        models = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    fp = LocalDevice().fingerprint()
+    assert fp.kind == "local" and fp.runtime == "executorch-1.4.1" and fp.backend == "xnnpack"
+    assert fp.threads == 1 and fp.affinity is None
+    if models:
+        assert fp.hardware == " ".join(models[0].split()) == cpu_model()
+    assert fp.extra["cores"] == os.cpu_count() and fp.extra["kernel"] == platform.release()
+    fp4 = LocalDevice().fingerprint(MeasureConfig(threads=4, affinity="f"))
+    assert fp4.threads == 4 and fp4.affinity == "f"
+    assert fp4.digest() != fp.digest() and any("threads" in d for d in fp.differences(fp4))
+
+
+def test_missing_runner_fails_before_lowering(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV_RUNNER, str(tmp_path / "nope"))
+
+    class Exploding(nn.Module):  # would make lowering fail loudly if it were reached
+        def forward(self, x):
+            raise AssertionError("lowering was attempted")
+
+    with pytest.raises(AmcError, match="not an executable"):
+        LocalDevice().measure([Candidate("a", Exploding(), torch.zeros(1))])
+
+
+def test_empty_batch(dev):
+    assert dev.measure([]) == []
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_measure_three_in_order(dev):
+    cands = [conv("c_mid", 8, 16, 16), conv("a_tiny", 3, 4, 8), conv("b_big", 32, 64, 32)]
+    ticks = []
+    res = dev.measure(cands, FAST, progress=ticks.append)
+    assert [r.name for r in res] == ["c_mid", "a_tiny", "b_big"]  # candidate order, not the .pte's
+    for r in res:
+        assert r.ok, r.error
+        assert r.n == FAST.iterations and len(r.samples_ms) == FAST.iterations
+        assert 0 < r.p10_ms <= r.median_ms <= r.p90_ms and r.load_ms is not None and r.load_ms > 0
+    assert sum(ticks) == 3
+    # a real latency sanity check: ~600x the multiply-adds takes clearly longer
+    assert res[2].median_ms > 10 * res[1].median_ms
+
+
+@pytest.mark.slow
+def test_failed_export_does_not_lose_the_others(dev):
+    cands = [conv("first", 3, 8, 8), Candidate("odd", DataDependent(), torch.randn(1, 4, 8, 8)), conv("last", 8, 8, 8)]
+    ticks = []
+    res = dev.measure(cands, FAST, progress=ticks.append)
+    assert [r.name for r in res] == ["first", "odd", "last"]
+    assert res[0].ok and res[2].ok and res[0].n == res[2].n == FAST.iterations
+    assert not res[1].ok and "'odd'" in res[1].error and "export" in res[1].error
+    assert math.isnan(res[1].median_ms) and res[1].n == 0
+    assert sum(ticks) == 3
+
+
+@pytest.mark.slow
+def test_runtime_failure_gets_the_runner_reason_and_the_rest_still_run(dev):
+    cands = [
+        conv("a", 3, 8, 8),
+        Candidate("bad", TinyEmbedding(), torch.zeros(64, dtype=torch.long)),
+        conv("c", 8, 8, 8),
+        conv("d", 4, 4, 8),
+    ]
+    res = dev.measure(cands, MeasureConfig(warmup=1, iterations=3, repeats=2))
+    assert [r.ok for r in res] == [True, False, True, True]
+    assert "'bad'" in res[1].error and "embedding" in res[1].error
+    # repeats pool their samples, also for the methods after the failing one
+    assert [r.n for r in res] == [6, 0, 6, 6]
+
+
+@pytest.mark.slow
+def test_threads_config_and_bad_affinity(dev):
+    cands = [conv("u", 8, 8, 8)]
+    (r,) = dev.measure(cands, MeasureConfig(warmup=1, iterations=2, threads=2))
+    assert r.ok and r.n == 2
+    # a mask that names only a CPU this machine lacks is the caller's error, not a candidate's
+    with pytest.raises(AmcError, match="affinity"):
+        dev.measure(cands, MeasureConfig(warmup=1, iterations=2, affinity=format(1 << 1000, "x")))
+
+
+@pytest.mark.slow
+def test_hanging_runner_times_out(runner):
+    dev = LocalDevice(runner=runner, timeout_s=1.5)
+    res = dev.measure([conv("x", 8, 8, 8), conv("y", 4, 4, 8)], MeasureConfig(warmup=0, iterations=1, min_time_ms=60_000))
+    assert [r.ok for r in res] == [False, False]
+    assert "did not finish within" in res[0].error
+
+
+@pytest.mark.slow
+def test_measure_pte(dev, tmp_path):
+    path = tmp_path / "m.pte"
+    assert lower_to_pte([conv("p", 3, 4, 8), conv("q", 4, 8, 8)], path) == {}
+    assert sorted(dev.list_methods(path)) == ["p", "q"]
+    res = dev.measure_pte(path, ["q", "p"], FAST)
+    assert [r.name for r in res] == ["q", "p"] and all(r.ok and r.n == FAST.iterations for r in res)
+    res = dev.measure_pte(path, None, MeasureConfig(warmup=0, iterations=2))
+    assert sorted(r.name for r in res) == ["p", "q"]
+    with pytest.raises(AmcError, match="unknown method 'zz'"):
+        dev.measure_pte(path, ["zz"], FAST)
+    with pytest.raises(AmcError, match="no such .pte"):
+        dev.measure_pte(tmp_path / "none.pte", None, FAST)
+    # a damaged file fails every method with the runner's reason, in one go
+    damaged = tmp_path / "damaged.pte"
+    damaged.write_bytes(path.read_bytes()[:2000])
+    res = dev.measure_pte(damaged, ["p", "q"], FAST)
+    assert [r.ok for r in res] == [False, False]
+    assert all("cannot load program" in r.error and "damaged.pte" in r.error for r in res)
