@@ -76,7 +76,9 @@ def test_report_rebuilt_from_compare_folder(compare_run, capsys):
     manifest = json.loads((compare_run / "run.json").read_text())
     # the exact command, the versions, the fingerprint, the figures
     assert "amc-mobile compare resnet20 plain20 --devices eager-cpu cuda:0" in html
-    assert manifest["versions"]["torch"] in html and "executorch" in html
+    for package, version in manifest["versions"].items():
+        assert f"<td>{package}</td><td>{version}</td>" in html
+    assert manifest["versions"]["torch"] == torch.__version__
     assert "Report Test CPU" in html and "eager-fp32" in html and "test device" in html
     pngs = embedded_pngs(html)
     assert len(pngs) >= 2 and all(p[:8] == PNG_MAGIC for p in pngs)
