@@ -1,0 +1,251 @@
+"""`amc-mobile table build | show | validate | plot`: per-device latency lookup tables."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from pathlib import Path
+
+from amc_mobile.cli.common import add_measure_options, dump_json, measure_config
+from amc_mobile.errors import AmcError
+
+
+def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
+    from amc_mobile.models import DEFAULT_MODEL
+
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help="registry name or pruned-model folder (default: %(default)s)")
+    if device:
+        p.add_argument("--device", "-d", default="local", help="device URI (default: local)")
+    p.add_argument("--scope", choices=("all", "decoupled"), default=None,
+                   help="channel groups the search prunes (default: the model family's: decoupled for "
+                        "mobilenet_v2, all otherwise)")
+    p.add_argument("--tables-dir", default=None,
+                   help="root of the table folders (default: $AMC_TABLES_DIR, else latency_tables/)")
+    p.add_argument("--table-dir", default=None,
+                   help="one table folder to use directly (e.g. copied from another machine)")
+
+
+def _mismatch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-fingerprint-mismatch", action="store_true",
+                   help="use a table measured on a differently configured device anyway")
+
+
+def _lookup_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device configuration the table was measured with")
+    g.add_argument("--threads", type=int, default=None, help="runtime threads (default: device's choice)")
+    g.add_argument("--affinity", default=None, help="hex CPU mask (default: device's choice)")
+
+
+def register(sub) -> None:
+    from latency_tables.batching import DEFAULT_BATCH, DEFAULT_WORKERS
+    from latency_tables.build import MODEL_CONFIG, UNIT_CONFIG
+    from latency_tables.sampling import DEFAULT_TOLERANCE
+    from latency_tables.space import DEFAULT_COARSE_STEP, DEFAULT_GRID
+
+    table = sub.add_parser("table", help="per-device latency lookup tables: build, show, validate, plot",
+                           description="Per-device latency lookup tables keyed by fused unit.")
+    tsub = table.add_subparsers(dest="table_command", metavar="ACTION")
+
+    b = tsub.add_parser("build", help="measure the unit configurations a search can reach (resumes)",
+                        description="Measure every unit configuration the search can produce for MODEL on "
+                                    "DEVICE (adaptively sampled; interpolation fills the rest), plus whole "
+                                    "models for calibration. Rows are saved as measured; rerun to resume.")
+    _common(b)
+    b.add_argument("--grid", type=int, default=DEFAULT_GRID, help="channel rounding grid (default %(default)s)")
+    b.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="refine where interpolation misses a measured midpoint by more than this (default "
+                        "%(default)s = 5%%)")
+    b.add_argument("--coarse-step", type=int, default=DEFAULT_COARSE_STEP,
+                   help="first pass: every N-th grid point plus both ends (default %(default)s)")
+    b.add_argument("--no-refine", action="store_true", help="measure the coarse pass only")
+    b.add_argument("--max-configs", type=int, default=None, help="measure at most this many unit configurations")
+    b.add_argument("--budget-minutes", type=float, default=None, help="stop starting new batches after this long")
+    b.add_argument("--no-calibrate", action="store_true", help="skip the whole-model calibration measurements")
+    b.add_argument("--calibration-variants", type=int, default=5,
+                   help="whole models for calibration: the full one + uniformly pruned (default %(default)s)")
+    b.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help="processes lowering batches in parallel (default %(default)s)")
+    b.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="methods per .pte (default %(default)s)")
+    b.add_argument("--retry-failed", action="store_true", help="measure again the units that failed before")
+    b.add_argument("--dry-run", action="store_true", help="print what would be measured and stop")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_measure_options(b, iterations=UNIT_CONFIG.iterations, warmup=UNIT_CONFIG.warmup)
+    b.set_defaults(func=run_build, min_time_ms=UNIT_CONFIG.min_time_ms, repeats=UNIT_CONFIG.repeats)
+
+    s = tsub.add_parser("show", help="fingerprint, counts per unit kind, coverage per layer of a model")
+    _common(s)
+    _mismatch(s)
+    _lookup_options(s)
+    s.add_argument("--no-model", action="store_true", help="only the table, no per-layer coverage")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=run_show)
+
+    v = tsub.add_parser("validate", help="predict and measure random pruned variants end to end",
+                        description="Build N random pruned variants (seeded), predict each from the table, "
+                                    "measure each end to end on the device, and report the accuracy.")
+    _common(v)
+    _mismatch(v)
+    v.add_argument("--samples", "-n", type=int, default=50, help="random variants (default %(default)s)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--grid", type=int, default=None, help="channel grid of the variants (default: the table's)")
+    v.add_argument("--out", default=None, help="output folder (default runs/table-validate-<timestamp>/)")
+    v.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    v.add_argument("--batch-size", type=int, default=4, help="models per .pte (default %(default)s)")
+    v.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_measure_options(v, iterations=MODEL_CONFIG.iterations, warmup=MODEL_CONFIG.warmup)
+    v.set_defaults(func=run_validate, min_time_ms=MODEL_CONFIG.min_time_ms, repeats=MODEL_CONFIG.repeats)
+
+    pl = tsub.add_parser("plot", help="latency over channel counts per layer (measured points marked)")
+    _common(pl)
+    _mismatch(pl)
+    _lookup_options(pl)
+    pl.add_argument("--layers", default=None, help="regex: only layers whose name matches")
+    pl.add_argument("--out", default=None, help="PNG path (default: <table folder>/<model>-<scope>.png)")
+    pl.set_defaults(func=run_plot)
+
+    table.set_defaults(func=lambda args: (table.print_help(), 2)[1])
+
+
+def _lookup_config(args):
+    from device import MeasureConfig
+
+    return MeasureConfig(threads=getattr(args, "threads", None), affinity=getattr(args, "affinity", None))
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from latency_tables.build import build_table
+    from latency_tables.target import resolve_target
+
+    config = measure_config(args)
+    target = resolve_target(args.model, scope=args.scope)
+    if args.dry_run:
+        return _dry_run(args, target, config)
+    report = build_table(target, args.device, grid=args.grid, tolerance=args.tolerance, coarse_step=args.coarse_step,
+                         refine=not args.no_refine, config=config, tables_dir=args.tables_dir,
+                         table_dir=args.table_dir, max_configs=args.max_configs, budget_minutes=args.budget_minutes,
+                         calibrate=not args.no_calibrate, calibration_count=args.calibration_variants,
+                         batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
+                         retry_failed=args.retry_failed)
+    print(report.summary())
+    return 0 if not report.failed else 1
+
+
+def _dry_run(args, target, config) -> int:
+    from device import open_device
+    from latency_tables.sampling import AdaptiveSampler
+    from latency_tables.space import all_specs, unit_plans
+    from latency_tables.store import TableStore, table_folder
+
+    plans = unit_plans(target.graph, target.scope, args.grid)
+    coarse = AdaptiveSampler(plans, args.coarse_step, args.tolerance).next_round({})
+    with open_device(args.device) as dev:
+        folder = Path(args.table_dir) if args.table_dir else table_folder(dev.fingerprint(config), args.tables_dir)
+    store = TableStore(folder)
+    have = store.units() if store.exists() else {}
+    missing = [s for s in coarse if s.key() not in have]
+    print(f"table {folder}")
+    print(f"{target.label} (scope {target.scope}, grid {args.grid}): {len(plans)} units, "
+          f"{len(all_specs(plans))} reachable configurations; coarse pass {len(coarse)} "
+          f"({len(missing)} not yet measured); refinement adds more where interpolation misses by "
+          f">{args.tolerance:.0%}")
+    return 0
+
+
+def _target_and_model(args, need_model: bool = True, check_table_dir: bool = True):
+    """(target, table store, compiled LatencyModel); `show` inspects a --table-dir without checking
+    its fingerprint against the device."""
+    from latency_tables.loading import compile_for, open_table
+    from latency_tables.target import build_command, resolve_target
+
+    target = resolve_target(args.model, scope=args.scope) if need_model else None
+    hint = build_command(target, args.device) if target else ""
+    device = args.device if (check_table_dir or not args.table_dir) else None
+    store = open_table(device, args.table_dir, args.tables_dir, args.allow_fingerprint_mismatch,
+                       _lookup_config(args), hint)
+    lat = compile_for(target, store, args.device) if target else None
+    return target, store, lat
+
+
+def run_show(args: argparse.Namespace) -> int:
+    _, store, _ = _target_and_model(args, need_model=False, check_table_dir=False)
+    meta = store.meta()
+    units = store.units()
+    kinds = collections.Counter(r.spec.kind for r in units.values())
+    failures = store.failures()
+    calib = store.calibration()
+    info = {"folder": str(store.folder), "fingerprint": meta["fingerprint"], "created": meta.get("created"),
+            "updated": meta.get("updated"), "versions": meta.get("versions"), "grid": meta.get("grid"),
+            "measure_config": meta.get("measure_config"), "units": len(units), "per_kind": dict(kinds),
+            "duplicates": store.duplicates, "failures": len(failures), "calibration_models": len(calib),
+            "builds": len(meta.get("builds", []))}
+    coverage = None
+    if not args.no_model:
+        from latency_tables.loading import compile_for
+        from latency_tables.target import resolve_target
+
+        target = resolve_target(args.model, scope=args.scope)
+        try:
+            lat = compile_for(target, store, args.device)
+            coverage = {"model": target.label, "scope": target.scope, "calibration": lat.calibration,
+                        "full_latency_ms": lat.full_latency_ms, "layers": lat.coverage()}
+        except AmcError as exc:
+            coverage = {"model": target.label, "scope": target.scope, "error": str(exc)}
+    if args.json:
+        print(dump_json({**info, "coverage": coverage}))
+        return 0
+    fp = meta["fingerprint"]
+    print(f"table {store.folder}")
+    print(f"fingerprint: {fp['kind']} | {fp['hardware']} | {fp['runtime']} | {fp['backend']} | threads "
+          f"{fp['threads']} | affinity {fp['affinity']}")
+    print(f"created {meta.get('created')}, updated {meta.get('updated')}, {info['builds']} build(s), grid "
+          f"{meta.get('grid')}")
+    print(f"{len(units)} measured units: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+          + (f"; {store.duplicates} duplicate rows ignored" if store.duplicates else "")
+          + (f"; {len(failures)} failed" if failures else ""))
+    models = collections.Counter(r.model for r in calib)
+    print(f"calibration: {len(calib)} whole models (" + ", ".join(f"{m} {n}" for m, n in models.items()) + ")")
+    if coverage:
+        print()
+        if "error" in coverage:
+            print(f"{coverage['model']} (scope {coverage['scope']}): {coverage['error']}")
+            return 1
+        c = coverage["calibration"]
+        print(f"{coverage['model']} (scope {coverage['scope']}): full model {coverage['full_latency_ms']:.3f} ms "
+              f"predicted; overhead {c['method']} (scale {c['scale']:.3f}, offset {c['offset']:+.4f} ms, "
+              f"{c['points']} whole models)")
+        print(f"{'layer':32s} {'axes':44s} {'measured':>9s} {'configs':>8s}")
+        for row in coverage["layers"]:
+            print(f"{row['unit']:32s} {row['axes'][:44]:44s} {row['measured']:9d} {row['configs']:8d}")
+        tot_m = sum(r["measured"] for r in coverage["layers"])
+        tot_c = sum(r["configs"] for r in coverage["layers"])
+        print(f"{'total':32s} {'':44s} {tot_m:9d} {tot_c:8d}  ({tot_m / max(tot_c, 1):.0%} measured, rest "
+              f"interpolated)")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from latency_tables.validate import validate_table
+
+    config = measure_config(args)
+    res = validate_table(args.model, args.device, samples=args.samples, seed=args.seed, scope=args.scope,
+                         grid=args.grid, out_dir=args.out, tables_dir=args.tables_dir, table_dir=args.table_dir,
+                         allow_mismatch=args.allow_fingerprint_mismatch, config=config,
+                         batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
+    print(res.summary())
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from latency_tables.plots import surface_plot
+
+    target, store, lat = _target_and_model(args)
+    name = Path(str(target.label)).name
+    out = Path(args.out) if args.out else store.folder / f"{name}-{target.scope}.png"
+    try:
+        surface_plot(lat, out, args.layers, title=f"{target.label} ({target.scope}) on {args.device}: "
+                                                   f"{store.folder.name}")
+    except ValueError as exc:
+        raise AmcError(str(exc)) from None
+    print(out)
+    return 0

@@ -1,0 +1,224 @@
+"""Measure many candidates batch by batch: lower, then measure, then hand the results over at once.
+
+Lowering a candidate to ExecuTorch costs ~0.7 s of CPU per method (torch.export's decompositions;
+one multi-method program does not amortise it) while timing a small unit takes milliseconds. So
+when the device can time a prebuilt `.pte` (`measure_pte`, as `local` can), each round lowers up to
+`workers` programs of `batch_size` methods in a pool of processes, and only then times them one
+program after the other: lowering and timing never overlap, so a measurement never shares the CPU
+with our own exporter. Other devices get `device.measure(candidates)` per batch.
+
+Each worker pays the exporter's first-use cost once (imports, op tables), when it starts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from amc_mobile.errors import AmcError
+from device.base import Candidate, Device, MeasureConfig
+from device.stats import LatencyStats
+
+from .units import UnitSpec
+
+DEFAULT_BATCH = 16  # methods per .pte
+DEFAULT_WORKERS = 2
+
+
+@dataclass
+class Job:
+    """One thing to time: a unit (built where it is lowered) or a whole module."""
+
+    name: str
+    spec: UnitSpec | None = None
+    module: nn.Module | None = None
+    example_input: torch.Tensor | None = None
+    payload: object = None  # the caller's bookkeeping (a key, a sample index); never sent to workers
+
+    def candidate(self) -> Candidate:
+        if self.spec is not None:
+            module, x = self.spec.build()
+            return Candidate(self.name, module, x)
+        return Candidate(self.name, self.module, self.example_input)
+
+    def portable(self) -> "Job":
+        return Job(self.name, self.spec, self.module, self.example_input)
+
+
+@dataclass
+class RunStats:
+    rounds: int = 0
+    methods: int = 0
+    lower_s: float = 0.0
+    measure_s: float = 0.0
+    per_round: list = field(default_factory=list)
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "executorch", "torchao", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def _worker_init(warm: bool) -> None:
+    _quiet()
+    torch.set_num_threads(1)
+    if warm:
+        from device.lowering import lower_to_pte
+
+        module, x = UnitSpec("conv", 4, 4, 8, 8, 1).build()
+        with tempfile.TemporaryDirectory(prefix="amc-warm-") as tmp:
+            lower_to_pte([Candidate("warm", module, x)], Path(tmp) / "warm.pte")
+
+
+def _lower_chunk(jobs: list[Job], path: str) -> tuple[dict[str, str], float]:
+    """In a worker: build and lower `jobs` into one .pte at `path`; returns ({name: why failed}, seconds)."""
+    from device.lowering import lower_to_pte
+
+    t0 = time.perf_counter()
+    failed: dict[str, str] = {}
+    cands = []
+    for j in jobs:
+        try:
+            cands.append(j.candidate())
+        except Exception as exc:  # a unit that cannot even be built must not lose its batch
+            failed[j.name] = f"candidate {j.name!r} cannot be built: {str(exc).splitlines()[0][:200]}"
+    if cands:
+        try:
+            failed.update(lower_to_pte(cands, Path(path)))
+        except Exception as exc:
+            for c in cands:
+                failed.setdefault(c.name, f"lowering failed: {str(exc).splitlines()[0][:200]}")
+    return failed, time.perf_counter() - t0
+
+
+class BatchRunner:
+    """Times jobs on `device` in rounds; see the module docstring. Use as a context manager."""
+
+    def __init__(self, device: Device, config: MeasureConfig, batch_size: int = DEFAULT_BATCH,
+                 workers: int = DEFAULT_WORKERS, warm_workers: bool = True):
+        self.device = device
+        self.config = config
+        self.batch_size = max(1, int(batch_size))
+        self.workers = max(1, int(workers))
+        self.warm_workers = warm_workers
+        self.use_pool = self.workers > 1 and callable(getattr(device, "measure_pte", None))
+        self._pool: cf.ProcessPoolExecutor | None = None
+        self.stats = RunStats()
+
+    def _get_pool(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            # fork, as torch's DataLoader does: the workers start at once with torch and the exporter
+            # already imported, and a caller's script needs no `if __name__ == "__main__"` guard.
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context(method),
+                                                initializer=_worker_init, initargs=(self.warm_workers,))
+        return self._pool
+
+    def start(self) -> None:
+        """Start the lowering workers now (their warm-up then overlaps nothing of ours)."""
+        if self.use_pool:
+            pool = self._get_pool()
+            list(pool.map(time.sleep, [0.0] * self.workers))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def round_size(self) -> int:
+        return self.batch_size * (self.workers if self.use_pool else 1)
+
+    def run(self, jobs: Sequence[Job], on_batch: Callable[[list[tuple[Job, LatencyStats]]], None],
+            should_stop: Callable[[], bool] | None = None) -> int:
+        """Time `jobs`; `on_batch` gets each program's results as soon as they are measured.
+        Returns how many jobs were measured (or failed) before `should_stop` said stop."""
+        jobs = list(jobs)
+        done = 0
+        for start in range(0, len(jobs), self.round_size):
+            if should_stop is not None and should_stop():
+                break
+            chunk = jobs[start:start + self.round_size]
+            if self.use_pool:
+                self._pool_round(chunk, on_batch)
+            else:
+                self._plain_round(chunk, on_batch)
+            done += len(chunk)
+            self.stats.rounds += 1
+            self.stats.methods += len(chunk)
+        return done
+
+    def _plain_round(self, jobs: list[Job], on_batch) -> None:
+        t0 = time.perf_counter()
+        failed: dict[str, str] = {}
+        cands = []
+        for j in jobs:
+            try:
+                cands.append(j.candidate())
+            except Exception as exc:
+                failed[j.name] = f"candidate {j.name!r} cannot be built: {str(exc).splitlines()[0][:200]}"
+        results = {s.name: s for s in (self.device.measure(cands, self.config) if cands else [])}
+        dt = time.perf_counter() - t0
+        self.stats.measure_s += dt  # lowering happens inside device.measure: not separable here
+        self.stats.per_round.append({"methods": len(jobs), "lower_s": None, "measure_s": dt})
+        on_batch([(j, results.get(j.name) or LatencyStats.failed(j.name, failed.get(j.name, "not measured")))
+                  for j in jobs])
+
+    def _pool_round(self, jobs: list[Job], on_batch) -> None:
+        parts = [jobs[i::self.workers] for i in range(self.workers)]
+        parts = [p for p in parts if p]
+        with tempfile.TemporaryDirectory(prefix="amc-batch-") as tmp:
+            paths = [str(Path(tmp) / f"part{i}.pte") for i in range(len(parts))]
+            t0 = time.perf_counter()
+            outcomes = self._lower_parts(parts, paths)
+            t1 = time.perf_counter()
+            for p, path, (failed, _) in zip(parts, paths, outcomes):
+                names = [j.name for j in p if j.name not in failed]
+                measured: dict[str, LatencyStats] = {}
+                if names and Path(path).is_file():
+                    for s in self.device.measure_pte(path, names, self.config):
+                        measured[s.name] = s
+                on_batch([(j, measured.get(j.name) or LatencyStats.failed(j.name, failed.get(j.name, "not lowered")))
+                          for j in p])
+            t2 = time.perf_counter()
+        self.stats.lower_s += t1 - t0
+        self.stats.measure_s += t2 - t1
+        self.stats.per_round.append({"methods": len(jobs), "lower_s": t1 - t0, "measure_s": t2 - t1})
+
+    def _lower_parts(self, parts: list[list[Job]], paths: list[str]) -> list[tuple[dict[str, str], float]]:
+        """Lower each part in the pool; a pool whose worker died (killed for memory?) is restarted
+        once and the round retried, a second death is an AmcError (nothing measured is lost)."""
+        for attempt in range(2):
+            pool = self._get_pool()
+            futures = [pool.submit(_lower_chunk, [j.portable() for j in p], path) for p, path in zip(parts, paths)]
+            try:
+                return [f.result() for f in futures]
+            except cf.process.BrokenProcessPool as exc:
+                self._restart_pool()
+                last = exc
+        raise AmcError(f"the lowering worker processes keep dying ({last}); out of memory? "
+                       f"rerun with --workers 1 (every row measured so far is kept)")
+
+    def _restart_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

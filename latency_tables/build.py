@@ -1,0 +1,272 @@
+"""Build (or resume) a latency table for a model on a device.
+
+1. The configurations: every unit template of the model seen through the channel scope, at the
+   channel counts the search can produce (`space.py`), deduplicated by unit key across layers.
+2. Adaptive sampling (`sampling.py`): a coarse lattice first, then bisection where interpolation
+   misses a measured midpoint by more than the tolerance.
+3. Measurement in multi-method `.pte` batches (`batching.py`); each batch's rows are appended to
+   `units.csv` as soon as it is measured. A rerun skips every key already present.
+4. Calibration: the whole model and a few uniformly pruned variants, measured end to end, into
+   `calibration.csv` (keyed by the model's architecture hash).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from amc_mobile.pruning.graph import PruningGraph
+from device.base import Device, MeasureConfig
+from device.stats import LatencyStats
+
+from .batching import DEFAULT_BATCH, DEFAULT_WORKERS, BatchRunner, Job
+from .calibrate import DEFAULT_VARIANTS, calibration_variants
+from .schema import CalibrationRow, FailureRow, Stats, TableRow, now_iso
+from .loading import compile_for
+from .predict import LatencyModel
+from .sampling import DEFAULT_TOLERANCE, AdaptiveSampler
+from .space import DEFAULT_COARSE_STEP, DEFAULT_GRID, LOWER_BOUND, all_specs, unit_plans
+from .store import TableStore, table_folder
+from .target import Target, resolve_target
+
+# Units take microseconds: time each for at least 30 ms, in 3 runner invocations, and keep the median.
+UNIT_CONFIG = MeasureConfig(warmup=20, iterations=100, min_time_ms=30.0, repeats=3)
+# Whole models take about a millisecond here: the same, with more time per model.
+MODEL_CONFIG = MeasureConfig(warmup=20, iterations=100, min_time_ms=100.0, repeats=3)
+
+
+@dataclass
+class BuildReport:
+    folder: Path
+    model: str
+    scope: str
+    grid: int
+    space: int  # configurations the search can reach (the full lattices)
+    sampled: int  # configurations the sampler asked for
+    measured: int  # measured in this run
+    failed: int  # failed in this run
+    present: int  # already in the table when this run started (of those asked for)
+    rounds: int
+    refined: int  # probes whose miss exceeded the tolerance
+    calibration: int  # whole models measured in this run
+    stopped: str | None  # why it stopped early, if it did
+    seconds: float
+    lower_s: float
+    measure_s: float
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["folder"] = str(self.folder)
+        return d
+
+    def summary(self) -> str:
+        rate = self.measured / (self.seconds / 60) if self.seconds > 0 and self.measured else 0.0
+        lines = [
+            f"table {self.folder}",
+            f"model {self.model} (scope {self.scope}, grid {self.grid}): {self.space} reachable unit configurations, "
+            f"{self.sampled} sampled ({self.rounds} refinement rounds, {self.refined} intervals refined)",
+            f"this run: {self.measured} measured, {self.failed} failed, {self.present} already present, "
+            f"{self.calibration} whole models for calibration; {self.seconds:.0f} s ({rate:.1f} configs/min)",
+        ]
+        if self.stopped:
+            lines.append(f"stopped early: {self.stopped}; rerun the same command to continue")
+        for f in self.failures[:5]:
+            lines.append(f"failed: {f}")
+        return "\n".join(lines)
+
+
+class _Limits:
+    def __init__(self, max_configs: int | None, budget_minutes: float | None):
+        self.max_configs = max_configs
+        self.deadline = time.monotonic() + budget_minutes * 60 if budget_minutes else None
+        self.used = 0
+        self.reason: str | None = None
+
+    def remaining(self) -> int | None:
+        return None if self.max_configs is None else max(0, self.max_configs - self.used)
+
+    def stop(self) -> bool:
+        if self.max_configs is not None and self.used >= self.max_configs:
+            self.reason = f"--max-configs {self.max_configs} reached"
+        elif self.deadline is not None and time.monotonic() >= self.deadline:
+            self.reason = "--budget-minutes used up"
+        return self.reason is not None
+
+
+def _open_device(device: str | Device) -> tuple[Device, bool]:
+    if isinstance(device, Device):
+        return device, False
+    from device.registry import open_device
+
+    return open_device(device), True
+
+
+def _check_runner(dev: Device) -> None:
+    """Fail before minutes of lowering when the device cannot run anything (e.g. et_bench not built)."""
+    if isinstance(getattr(type(dev), "runner", None), property):
+        dev.runner  # noqa: B018 - the property raises AmcError with the fix
+
+
+def build_table(model, device: str | Device = "local", *, graph: PruningGraph | None = None,
+                scope: str | None = None, grid: int = DEFAULT_GRID, lbound: float = LOWER_BOUND,
+                tolerance: float = DEFAULT_TOLERANCE, coarse_step: int = DEFAULT_COARSE_STEP, refine: bool = True,
+                config: MeasureConfig | None = None, model_config: MeasureConfig | None = None,
+                tables_dir: str | os.PathLike | None = None, table_dir: str | os.PathLike | None = None,
+                max_configs: int | None = None, budget_minutes: float | None = None, calibrate: bool = True,
+                calibration_count: int = DEFAULT_VARIANTS, batch_size: int = DEFAULT_BATCH,
+                workers: int = DEFAULT_WORKERS, progress: bool = True, retry_failed: bool = False) -> BuildReport:
+    """Measure what the table for `model` on `device` still lacks; see the module docstring."""
+    t_start = time.perf_counter()
+    target = model if isinstance(model, Target) else resolve_target(model, graph, scope)
+    config = config or UNIT_CONFIG
+    model_config = model_config or MODEL_CONFIG
+    dev, owned = _open_device(device)
+    limits = _Limits(max_configs, budget_minutes)
+    try:
+        fp = dev.fingerprint(config)
+        store = TableStore(table_dir) if table_dir is not None else TableStore(table_folder(fp, tables_dir))
+        store.lock()
+        try:
+            store.init(fp, config.to_dict(), grid)
+            _check_runner(dev)
+            started = now_iso()
+            plans = unit_plans(target.graph, target.scope, grid, lbound)
+            report = BuildReport(store.folder, target.label, target.scope, grid, len(all_specs(plans)), 0, 0, 0, 0,
+                                 0, 0, 0, None, 0.0, 0.0, 0.0)
+            entry = {"started": started, "model": target.label, "model_hash": target.hash, "scope": target.scope,
+                     "grid": grid, "lbound": lbound, "tolerance": tolerance, "coarse_step": coarse_step,
+                     "refine": refine, "measure_config": config.to_dict(), "model_measure_config":
+                     model_config.to_dict(), "device": dev.uri}
+            with BatchRunner(dev, config, batch_size, workers) as runner:
+                _sample_units(store, plans, runner, limits, report, coarse_step, tolerance, refine, progress,
+                              retry_failed)
+                report.lower_s, report.measure_s = runner.stats.lower_s, runner.stats.measure_s
+            if calibrate and not limits.reason:
+                with BatchRunner(dev, model_config, max(1, min(batch_size, 4)), workers) as runner:
+                    report.calibration = _calibrate(store, target, grid, calibration_count, runner, progress)
+                    report.lower_s += runner.stats.lower_s
+                    report.measure_s += runner.stats.measure_s
+            report.stopped = limits.reason
+            report.seconds = time.perf_counter() - t_start
+            store.record_build({**entry, "finished": now_iso(), **{k: v for k, v in report.to_dict().items()
+                                                                   if k not in ("folder", "model", "scope", "grid")}})
+            return report
+        finally:
+            store.unlock()
+    finally:
+        if owned:
+            dev.close()
+
+
+def _progress_bar(progress: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=0, unit="cfg", desc=desc, disable=not progress, dynamic_ncols=True, leave=True)
+
+
+def _sample_units(store: TableStore, plans, runner: BatchRunner, limits: _Limits, report: BuildReport,
+                  coarse_step: int, tolerance: float, refine: bool, progress: bool, retry_failed: bool) -> None:
+    values = {k: r.median_ms for k, r in store.units().items()}
+    failed = {} if retry_failed else store.failures()
+    sampler = AdaptiveSampler(plans, coarse_step, tolerance, refine)
+    sampled: set[str] = set()
+    counter = [0]
+    bar = _progress_bar(progress, "table build")
+    with store.unit_log() as log, store.failure_log() as flog:
+        def on_batch(results: list[tuple[Job, LatencyStats]]) -> None:
+            for job, s in results:
+                if s.ok:
+                    row = TableRow(job.spec, Stats.of(s))
+                    log.append(row.to_line())
+                    values[row.key] = row.median_ms
+                    report.measured += 1
+                else:
+                    flog.append(FailureRow(job.spec.key(), s.error or "failed", now_iso()).to_line())
+                    failed[job.spec.key()] = s.error
+                    report.failed += 1
+                    report.failures.append(f"{job.spec.key()}: {s.error}")
+            log.sync()
+            flog.sync()
+            limits.used += len(results)
+            bar.update(len(results))
+
+        while True:
+            specs = sampler.next_round(values)
+            if specs is None:
+                break
+            todo = []
+            for s in specs:
+                k = s.key()
+                if k in sampled:
+                    continue
+                sampled.add(k)
+                if k in values or k in failed:
+                    report.present += 1
+                else:
+                    todo.append(s)
+            left = limits.remaining()
+            if left is not None and len(todo) > left:
+                todo = todo[:left]
+            if todo:
+                bar.total += len(todo)
+                bar.refresh()
+                jobs = []
+                for s in todo:
+                    counter[0] += 1
+                    jobs.append(Job(f"u{counter[0]:04d}", spec=s))
+                runner.run(jobs, on_batch, should_stop=limits.stop)
+            if limits.stop():
+                break
+    bar.close()
+    report.sampled = len(sampled)
+    report.rounds = sampler.round
+    report.refined = sampler.refined_intervals
+
+
+def _calibrate(store: TableStore, target: Target, grid: int, count: int, runner: BatchRunner,
+               progress: bool) -> int:
+    from amc_mobile.pruning import prune_by_counts
+
+    have = {(r.variant, tuple(sorted(r.channels.items()))) for r in store.calibration()
+            if r.model_hash == target.hash}
+    todo = [(label, ch) for label, ch in calibration_variants(target.graph, target.scope, grid, count)
+            if (label, tuple(sorted(ch.items()))) not in have]
+    if not todo:
+        return 0
+    x = target.example_input()
+    jobs = []
+    for i, (label, ch) in enumerate(todo):
+        module = prune_by_counts(target.module, target.graph, ch) if ch else target.module
+        jobs.append(Job(f"m{i:02d}", module=module.eval(), example_input=x, payload=(label, ch)))
+    bar = _progress_bar(progress, "calibration")
+    bar.total = len(jobs)
+    n = [0]
+    with store.calibration_log() as log:
+        def on_batch(results):
+            for job, s in results:
+                if s.ok:
+                    label, ch = job.payload
+                    log.append(CalibrationRow(target.hash, target.label, label, ch, Stats.of(s)).to_line())
+                    n[0] += 1
+            log.sync()
+            bar.update(len(results))
+
+        runner.run(jobs, on_batch)
+    bar.close()
+    return n[0]
+
+
+def ensure_table(model, graph: PruningGraph | None = None, scope: str | None = None, device_uri: str = "local",
+                 tables_dir: str | os.PathLike | None = None, grid: int = DEFAULT_GRID,
+                 config: MeasureConfig | None = None, progress: bool = True, **build_kw) -> LatencyModel:
+    """Build whatever the table for (model, scope, device) still lacks, then load it as a LatencyModel.
+    A complete table costs only the check (seconds)."""
+    target = resolve_target(model, graph, scope)
+    report = build_table(target, device_uri, grid=grid, config=config, tables_dir=tables_dir, progress=progress,
+                         **build_kw)
+    # A build stopped by a limit still gives a model when every layer has entries (interpolation fills
+    # the rest); otherwise compiling names the first layer without any.
+    return compile_for(target, TableStore(report.folder), device_uri, grid)

@@ -1,0 +1,92 @@
+"""Get a `LatencyModel` for (model, device URI or table folder): find the table, check its device
+fingerprint, compile the lookup arrays, fit the overhead term."""
+
+from __future__ import annotations
+
+import os
+
+from amc_mobile.errors import AmcError
+from amc_mobile.pruning.graph import PruningGraph
+from device.base import Device, MeasureConfig
+
+from .calibrate import calibration_for, fit_overhead
+from .predict import LatencyModel
+from .space import DEFAULT_GRID
+from .store import TableStore, find_table, fingerprint_mismatch
+from .target import Target, build_command, resolve_target
+
+
+def _fingerprint(device: str | Device, config: MeasureConfig | None):
+    if isinstance(device, Device):
+        return device.fingerprint(config)
+    from device.registry import open_device
+
+    with open_device(device) as dev:
+        return dev.fingerprint(config)
+
+
+def device_label(device: str | Device | None, store: TableStore | None = None) -> str:
+    if isinstance(device, Device):
+        return device.uri
+    if device:
+        return str(device)
+    if store is not None and store.exists():
+        return store.fingerprint.kind
+    return "DEVICE"
+
+
+def open_table(device: str | Device | None = None, table_dir: str | os.PathLike | None = None,
+               tables_dir: str | os.PathLike | None = None, allow_mismatch: bool = False,
+               config: MeasureConfig | None = None, hint: str = "") -> TableStore:
+    """The table for `device` (under `tables_dir`), or the folder `table_dir` (checked against `device`
+    when both are given). A fingerprint mismatch is an AmcError unless `allow_mismatch`."""
+    if table_dir is not None:
+        store = TableStore(table_dir)
+        store.meta()  # a clear error when it is not a table
+        if device is not None and not allow_mismatch:
+            diff = store.fingerprint.differences(_fingerprint(device, config))
+            if diff:
+                raise fingerprint_mismatch(store.folder, diff)
+        return store
+    if device is None:
+        raise AmcError("no latency table given: pass a device URI (e.g. --device local) or a table folder")
+    return find_table(_fingerprint(device, config), tables_dir, allow_mismatch, hint)
+
+
+def table_grid(store: TableStore, target: Target) -> int:
+    """The grid the table was last built with for this model (else the default)."""
+    builds = [b for b in store.meta().get("builds", []) if b.get("model_hash") == target.hash]
+    return int(builds[-1]["grid"]) if builds else DEFAULT_GRID
+
+
+def compile_for(target: Target, store: TableStore, device: str | Device | None = None,
+                grid: int | None = None) -> LatencyModel:
+    grid = int(grid or table_grid(store, target))
+    label = device_label(device, store)
+    model = LatencyModel.compile(target.graph, target.scope, store.units().values(), grid,
+                                 build_hint=build_command(target, label, grid), source=str(store.folder))
+    rows = calibration_for(store.calibration(), target.hash)
+    sums, measured, used = [], [], []
+    for r in rows:
+        try:
+            sums.append(model.predict_raw(r.channels))
+        except AmcError:
+            continue  # measured for another scope: its groups are not in this model's scope
+        measured.append(r.stats.median_ms)
+        used.append(r.variant)
+    fit = fit_overhead(sums, measured)
+    model.scale, model.offset = fit.scale, fit.offset
+    model.calibration = {**fit.to_dict(), "variants": used, "model_hash": target.hash}
+    return model
+
+
+def load_latency_model(model, graph: PruningGraph | None = None, scope: str | None = None,
+                       device_uri: str | Device | None = None, table_dir: str | os.PathLike | None = None,
+                       allow_mismatch: bool = False, tables_dir: str | os.PathLike | None = None,
+                       config: MeasureConfig | None = None, grid: int | None = None) -> LatencyModel:
+    """A compiled LatencyModel for `model` (registry name, pruned-model folder or module) within
+    `scope` (default: the family's default scope), from the table of `device_uri` or `table_dir`."""
+    target = resolve_target(model, graph, scope)
+    hint = build_command(target, device_label(device_uri))
+    store = open_table(device_uri, table_dir, tables_dir, allow_mismatch, config, hint)
+    return compile_for(target, store, device_uri, grid)

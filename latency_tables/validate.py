@@ -1,0 +1,192 @@
+"""Check a table against reality: random pruned variants, predicted, then measured end to end.
+
+Each sample keeps a random grid choice per group in scope (seeded). All samples are predicted,
+then measured as whole models in multi-method `.pte` batches; every measured sample is appended to
+`samples.csv` in the output folder at once (a rerun with the same `--out` skips what is there).
+The summary: share within +-5% / +-10%, RMSPE, the under-prediction share (predicted more than 5%
+below measured: a search would believe these meet a budget they miss) and Spearman's rank
+correlation (ranks with pandas, Pearson on the ranks; no scipy needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from amc_mobile.errors import AmcError
+from amc_mobile.pruning.graph import PruningGraph
+from device.base import Device, MeasureConfig
+from device.stats import LatencyStats
+
+from .batching import DEFAULT_WORKERS, BatchRunner, Job
+from .build import MODEL_CONFIG
+from .loading import compile_for, device_label, open_table, table_grid
+from .schema import Stats, clean_field, decode_channels, encode_channels, now_iso
+from .space import random_channels
+from .store import AppendLog
+from .target import build_command, resolve_target
+
+SAMPLE_COLUMNS = ("index", "seed", "channels", "predicted_ms", "unit_sum_ms", "interpolated_units", "median_ms",
+                  "mean_ms", "std_ms", "p10_ms", "p90_ms", "n", "error_pct", "measured_at")
+SAMPLES_FILE = "samples.csv"
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation: Pearson's r of the (average-tie) ranks."""
+    ra = pd.Series(np.asarray(a, dtype=float)).rank().to_numpy()
+    rb = pd.Series(np.asarray(b, dtype=float)).rank().to_numpy()
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def accuracy_metrics(predicted, measured) -> dict:
+    p = np.asarray(predicted, dtype=float)
+    m = np.asarray(measured, dtype=float)
+    rel = (p - m) / m
+    return {
+        "samples": int(p.size),
+        "within_5pct": float(np.mean(np.abs(rel) <= 0.05)) if p.size else float("nan"),
+        "within_10pct": float(np.mean(np.abs(rel) <= 0.10)) if p.size else float("nan"),
+        "rmspe_pct": float(np.sqrt(np.mean(rel ** 2)) * 100) if p.size else float("nan"),
+        "mean_error_pct": float(np.mean(rel) * 100) if p.size else float("nan"),
+        "max_abs_error_pct": float(np.max(np.abs(rel)) * 100) if p.size else float("nan"),
+        "under_predicted_5pct": float(np.mean(rel < -0.05)) if p.size else float("nan"),
+        "spearman": spearman(p, m),
+    }
+
+
+def format_metrics(m: dict) -> str:
+    return (f"within ±5%: {m['within_5pct']:.0%}  within ±10%: {m['within_10pct']:.0%}  "
+            f"RMSPE {m['rmspe_pct']:.1f}%  mean error {m['mean_error_pct']:+.1f}%  "
+            f"under-predicted by >5%: {m['under_predicted_5pct']:.0%}  Spearman {m['spearman']:.3f}  "
+            f"(n={m['samples']})")
+
+
+@dataclass
+class ValidationResult:
+    out_dir: Path
+    samples: pd.DataFrame
+    metrics: dict
+    plot: Path | None
+    table: Path
+
+    def summary(self) -> str:
+        return "\n".join([f"table {self.table}", format_metrics(self.metrics),
+                          f"samples: {self.out_dir / SAMPLES_FILE}" + (f"  plot: {self.plot}" if self.plot else "")])
+
+
+def read_samples(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        return pd.DataFrame(columns=SAMPLE_COLUMNS)
+    try:
+        df = pd.read_csv(path, dtype={"channels": str}, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise AmcError(f"{path} is not a samples file ({str(exc).splitlines()[0]}): delete it or pick another "
+                       f"--out folder") from None
+    if tuple(df.columns) != SAMPLE_COLUMNS:
+        raise AmcError(f"{path} has unexpected columns: delete it or pick another --out folder")
+    return df
+
+
+def validate_table(model, device: str | Device = "local", *, samples: int = 50, seed: int = 0,
+                   graph: PruningGraph | None = None, scope: str | None = None, grid: int | None = None,
+                   out_dir: str | os.PathLike | None = None, tables_dir: str | os.PathLike | None = None,
+                   table_dir: str | os.PathLike | None = None, allow_mismatch: bool = False,
+                   config: MeasureConfig | None = None, table_config: MeasureConfig | None = None,
+                   batch_size: int = 4, workers: int = DEFAULT_WORKERS, progress: bool = True,
+                   plot: bool = True) -> ValidationResult:
+    from amc_mobile.pruning import prune_by_counts
+    from amc_mobile.runs import new_run_dir, write_manifest
+
+    if samples < 1:
+        raise AmcError("--samples must be >= 1")
+    config = config or MODEL_CONFIG
+    target = resolve_target(model, graph, scope)
+    owned = False
+    dev = device
+    if not isinstance(device, Device):
+        from device.registry import open_device
+
+        dev, owned = open_device(device), True
+    try:
+        label = device_label(dev)
+        # the table was measured with the unit config's threads/affinity: look it up with those
+        lookup_config = table_config or MeasureConfig(threads=config.threads, affinity=config.affinity)
+        store = open_table(dev, table_dir, tables_dir, allow_mismatch, lookup_config,
+                           hint=build_command(target, label))
+        lat = compile_for(target, store, dev, grid)
+        grid = int(grid or table_grid(store, target))
+        out = new_run_dir("table-validate", out_dir)
+        write_manifest(out, "table-validate", model=target.label, device=label, table=str(store.folder),
+                       samples=samples, seed=seed, scope=target.scope, grid=grid,
+                       fingerprint=dev.fingerprint(config).to_dict(), calibration=lat.calibration)
+        rng = np.random.default_rng(seed)
+        variants = [random_channels(target.graph, target.scope, rng, grid) for _ in range(samples)]
+        path = out / SAMPLES_FILE
+        done = read_samples(path)
+        have = {(int(r["index"]), str(r["channels"])) for _, r in done.iterrows() if int(r["seed"]) == seed}
+        x = target.example_input()
+        jobs = []
+        for i, ch in enumerate(variants):
+            if (i, encode_channels(ch)) in have:
+                continue
+            jobs.append(Job(f"s{i:04d}", module=None, example_input=x, payload=(i, ch)))
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), unit="model", desc="validate", disable=not progress, dynamic_ncols=True)
+        failures = []
+        with AppendLog(path, SAMPLE_COLUMNS) as log, BatchRunner(dev, config, batch_size, workers) as runner:
+            def on_batch(results: list[tuple[Job, LatencyStats]]) -> None:
+                for job, s in results:
+                    i, ch = job.payload
+                    if not s.ok:
+                        failures.append(f"sample {i}: {clean_field(s.error or 'failed')}")
+                        continue
+                    det = lat.detail(ch)
+                    st = Stats.of(s)
+                    err = (det.total_ms - st.median_ms) / st.median_ms * 100
+                    log.append(",".join([str(i), str(seed), encode_channels(ch), f"{det.total_ms:.6g}",
+                                         f"{float(det.units_ms.sum()):.6g}", str(det.interpolated), *st.values(),
+                                         f"{err:.4g}", st.measured_at]) + "\n")
+                log.sync()
+                bar.update(len(results))
+
+            # build the pruned modules lazily, one round at a time, to keep memory flat
+            for start in range(0, len(jobs), runner.round_size):
+                chunk = jobs[start:start + runner.round_size]
+                for j in chunk:
+                    j.module = prune_by_counts(target.module, target.graph, j.payload[1]).eval()
+                runner.run(chunk, on_batch)
+                for j in chunk:
+                    j.module = None
+        bar.close()
+        df = read_samples(path)
+        df = df[df["seed"] == seed]
+        if df.empty:
+            raise AmcError(f"no sample could be measured: {'; '.join(failures[:3]) or 'no reason given'}")
+        metrics = accuracy_metrics(df["predicted_ms"], df["median_ms"])
+        metrics.update({"failed": len(failures), "calibration": lat.calibration,
+                        "interpolated_units_mean": float(df["interpolated_units"].mean())})
+        png = None
+        if plot:
+            from .plots import scatter_plot
+
+            png = scatter_plot(df["predicted_ms"].to_numpy(), df["median_ms"].to_numpy(), out / "scatter.png",
+                               f"{target.label} on {label}: predicted vs measured ({len(df)} variants)")
+        (out / "summary.json").write_text(json.dumps({"model": target.label, "device": label, "table":
+                                                     str(store.folder), "metrics": metrics, "created": now_iso()},
+                                                    indent=2, sort_keys=True, default=str) + "\n")
+        return ValidationResult(out, df.reset_index(drop=True), metrics, png, store.folder)
+    finally:
+        if owned:
+            dev.close()
+
+
+def channels_of(df: pd.DataFrame) -> list[dict[int, int]]:
+    return [decode_channels(str(c)) for c in df["channels"]]
