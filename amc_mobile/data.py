@@ -151,6 +151,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: str | torch.device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
     def subset(self, n: int | None) -> "Split":
         """The first `n` examples (all when n is None or larger than the split)."""
         if n is None or n >= len(self):
@@ -222,15 +225,16 @@ _BACKGROUND = (0.0 - MEAN) / STD  # a black pixel after normalisation
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 2) -> torch.Tensor:
     """Random crop with `pad` pixels of black padding, and a random horizontal flip, per image."""
     b, c, h, w = x.shape
+    dev = x.device  # random numbers come from the (CPU) generator, then move to the data's device
     padded = F.pad(x, (pad, pad, pad, pad), value=_BACKGROUND)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (b, h, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (b, 1, w)
-    batch = torch.arange(b)[:, None, None]
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, :, None]  # (b, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, :]  # (b, 1, w)
+    batch = torch.arange(b, device=dev)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # (b, h, w, c)
     out = out.permute(0, 3, 1, 2)
-    flip = torch.rand(b, generator=generator) < 0.5
+    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
     out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     return out.contiguous()
 
@@ -272,7 +276,7 @@ class BatchLoader:
             if order is None:
                 x, y = self.split.images[sl], self.split.labels[sl]
             else:
-                idx = order[sl]
+                idx = order[sl].to(self.split.images.device)
                 x, y = self.split.images[idx], self.split.labels[idx]
             if self.augment:
                 x = augment_batch(x, self.generator)
