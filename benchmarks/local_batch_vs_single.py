@@ -5,7 +5,9 @@
 20 conv-bn-relu units (3x3, C->C channels at 14x14, C = 8, 16, ..., 160), MeasureConfig defaults
 (warmup 10, iterations 50, threads 1). Each round times both ways back to back (the order alternates
 between rounds) after one untimed warm-up round that pays the one-off import and tracing costs;
-figures are medians over the rounds.
+figures are medians over the rounds. The dev box is shared, so besides wall time the script
+reports the median of the per-round single/batch ratios (each pair ran back to back) and CPU
+time (this process + the runner processes), which other users' load barely moves.
 
   batch:  lower_to_pte(all 20) -> one .pte; LocalDevice.measure_pte(all 20) -> one runner process
           (the two calls LocalDevice.measure makes; timed separately for the split)
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import statistics
 import sys
 import tempfile
@@ -49,32 +52,48 @@ def candidates(n: int) -> list[Candidate]:
     return [Candidate(f"unit_c{8 * (i + 1)}", ConvUnit(8 * (i + 1)), torch.randn(1, 8 * (i + 1), 14, 14)) for i in range(n)]
 
 
+def cpu_self() -> float:
+    return time.process_time()
+
+
+def cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_batch(dev: LocalDevice, cands: list[Candidate], cfg: MeasureConfig, tmp: Path) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_self()
     failed = lower_to_pte(cands, tmp / "batch.pte")
-    t1 = time.perf_counter()
+    t1, c1, k1 = time.perf_counter(), cpu_self(), cpu_children()
     assert not failed, failed
     stats = dev.measure_pte(tmp / "batch.pte", [c.name for c in cands], cfg)
-    t2 = time.perf_counter()
+    t2, k2 = time.perf_counter(), cpu_children()
     assert all(s.ok for s in stats), [s.error for s in stats if not s.ok]
-    return {"lower": t1 - t0, "run": t2 - t1, "total": t2 - t0, "medians": {s.name: s.median_ms for s in stats}}
+    return {
+        "lower": t1 - t0, "run": t2 - t1, "total": t2 - t0,
+        "cpu_lower": c1 - c0, "cpu_run": k2 - k1,
+        "medians": {s.name: s.median_ms for s in stats},
+    }
 
 
 def run_single(dev: LocalDevice, cands: list[Candidate], cfg: MeasureConfig, tmp: Path) -> dict:
-    lower = run = 0.0
+    lower = run = cpu_lower = cpu_run = 0.0
     medians = {}
     for c in cands:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_self()
         failed = lower_to_pte([c], tmp / f"{c.name}.pte")
-        t1 = time.perf_counter()
+        t1, c1, k1 = time.perf_counter(), cpu_self(), cpu_children()
         assert not failed, failed
         (s,) = dev.measure_pte(tmp / f"{c.name}.pte", [c.name], cfg)
-        t2 = time.perf_counter()
+        t2, k2 = time.perf_counter(), cpu_children()
         assert s.ok, s.error
         lower += t1 - t0
         run += t2 - t1
+        cpu_lower += c1 - c0
+        cpu_run += k2 - k1
         medians[c.name] = s.median_ms
-    return {"lower": lower, "run": run, "total": lower + run, "medians": medians}
+    return {"lower": lower, "run": run, "total": lower + run, "cpu_lower": cpu_lower, "cpu_run": cpu_run,
+            "medians": medians}
 
 
 def main() -> None:
@@ -115,6 +134,15 @@ def main() -> None:
     print(f"single / batch wall time: {med('single', 'total') / med('batch', 'total'):.2f}x "
           f"(lowering {med('single', 'lower') / med('batch', 'lower'):.2f}x, "
           f"running {med('single', 'run') / med('batch', 'run'):.2f}x)")
+    paired = [s["total"] / b["total"] for s, b in zip(results["single"], results["batch"])]
+    print(f"single / batch, per round (back to back): {', '.join(f'{x:.2f}' for x in paired)}; "
+          f"median {statistics.median(paired):.2f}x")
+    print(f"{'CPU s':8s} {'lowering':>11s} {'running':>10s}   (this process for lowering, runner processes for running)")
+    for mode in ("batch", "single"):
+        print(f"{mode:8s} {med(mode, 'cpu_lower'):11.1f} {med(mode, 'cpu_run'):10.2f}")
+    cpu_b = med("batch", "cpu_lower") + med("batch", "cpu_run")
+    cpu_s = med("single", "cpu_lower") + med("single", "cpu_run")
+    print(f"single / batch CPU time: {cpu_s / cpu_b:.2f}x ({cpu_s:.1f} s vs {cpu_b:.1f} s)")
     # Do the two ways measure the same thing? per-candidate median latency, batch vs single
     names = [c.name for c in cands]
     ratios = []
