@@ -1,0 +1,94 @@
+"""`amc-mobile search`: the AMC search under a latency (or FLOPs/params) budget.
+
+The flags are made from `SearchConfig` and `DDPGConfig` (field -> --flag, help from the field);
+`--resume RUN_DIR` continues a run from its saved config (only --episodes and a few run-time
+flags may change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from dataclasses import MISSING, fields
+
+from amc_mobile.search.config import DDPGConfig, SearchConfig
+
+_SHORT = {"model": "-m", "device": "-d"}
+_RUN_ONLY = {"resume": "continue the search in this run folder from its newest checkpoint"}
+
+
+def _base_type(tp):
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing) | {"int": int, "float": float, "str": str, "bool": bool})
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _add_fields(group, cls, skip=()) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        tp = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        names = [flag] + ([_SHORT[f.name]] if f.name in _SHORT else [])
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"{f.metadata['help']} (default: {default})")
+            continue
+        kw = {"type": tp, "default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {default})"}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        group.add_argument(*names, **kw)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "search", help="AMC: search per-layer preserve ratios under a latency/FLOPs/params budget",
+        description="AMC (He et al. 2018) with the budget on predicted device latency (table) or FLOPs/params. "
+                    "Writes config.json, episodes.csv, best_policy.json, checkpoints/, pruned/ and summary.json "
+                    "(with the pruned and original models measured on the device) into the run folder.")
+    _add_fields(p, SearchConfig, skip=("agent", "resume"))
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help=_RUN_ONLY["resume"])
+    _add_fields(p.add_argument_group("DDPG agent (AMC's defaults)"), DDPGConfig)
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(SearchConfig) if hasattr(args, f.name) and f.name != "agent"}
+    agent = {f.name: getattr(args, f.name) for f in fields(DDPGConfig) if hasattr(args, f.name)}
+    if args.resume:
+        from amc_mobile.errors import AmcError
+        from amc_mobile.search.loop import RESUMABLE_OVERRIDES, resume_config
+
+        changed = sorted(set(given) - set(RESUMABLE_OVERRIDES)) + sorted(agent)
+        if changed:
+            raise AmcError(f"--resume continues a run with its saved config: drop "
+                           f"{', '.join('--' + c.replace('_', '-') for c in changed)} (only --episodes and run-time "
+                           f"flags may change)")
+        return resume_config(args.resume, **given)
+    return SearchConfig(**given, agent=DDPGConfig(**agent))
+
+
+def run(args: argparse.Namespace) -> int:
+    from amc_mobile.search.loop import run_search
+
+    cfg = config_from_args(args)
+    result = run_search(cfg)
+    best, s = result.best, result.summary
+    print(f"run folder: {result.run_dir}")
+    print(f"best policy: episode {best['episode']}, {best['metric']} {best['accuracy']:.4f} on "
+          f"{s['setup']['val_images']} val images (original {s['setup']['original_accuracy']:.4f}), predicted cost "
+          f"{best['cost']:.4g} {best['cost_unit']} = {best['cost_ratio']:.1%} of {best['full_cost']:.4g}")
+    m = s.get("measured")
+    if m and "speedup" in m:
+        print(f"measured on {cfg.device}: original {m['original']['median_ms']:.3f} ms, pruned "
+              f"{m['pruned']['median_ms']:.3f} ms ({m['measured_ratio']:.1%}, {m['speedup']:.2f}x faster)")
+    elif m:
+        print(f"measurement on {cfg.device} failed: {json.dumps(m.get('error') or m)[:300]}")
+    return 0

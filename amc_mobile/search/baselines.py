@@ -1,0 +1,379 @@
+"""Baselines for the AMC search, each writing a run folder with the same files as a search
+(config.json, episodes.csv, best_policy.json, pruned/, summary.json with predicted AND measured
+latency), so that `amc-mobile finetune`, `amc-mobile report` and the plots treat them alike.
+
+    run_uniform(SearchConfig(model="mobilenet_v2", target=0.5))            # one width for every layer
+    run_random(SearchConfig(model="mobilenet_v2", target=0.5, episodes=100)) # random policies, same env
+    run_amc_flops(SearchConfig(model="mobilenet_v2", target=0.5))          # AMC's paper setting, measured
+
+- **uniform**: one preserve ratio for every decision group (rounded to the channel grid like an
+  action), the largest one whose predicted cost fits the budget (bisection on the ratio). With a
+  latency cost it is then measured on the device next to the original; if the measured ratio misses
+  the target by more than `tolerance` (3%) the predicted budget is rescaled by target/measured and
+  the bisection redone (at most `max_adjust` times), so that the comparison with a search is at equal
+  MEASURED latency. Every tried ratio is one row of episodes.csv.
+- **random**: the AMC environment (same action wall, rounding, final walk-back, reconstruction and
+  scoring) driven by U[0, 1] actions from `numpy.random.default_rng(seed)` for `episodes` episodes
+  (the same stream as the search's warm-up: its first warm-up episodes are identical); best by reward.
+- **amc-flops**: `run_search` with `cost="flops"` and the same ratio as the target (AMC's "50% FLOPs"),
+  measured on the device at the end; the table-predicted latency of its policy is added.
+
+Every summary.json gets a `policy` block: kept MACs (and their ratio), table-predicted latency (when a
+latency table exists for the model and device) and the measured ratio, so methods compare line by line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from amc_mobile.errors import AmcError
+from amc_mobile.pruning.graph import PruningGraph
+
+from .config import SearchConfig
+from .cost import CostModel, FlopsCost
+from .env import Episode, PruningEnv, round_channels
+from .loop import (BEST_FILE, CONFIG_FILE, LOG_FILE, SUMMARY_FILE, EpisodeLog, SearchResult, SearchSetup, _finish,
+                   _row, _write_json, measure_models, policy_dict, prepare, run_search)
+
+METHODS = ("uniform", "random", "amc-flops")
+TOLERANCE = 0.03  # equal measured latency means within 3%
+RATIO_STEPS = 10_000  # the uniform ratio is bisected on multiples of 1/RATIO_STEPS
+
+
+# ----------------------------------------------------------------------------------- uniform width
+
+
+def uniform_channels(graph: PruningGraph, groups: list[int], ratio: float, grid: int = 8) -> dict[int, int]:
+    """Every group in `groups` at the same preserve ratio, rounded like an action (`round_channels`)."""
+    return {g: round_channels(graph.groups[g].size, ratio, grid) for g in groups}
+
+
+def uniform_at_cost(cost: CostModel, graph: PruningGraph, groups: list[int], budget: float, lbound: float = 0.2,
+                    rbound: float = 1.0, grid: int = 8) -> tuple[float, dict[int, int]]:
+    """(ratio, channels): the largest uniform ratio in [lbound, rbound] (a multiple of 1e-4) whose
+    predicted cost is within `budget`, by bisection. The cost is monotone in the ratio for every
+    cost model here (more channels never cost less), which is what bisection needs."""
+    lo, hi = math.ceil(lbound * RATIO_STEPS), math.floor(rbound * RATIO_STEPS)
+
+    def fits(k: int) -> bool:
+        return cost.predict(uniform_channels(graph, groups, k / RATIO_STEPS, grid)) <= budget * (1 + 1e-9)
+
+    if fits(hi):
+        return hi / RATIO_STEPS, uniform_channels(graph, groups, hi / RATIO_STEPS, grid)
+    if not fits(lo):
+        minimum = cost.predict(uniform_channels(graph, groups, lo / RATIO_STEPS, grid))
+        raise AmcError(f"no uniform width fits the budget {budget:.4g} {cost.unit}: at the lower bound {lbound} "
+                       f"it costs {minimum:.4g} {cost.unit} ({minimum / cost.full_cost:.1%} of the original); "
+                       f"raise the target or lower --lbound")
+    while hi - lo > 1:  # invariant: fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo / RATIO_STEPS, uniform_channels(graph, groups, lo / RATIO_STEPS, grid)
+
+
+def _neighbour(graph: PruningGraph, groups: list[int], ratio: float, grid: int, up: bool, lbound: float,
+               rbound: float) -> tuple[float, dict[int, int]] | None:
+    """The next uniform ratio (up or down) whose rounded channels differ from `ratio`'s."""
+    here = uniform_channels(graph, groups, ratio, grid)
+    k = round(ratio * RATIO_STEPS)
+    step = 1 if up else -1
+    lo, hi = math.ceil(lbound * RATIO_STEPS), math.floor(rbound * RATIO_STEPS)
+    while lo <= k + step <= hi:
+        k += step
+        ch = uniform_channels(graph, groups, k / RATIO_STEPS, grid)
+        if ch != here:
+            if not up:  # the largest ratio giving these channels, like the bisection's answers
+                while k - 1 >= lo and uniform_channels(graph, groups, (k - 1) / RATIO_STEPS, grid) == ch:
+                    k -= 1
+            return k / RATIO_STEPS, ch
+    return None
+
+
+def _measure_pair(setup: SearchSetup, channels: dict[int, int]) -> dict:
+    """Original and pruned model measured in ONE batch (so a busy machine slows both alike)."""
+    pruned = setup.builder.build(channels)
+    m = measure_models(setup.config.device, [("original", setup.model), ("pruned", pruned)], setup.model.input_shape)
+    ok = "error" not in m and all(m.get(n, {}).get("error") is None for n in ("original", "pruned"))
+    if ok:
+        o, p = m["original"]["median_ms"], m["pruned"]["median_ms"]
+        m["speedup"], m["measured_ratio"] = o / p, p / o
+    return m
+
+
+def _episode(setup: SearchSetup, env: PruningEnv, actions: list[float], channels: dict[int, int]) -> Episode:
+    """Score a fixed policy the way the env scores an episode (same scorer, same reward)."""
+    sizes = [setup.graph.groups[l.in_group].size for l in setup.layers]
+    ratios = [channels[l.in_group] / c for l, c in zip(setup.layers, sizes)]
+    ep = Episode(list(actions), ratios, dict(channels), setup.cost.predict(channels))
+    ep.score = setup.scorer(channels)
+    if ep.score.finite:
+        ep.reward = env.reward(ep.score.accuracy, ep.cost)
+    return ep
+
+
+def target_ratio(cfg: SearchConfig, setup: SearchSetup) -> float | None:
+    """The latency target as a fraction of the MEASURED original (None when it was not measured)."""
+    original = setup.info.get("original_measured_ms")
+    if cfg.target_ms is not None:
+        return cfg.target_ms / original if original else None
+    return cfg.target
+
+
+def run_uniform(config: SearchConfig, model=None, data=None, setup: SearchSetup | None = None,
+                tolerance: float = TOLERANCE, max_adjust: int = 4) -> SearchResult:
+    """The uniform-width baseline (see module doc). `setup` (from `prepare`) may be shared with other
+    baselines of the same model and config; its config is replaced by `config`."""
+    cfg = config.validate()
+    if cfg.reward != "constrained":
+        raise AmcError("the uniform baseline needs a budget: use --reward constrained")
+    run_dir = _start(cfg, "uniform")
+    setup = _setup(cfg, model, data, setup)
+    groups = [l.in_group for l in setup.layers]
+    env = _env(setup)
+    log = EpisodeLog(run_dir / LOG_FILE)
+    ratio, channels = uniform_at_cost(setup.cost, setup.graph, groups, setup.budget, cfg.lbound, cfg.rbound,
+                                      cfg.channel_round)
+    trials: list[dict] = []  # {"ratio", "channels", "episode", "measured"}
+    target = target_ratio(cfg, setup) if cfg.cost == "latency" else None
+    measure = cfg.measure_final and cfg.cost == "latency" and target is not None
+    budget = setup.budget
+    phase = "uniform"
+    for step in range(max_adjust + 1):
+        ep = _episode(setup, env, [ratio] * len(groups), channels)
+        trial = {"ratio": ratio, "channels": channels, "ep": ep, "step": step, "predicted_budget": budget}
+        trials.append(trial)
+        log.append(_row(step, phase, float("nan"), ep, setup.cost.full_cost))
+        if not measure:
+            break
+        trial["measured"] = m = _measure_pair(setup, channels)
+        if "measured_ratio" not in m:
+            warnings.warn(f"uniform baseline: measuring on {cfg.device} failed ({m.get('error') or m}); "
+                          f"keeping the ratio the prediction gave")
+            break
+        miss = m["measured_ratio"] / target - 1
+        if abs(miss) <= tolerance:
+            break
+        # Rescale the predicted budget by how far the measurement landed from the target, bisect again;
+        # if that gives a width already tried, take the next width in the direction of the target.
+        budget *= target / m["measured_ratio"]
+        phase = "adjust"
+        try:
+            ratio, channels = uniform_at_cost(setup.cost, setup.graph, groups, budget, cfg.lbound, cfg.rbound,
+                                              cfg.channel_round)
+        except AmcError:
+            ratio, channels = cfg.lbound, uniform_channels(setup.graph, groups, cfg.lbound, cfg.channel_round)
+        if any(t["channels"] == channels for t in trials):
+            nb = _neighbour(setup.graph, groups, trials[-1]["ratio"], cfg.channel_round, up=miss < 0,
+                            lbound=cfg.lbound, rbound=cfg.rbound)
+            if nb is None or any(t["channels"] == nb[1] for t in trials):
+                break
+            ratio, channels = nb
+
+    def distance(t: dict) -> float:
+        m = t.get("measured") or {}
+        return abs(m["measured_ratio"] / target - 1) if "measured_ratio" in m else math.inf
+
+    chosen = min(trials, key=distance) if measure else trials[0]
+    best = policy_dict(setup, chosen["ep"], chosen["step"])
+    best.update(method="uniform", uniform_ratio=chosen["ratio"])
+    _write_json(run_dir / BEST_FILE, best)
+    result = _finish(replace(setup, config=replace(cfg, measure_final=False)), run_dir, best)
+    extra = {
+        "method": "uniform",
+        "uniform_ratio": chosen["ratio"],
+        "target_ratio": target,
+        "tolerance": tolerance,
+        "adjust": [{"step": t["step"], "ratio": t["ratio"], "predicted": t["ep"].cost,
+                    "predicted_budget": t["predicted_budget"],
+                    "measured_ratio": (t.get("measured") or {}).get("measured_ratio"),
+                    "accuracy": t["ep"].score.accuracy} for t in trials],
+    }
+    if measure and "measured_ratio" in (chosen.get("measured") or {}):
+        extra["measured"] = chosen["measured"]
+        extra["equal_latency"] = distance(chosen) <= tolerance
+    elif cfg.measure_final and not measure:  # FLOPs/params budget: measure once, for the record
+        extra["measured"] = _measure_pair(setup, chosen["channels"])
+    return _complete(result, setup, extra)
+
+
+# ----------------------------------------------------------------------------------- random search
+
+
+def run_random(config: SearchConfig, model=None, data=None, setup: SearchSetup | None = None,
+               on_episode=None) -> SearchResult:
+    """Random search with the search's episode budget: U[0,1] actions through the AMC env; best by reward."""
+    cfg = config.validate()
+    run_dir = _start(cfg, "random")
+    setup = _setup(cfg, model, data, setup)
+    env = _env(setup)
+    log = EpisodeLog(run_dir / LOG_FILE)
+    rng = np.random.default_rng(cfg.seed)  # the search's warm-up stream (DDPGAgent.random_action)
+    best = None
+    bar = _progress(cfg, "random")
+    try:
+        for e in range(cfg.episodes):
+            env.reset()
+            done, ep = False, None
+            while not done:
+                _, done, ep = env.step(float(rng.uniform(0.0, 1.0)))
+            if ep.discarded:
+                warnings.warn(f"random episode {e}: accuracy/loss is NaN for channels {ep.channels}; discarded")
+            elif best is None or ep.reward > best["reward"]:
+                best = policy_dict(setup, ep, e)
+                best["method"] = "random"
+                _write_json(run_dir / BEST_FILE, best)
+            row = _row(e, "random", float("nan"), ep, setup.cost.full_cost)
+            log.append(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(best_acc=f"{best['accuracy']:.4f}" if best else "-")
+            if on_episode is not None:
+                on_episode(row)
+    finally:
+        if bar is not None:
+            bar.close()
+    if best is None:
+        raise AmcError("no random episode produced a finite accuracy: check the model's weights")
+    result = _finish(setup, run_dir, best)
+    return _complete(result, setup, {"method": "random", "episodes": cfg.episodes})
+
+
+# ----------------------------------------------------------------------------------- AMC, FLOPs budget
+
+
+def run_amc_flops(config: SearchConfig, model=None, data=None, on_episode=None) -> SearchResult:
+    """AMC as in the paper: the budget is `target` x the original FLOPs (MACs); measured at the end."""
+    if config.target_ms is not None:
+        raise AmcError("amc-flops takes the budget as a FLOPs ratio: pass --target RATIO, not --target-ms")
+    cfg = replace(config, cost="flops", out=config.out or str(_default_dir("amc-flops")))
+    result = run_search(cfg, model=model, data=data, on_episode=on_episode)
+    setup_like = _Info(result.graph, result.original, cfg)
+    return _complete(result, setup_like, {"method": "amc-flops"})
+
+
+# ----------------------------------------------------------------------------------- shared pieces
+
+
+class _Info:
+    """What `_complete` needs of a setup when only a SearchResult is at hand."""
+
+    def __init__(self, graph, model, config, cost=None):
+        self.graph, self.model, self.config, self.cost = graph, model, config, cost
+
+
+def _default_dir(method: str) -> Path:
+    from amc_mobile.runs import new_run_dir
+
+    return new_run_dir(f"baseline-{method}")
+
+
+def _start(cfg: SearchConfig, method: str) -> Path:
+    from amc_mobile.runs import new_run_dir, write_manifest
+
+    run_dir = new_run_dir(f"baseline-{method}", cfg.out)
+    if (run_dir / LOG_FILE).exists():
+        raise AmcError(f"{run_dir} already holds a run: pass another --out")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _write_json(run_dir / CONFIG_FILE, cfg.to_dict())
+    # kind "search": the report renders it like a search (best policy, episodes, summary)
+    write_manifest(run_dir, "search", method=method)
+    return run_dir
+
+
+def _setup(cfg: SearchConfig, model, data, setup: SearchSetup | None) -> SearchSetup:
+    if setup is None:
+        return prepare(cfg, model, data)
+    if setup.config.cost != cfg.cost or setup.config.model != cfg.model:
+        raise AmcError(f"a shared setup for {setup.config.model}/{setup.config.cost} cannot serve "
+                       f"{cfg.model}/{cfg.cost}")
+    return replace(setup, config=cfg)
+
+
+def _env(setup: SearchSetup) -> PruningEnv:
+    cfg = setup.config
+    return PruningEnv(setup.graph, setup.layers, setup.cost, setup.budget, setup.scorer, cfg.reward,
+                      cfg.lbound, cfg.rbound, cfg.channel_round)
+
+
+def _progress(cfg: SearchConfig, desc: str):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.episodes, desc=desc, unit="ep", dynamic_ncols=True)
+
+
+def latency_cost_for(model, graph: PruningGraph, scope: str, cfg: SearchConfig) -> CostModel | None:
+    """The table-latency cost model for (model, scope, cfg.device) from an EXISTING table (nothing is
+    built or measured: a FLOPs run must not start a table build), or None with a warning."""
+    from .cost import LatencyCost
+
+    try:
+        import latency_tables as lt
+
+        return LatencyCost(lt.load_latency_model(model, graph, scope, device_uri=cfg.device, table_dir=cfg.table_dir))
+    except Exception as exc:  # no table, a table without this model's layers, no executorch...
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"no table-predicted latency for the policy on {cfg.device}: {first}")
+        return None
+
+
+def policy_facts(graph: PruningGraph, channels: dict[int, int], latency: CostModel | None = None,
+                 measured: dict | None = None) -> dict:
+    """Kept MACs, table-predicted latency and the measured ratio of one policy (JSON-safe)."""
+    flops = FlopsCost(graph)
+    facts = {"kept_mmac": flops.predict(channels), "full_mmac": flops.full_cost,
+             "mmac_ratio": flops.predict(channels) / flops.full_cost}
+    if latency is not None:
+        p = latency.predict(channels)
+        facts.update(predicted_ms=p, predicted_full_ms=latency.full_cost, predicted_ratio=p / latency.full_cost)
+    if measured and "measured_ratio" in measured:
+        facts.update(measured_ms=measured["pruned"]["median_ms"], measured_original_ms=measured["original"]["median_ms"],
+                     measured_ratio=measured["measured_ratio"])
+    return facts
+
+
+def _complete(result: SearchResult, setup, extra: dict) -> SearchResult:
+    """Add the method's facts and the `policy` block to summary.json (and the SearchResult)."""
+    from .loop import family_of
+    from amc_mobile.pruning.graph import DEFAULT_SCOPE
+
+    summary = dict(result.summary)
+    summary.update(extra)
+    cfg = setup.config
+    scope = (summary.get("setup") or {}).get("scope") or cfg.scope or DEFAULT_SCOPE.get(family_of(setup.model) or "",
+                                                                                        "all")
+    latency = setup.cost if getattr(setup.cost, "unit", None) == "ms" else latency_cost_for(
+        setup.model, result.graph, scope, cfg)
+    summary["policy"] = policy_facts(result.graph, result.channels, latency, summary.get("measured"))
+    _write_json(result.run_dir / SUMMARY_FILE, summary)
+    result.summary = summary
+    return result
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.exists():
+        raise AmcError(f"{run_dir}: no {SUMMARY_FILE} (the run did not finish)")
+    return json.loads(path.read_text())
+
+
+def run_baseline(method: str, config: SearchConfig, model=None, data=None) -> SearchResult:
+    if method == "uniform":
+        return run_uniform(config, model, data)
+    if method == "random":
+        return run_random(config, model, data)
+    if method == "amc-flops":
+        return run_amc_flops(config, model, data)
+    raise AmcError(f"unknown baseline {method!r}: expected one of {', '.join(METHODS)}")

@@ -1,0 +1,138 @@
+"""Typed configuration of the AMC search: one dataclass per job, every field with a default and a help line.
+
+`SearchConfig` is what `amc-mobile search` is built from (field -> `--flag`) and what is saved as
+`config.json` in every run folder; `DDPGConfig` holds the agent's hyper-parameters (AMC's official
+defaults). Both round-trip through `to_dict` / `from_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from amc_mobile.errors import AmcError
+
+COSTS = ("latency", "flops", "params")
+REWARDS = ("constrained", "guaranteed")
+METRICS = ("top1", "top5")
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with a help line (used by the CLI)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DDPGConfig:
+    """DDPG hyper-parameters; the defaults are AMC's (mit-han-lab/amc, amc_search.py)."""
+
+    hidden1: int = _f(300, "actor and critic first hidden layer width")
+    hidden2: int = _f(300, "actor and critic second hidden layer width")
+    lr_actor: float = _f(1e-4, "actor learning rate (Adam)")
+    lr_critic: float = _f(1e-3, "critic learning rate (Adam)")
+    tau: float = _f(0.01, "soft update rate of the target networks")
+    discount: float = _f(1.0, "discount factor")
+    batch_size: int = _f(64, "minibatch size of one update")
+    replay_per_layer: int = _f(100, "replay buffer capacity, in transitions per prunable layer")
+    init_noise: float = _f(0.5, "sigma of the truncated-normal exploration noise right after warm-up")
+    noise_decay: float = _f(0.95, "noise sigma multiplier per episode after warm-up")
+    baseline_alpha: float = _f(0.5, "rate of the moving-average reward baseline")
+    init_w: float = _f(3e-3, "output layers are initialised U(-init_w, init_w)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DDPGConfig":
+        return _from_dict(cls, d)
+
+
+@dataclass
+class SearchConfig:
+    """Everything that decides a search run (saved as config.json next to its log and checkpoints)."""
+
+    model: str = _f("mobilenet_v2", "model name (trained weights via get_or_train) or a checkpoint folder")
+    device: str = _f("local", "device URI for the latency table and the final measurement")
+    cost: str = _f("latency", "resource the budget constrains", choices=COSTS)
+    target: float = _f(0.5, "budget as a fraction of the original model's cost (latency: measured)")
+    target_ms: float | None = _f(None, "absolute latency budget in ms (latency cost only; overrides --target)")
+    reward: str = _f("constrained", "constrained: -error under the budget; guaranteed: -error*log(cost), no budget",
+                     choices=REWARDS)
+    metric: str = _f("top1", "accuracy the reward uses (AMC's official code used top5 on ImageNet)", choices=METRICS)
+    episodes: int = _f(400, "episodes in total, warm-up included (AMC: 100 + 300)")
+    warmup: int | None = _f(None, "episodes of uniform random actions first; default min(100, episodes // 4)")
+    scope: str | None = _f(None, "channel groups to prune: all | decoupled; default per model family",
+                           choices=("all", "decoupled"))
+    lbound: float = _f(0.2, "smallest preserve ratio of a layer")
+    rbound: float = _f(1.0, "largest preserve ratio of a layer")
+    channel_round: int = _f(8, "kept channel counts are multiples of this")
+    reconstruct: bool = _f(True, "least-squares reconstruction of the pruned layers' weights")
+    calib_images: int = _f(500, "training images whose features feed the reconstruction (AMC: 3000)")
+    calib_points: int = _f(10, "random spatial points sampled per calibration image (AMC: 10)")
+    val_images: int = _f(1000, "held-out validation images that score each episode (5,000 exist)")
+    eval_batch: int = _f(500, "batch size of the per-episode evaluation")
+    seed: int = _f(0, "seed of the agent, the noise and the calibration sampling")
+    out: str | None = _f(None, "run folder; default runs/search-<timestamp>")
+    resume: str | None = _f(None, "continue the search in this run folder from its newest checkpoint")
+    checkpoint_every: int = _f(10, "episodes between checkpoints (0: only at the end)")
+    data_dir: str | None = _f(None, "folder with the Fashion-MNIST IDX files")
+    table_dir: str | None = _f(None, "folder with latency tables (latency cost)")
+    measure_final: bool = _f(True, "measure the pruned and original models on the device at the end")
+    threads: int | None = _f(None, "torch CPU threads for the search (default: torch's choice)")
+    progress: bool = _f(True, "show a progress bar")
+    agent: DDPGConfig = field(default_factory=DDPGConfig, metadata={"help": "DDPG hyper-parameters"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.agent, dict):
+            self.agent = DDPGConfig.from_dict(self.agent)
+
+    @property
+    def warmup_episodes(self) -> int:
+        return self.warmup if self.warmup is not None else min(100, self.episodes // 4)
+
+    def validate(self) -> "SearchConfig":
+        if self.cost not in COSTS:
+            raise AmcError(f"unknown cost {self.cost!r}: expected one of {', '.join(COSTS)}")
+        if self.reward not in REWARDS:
+            raise AmcError(f"unknown reward {self.reward!r}: expected one of {', '.join(REWARDS)}")
+        if self.metric not in METRICS:
+            raise AmcError(f"unknown metric {self.metric!r}: expected top1 or top5")
+        if self.target_ms is not None:
+            if self.cost != "latency":
+                raise AmcError(f"--target-ms is a latency budget: use --target RATIO with --cost {self.cost}")
+            if not self.target_ms > 0:
+                raise AmcError(f"--target-ms must be positive, got {self.target_ms}")
+        elif not 0 < self.target <= 1:
+            raise AmcError(f"--target must be a fraction in (0, 1] of the original cost, got {self.target}")
+        if not 0 < self.lbound <= self.rbound <= 1:
+            raise AmcError(f"need 0 < lbound <= rbound <= 1, got lbound={self.lbound}, rbound={self.rbound}")
+        if self.episodes < 1:
+            raise AmcError(f"--episodes must be at least 1, got {self.episodes}")
+        if self.warmup is not None and not 0 <= self.warmup <= self.episodes:
+            raise AmcError(f"--warmup must be between 0 and --episodes ({self.episodes}), got {self.warmup}")
+        if self.channel_round < 1:
+            raise AmcError(f"channel_round must be >= 1, got {self.channel_round}")
+        if self.val_images < 1 or self.eval_batch < 1:
+            raise AmcError("--val-images and --eval-batch must be at least 1")
+        if self.reconstruct and (self.calib_images < 1 or self.calib_points < 1):
+            raise AmcError("reconstruction needs --calib-images >= 1 and --calib-points >= 1 (or --no-reconstruct)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["agent"] = self.agent.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SearchConfig":
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls, d: dict[str, Any]):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise AmcError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return cls(**d)

@@ -1,0 +1,469 @@
+"""The AMC search loop: `run_search(config) -> SearchResult`.
+
+    result = run_search(SearchConfig(model="mobilenet_v2", cost="flops", target=0.5, episodes=100))
+    result.best            # the best policy (JSON-safe dict, also in <run>/best_policy.json)
+    result.model           # the pruned model with the reconstructed weights (not fine-tuned)
+    result.run_dir         # config.json, episodes.csv, best_policy.json, pruned/, checkpoints/, summary.json
+
+One episode: the agent emits a preserve ratio per decision layer (uniform random during warm-up,
+actor + truncated-normal noise after), the env applies the action wall and the rounding, the
+pruned model is built from cached reconstructed weights and scored on the held-out validation
+images; every transition gets the episode's reward; after warm-up one DDPG update per transition.
+
+Every episode is appended to episodes.csv as it ends; a checkpoint (agent, optimisers, replay
+buffer, RNG states, best so far) is written every `checkpoint_every` episodes; `resume` continues
+from the newest one and reproduces the uninterrupted run's log (timings aside).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from amc_mobile.errors import AmcError
+from amc_mobile.pruning.graph import DEFAULT_SCOPE, Layer, PruningGraph, build_graph, require_prunable
+
+from . import checkpoint as ckpt
+from .agent import DDPGAgent
+from .config import SearchConfig
+from .cost import CostModel, FlopsCost, LatencyCost, ParamsCost
+from .env import Episode, PruningEnv
+from .reconstruct import ChannelSelector, PrunedModelBuilder, Reconstructor, collect_layer_stats
+from .score import EpisodeScorer, evaluate_split
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "episodes.csv"
+CONFIG_FILE = "config.json"
+BEST_FILE = "best_policy.json"
+SUMMARY_FILE = "summary.json"
+PRUNED_DIR = "pruned"
+LOG_COLUMNS = ("episode", "phase", "sigma", "reward", "accuracy", "loss", "cost", "cost_ratio", "walked_back",
+               "prune_s", "eval_s", "discarded", "actions", "ratios", "channels")
+TIMING_COLUMNS = ("prune_s", "eval_s")
+# Fields that may differ between a run and its resumption; everything else must match.
+RESUMABLE_OVERRIDES = ("episodes", "resume", "out", "progress", "measure_final", "checkpoint_every", "threads")
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    config: SearchConfig
+    best: dict  # the best policy, as in best_policy.json
+    channels: dict[int, int]  # decision group -> kept channels of the best policy
+    model: nn.Module  # the pruned model with reconstructed weights (eval mode, not fine-tuned)
+    original: nn.Module
+    graph: PruningGraph
+    summary: dict = field(default_factory=dict)  # as in summary.json (incl. measured latency)
+
+
+@dataclass
+class SearchSetup:
+    """Everything prepared once per run, before the first episode."""
+
+    config: SearchConfig
+    model: nn.Module
+    graph: PruningGraph
+    scope: str
+    layers: list[Layer]
+    cost: CostModel
+    budget: float | None
+    builder: PrunedModelBuilder
+    scorer: EpisodeScorer
+    data: object  # the FashionMNIST splits
+    info: dict
+
+
+# ----------------------------------------------------------------------------------- preparation
+
+
+def load_model(ref: str) -> nn.Module:
+    """A checkpoint folder (config.json + model.pt) or a registry name (trained via get_or_train)."""
+    from amc_mobile import train
+
+    path = Path(ref)
+    if path.exists():
+        if not path.is_dir():
+            raise AmcError(f"--model {ref}: expected a checkpoint folder (config.json + model.pt) or a model name")
+        model, _ = train.load_checkpoint(path)
+        return model
+    model, _ = train.get_or_train(ref)
+    return model
+
+
+def family_of(model: nn.Module) -> str | None:
+    cfg = getattr(model, "amc_config", None)
+    return cfg.get("name") if isinstance(cfg, dict) else None
+
+
+def _latency_model(model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig):
+    """The tables engineer's predictor for this model, scope and device: from --table-dir when given,
+    else `ensure_table` (builds whatever the device's table still lacks, then loads it)."""
+    try:
+        import latency_tables as lt
+    except ImportError as exc:
+        raise AmcError(f"latency tables are not available in this installation ({exc}); use --cost flops") from exc
+    if cfg.table_dir:
+        return lt.load_latency_model(model, graph, scope, device_uri=cfg.device, table_dir=cfg.table_dir)
+    return lt.ensure_table(model, graph, scope, device_uri=cfg.device, progress=cfg.progress)
+
+
+def make_cost(name: str, model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig) -> CostModel:
+    if name == "flops":
+        return FlopsCost(graph)
+    if name == "params":
+        return ParamsCost(graph)
+    if name == "latency":
+        return LatencyCost(_latency_model(model, graph, scope, cfg))
+    raise AmcError(f"unknown cost {name!r}: latency, flops or params")
+
+
+def measure_models(device_uri: str, models: list[tuple[str, nn.Module]], input_shape) -> dict:
+    """Measure `models` on the device in ONE batch; {name: LatencyStats dict} or {"error": why}."""
+    from device import Candidate, MeasureConfig, open_device
+
+    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with open_device(device_uri) as dev:
+            stats = dev.measure([Candidate(n, m.eval(), x) for n, m in models], MeasureConfig())
+            fp = dev.fingerprint(MeasureConfig())
+    except AmcError as exc:
+        return {"error": str(exc)}
+    out = {s.name: s.to_dict() for s in stats}
+    out["fingerprint"] = fp.to_dict()
+    return out
+
+
+def _budget(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict) -> float | None:
+    if cfg.reward == "guaranteed":
+        return None
+    if cfg.cost != "latency":
+        return cfg.target * cost.full_cost
+    # Latency: the target is relative to (or given in) measured milliseconds; the predictor is
+    # calibrated on whole models measured end to end, so its ms compare with measured ms.
+    measured = measure_models(cfg.device, [("original", model)], model.input_shape)
+    ms = measured.get("original", {}).get("median_ms")
+    info["original_measured_ms"] = ms
+    if ms is None or not math.isfinite(ms):
+        why = measured.get("error") or measured.get("original", {}).get("error")
+        if cfg.target_ms is None:
+            warnings.warn(f"could not measure the original model on {cfg.device} ({why}): the budget is "
+                          f"{cfg.target} x its PREDICTED latency {cost.full_cost:.4g} ms")
+            return cfg.target * cost.full_cost
+        return float(cfg.target_ms)
+    return float(cfg.target_ms) if cfg.target_ms is not None else cfg.target * ms
+
+
+def _calibration_images(cfg: SearchConfig, data) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = min(cfg.calib_images, len(data.train))
+    idx = torch.randperm(len(data.train), generator=gen)[:n].sort().values
+    return data.train.images[idx]
+
+
+def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None) -> SearchSetup:
+    """Load the model and data, analyse the graph, build the cost model, the reconstruction cache and the scorer."""
+    info: dict = {}
+    model = (model if model is not None else load_model(cfg.model)).eval()
+    graph = build_graph(model)
+    require_prunable(graph)
+    scope = cfg.scope or DEFAULT_SCOPE.get(family_of(model) or "", "all")
+    layers = graph.decision_layers(scope)
+    if not layers:
+        raise AmcError(f"no prunable layers in scope {scope!r}: try --scope all")
+    if data is None:
+        from amc_mobile.data import load_fashion_mnist
+
+        data = load_fashion_mnist(cfg.data_dir)
+    val = data.val.subset(cfg.val_images)
+    cost = make_cost(cfg.cost, model, graph, scope, cfg)
+    budget = _budget(cfg, cost, model, info)
+    groups = [l.in_group for l in layers]
+    selector = ChannelSelector(model, graph)
+    reconstructor = None
+    t0 = time.perf_counter()
+    if cfg.reconstruct:
+        stats = collect_layer_stats(model, graph, groups, _calibration_images(cfg, data), cfg.calib_points, cfg.seed)
+        reconstructor = Reconstructor(stats, selector, dict(model.named_modules()))
+    info["calibration_s"] = round(time.perf_counter() - t0, 3)
+    builder = PrunedModelBuilder(model, graph, reconstructor, selector)
+    scorer = EpisodeScorer(builder, val, cfg.metric, cfg.eval_batch)
+    original = scorer({})
+    info.update(original_accuracy=original.accuracy, original_loss=original.loss, original_eval_s=round(original.eval_s, 3),
+                scope=scope, val_images=len(val), full_cost=cost.full_cost, cost_unit=cost.unit, budget=budget,
+                decision_layers=[l.name for l in layers])
+    return SearchSetup(cfg, model, graph, scope, layers, cost, budget, builder, scorer, data, info)
+
+
+# ----------------------------------------------------------------------------------- the log
+
+
+class EpisodeLog:
+    """episodes.csv: one row per finished episode, flushed as it is written."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(LOG_COLUMNS)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, LOG_COLUMNS).writerow(row)
+            f.flush()
+
+    def truncate(self, episodes: int) -> None:
+        """Keep the rows of the first `episodes` episodes (rows written after the last checkpoint go)."""
+        with open(self.path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["episode"]) < episodes]
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+
+
+def read_log(path: Path, with_timings: bool = False) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not with_timings:
+        for r in rows:
+            for c in TIMING_COLUMNS:
+                r.pop(c, None)
+    return rows
+
+
+# ----------------------------------------------------------------------------------- policies
+
+
+def policy_dict(setup: SearchSetup, ep: Episode, episode: int) -> dict:
+    """The JSON form of a policy: per group and per layer name, with its predicted cost and accuracy."""
+    cost = setup.cost
+    layers = {}
+    for l, r in zip(setup.layers, ep.ratios):
+        size = setup.graph.groups[l.in_group].size
+        layers[l.name] = {"group": l.in_group, "kept": ep.channels[l.in_group], "size": size, "ratio": round(r, 6)}
+    return {
+        "episode": episode,
+        "reward": ep.reward,
+        "accuracy": ep.score.accuracy if ep.score else None,
+        "metric": setup.config.metric,
+        "cost": ep.cost,
+        "cost_unit": cost.unit,
+        "cost_ratio": ep.cost / cost.full_cost,
+        "budget": setup.budget,
+        "full_cost": cost.full_cost,
+        "preserve_ratios": [round(r, 6) for r in ep.ratios],
+        "channels": {str(g): int(c) for g, c in ep.channels.items()},
+        "layers": layers,
+        "actions": [round(a, 6) for a in ep.actions],
+    }
+
+
+def _row(episode: int, phase: str, sigma: float, ep: Episode, full_cost: float) -> dict:
+    sc = ep.score
+    return {
+        "episode": episode, "phase": phase, "sigma": "" if math.isnan(sigma) else f"{sigma:.6g}",
+        "reward": "" if ep.reward is None else f"{ep.reward:.6f}",
+        "accuracy": f"{sc.accuracy:.6f}" if sc else "", "loss": f"{sc.loss:.6f}" if sc else "",
+        "cost": f"{ep.cost:.6g}", "cost_ratio": f"{ep.cost / full_cost:.6f}", "walked_back": ep.walked_back,
+        "prune_s": f"{sc.prune_s:.4f}" if sc else "", "eval_s": f"{sc.eval_s:.4f}" if sc else "",
+        "discarded": int(ep.discarded),
+        "actions": json.dumps([round(a, 6) for a in ep.actions]),
+        "ratios": json.dumps([round(r, 6) for r in ep.ratios]),
+        "channels": json.dumps({str(g): int(c) for g, c in ep.channels.items()}),
+    }
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------- the run
+
+
+def _run_dir(cfg: SearchConfig) -> tuple[Path, SearchConfig, bool]:
+    """(run folder, the config to use, resuming?)."""
+    from amc_mobile.runs import new_run_dir
+
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        path = run_dir / CONFIG_FILE
+        if not path.exists():
+            raise AmcError(f"--resume {run_dir}: no {CONFIG_FILE} there, so it is not a search run folder")
+        try:
+            saved = SearchConfig.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise AmcError(f"{path} is not a valid search config ({exc})") from exc
+        a, b = saved.to_dict(), cfg.to_dict()
+        diffs = [k for k in a if k not in RESUMABLE_OVERRIDES and a[k] != b[k]]
+        if diffs:
+            raise AmcError(f"--resume {run_dir}: the config differs from the saved one in {', '.join(diffs)}; "
+                           f"use resume_config() / pass only --resume (and --episodes) to continue it")
+        return run_dir, cfg, True
+    run_dir = new_run_dir("search", cfg.out)
+    if (run_dir / LOG_FILE).exists():
+        raise AmcError(f"{run_dir} already holds a search: pass --resume {run_dir} to continue it or another --out")
+    return run_dir, cfg, False
+
+
+def resume_config(run_dir: str | Path, **overrides) -> SearchConfig:
+    """The saved config of a run folder, set to resume it (overrides: e.g. episodes, progress)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise AmcError(f"--resume {run_dir}: no {CONFIG_FILE} there, so it is not a search run folder")
+    try:
+        d = json.loads(path.read_text())
+    except ValueError as exc:
+        raise AmcError(f"{path} is not valid JSON ({exc})") from exc
+    bad = set(overrides) - set(RESUMABLE_OVERRIDES)
+    if bad:
+        raise AmcError(f"cannot change {', '.join(sorted(bad))} when resuming {run_dir}")
+    d.update(overrides, resume=str(run_dir))
+    return SearchConfig.from_dict(d)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
+               on_episode: Callable[[dict], None] | None = None) -> SearchResult:
+    """Run (or resume) an AMC search; see the module doc. `model`/`data` override config.model/data_dir
+    (the config still names them for the record); `on_episode(row)` is called after each episode."""
+    from amc_mobile.runs import write_manifest
+
+    cfg = config.validate()
+    run_dir, cfg, resuming = _run_dir(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _write_json(run_dir / CONFIG_FILE, {k: v for k, v in cfg.to_dict().items() if k != "resume"} | {"resume": None})
+    write_manifest(run_dir, "search")
+    setup = prepare(cfg, model, data)
+    _write_json(run_dir / "setup.json", setup.info)
+
+    _seed_everything(cfg.seed)
+    env = PruningEnv(setup.graph, setup.layers, setup.cost, setup.budget, setup.scorer, cfg.reward,
+                     cfg.lbound, cfg.rbound, cfg.channel_round)
+    agent = DDPGAgent(env.state_dim, env.n_layers, cfg.agent, cfg.seed)
+    episode_log = EpisodeLog(run_dir / LOG_FILE)
+    start, best = 0, None
+    if resuming:
+        state = ckpt.load_latest(run_dir, agent)
+        start = int(state["episode"])
+        best = state["loop"].get("best")
+        episode_log.truncate(start)
+        if best is not None:
+            _write_json(run_dir / BEST_FILE, best)
+        log.info("resuming %s from episode %d", run_dir, start)
+
+    warmup = cfg.warmup_episodes
+    bar = _progress(cfg, start)
+    try:
+        for e in range(start, cfg.episodes):
+            phase = "warmup" if e < warmup else "explore"
+            sigma = agent.sigma(e, warmup) if phase == "explore" else float("nan")
+            s = env.reset()
+            transitions = []
+            while True:
+                a = agent.random_action() if phase == "warmup" else agent.select_action(s, sigma)
+                s2, done, ep = env.step(a)
+                transitions.append((s, a, s2, done))
+                s = s2
+                if done:
+                    break
+            if ep.discarded:
+                warnings.warn(f"episode {e}: accuracy/loss is NaN for channels {ep.channels}; episode discarded")
+            else:
+                for s_, a_, s2_, d_ in transitions:
+                    agent.observe(s_, a_, ep.reward, s2_, d_)
+                    if e >= warmup:
+                        agent.update()
+                if best is None or ep.reward > best["reward"]:
+                    best = policy_dict(setup, ep, e)
+                    _write_json(run_dir / BEST_FILE, best)
+            row = _row(e, phase, sigma, ep, setup.cost.full_cost)
+            episode_log.append(row)
+            done_count = e + 1
+            if cfg.checkpoint_every and done_count % cfg.checkpoint_every == 0 and done_count < cfg.episodes:
+                ckpt.save(run_dir, done_count, agent, {"best": best})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=row["reward"] or "nan", best_acc=f"{best['accuracy']:.4f}" if best else "-",
+                                cost=f"{ep.cost:.3g}{setup.cost.unit}")
+            if on_episode is not None:
+                on_episode(row)
+    finally:
+        if bar is not None:
+            bar.close()
+    if start < cfg.episodes or not ckpt.checkpoints(run_dir):
+        ckpt.save(run_dir, cfg.episodes, agent, {"best": best})
+    if best is None:
+        raise AmcError("no episode produced a finite accuracy (all were discarded as NaN): check the model's weights")
+    return _finish(setup, run_dir, best)
+
+
+def _progress(cfg: SearchConfig, start: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.episodes, initial=start, desc="search", unit="ep", dynamic_ncols=True)
+
+
+def _finish(setup: SearchSetup, run_dir: Path, best: dict) -> SearchResult:
+    """Export the best policy: pruned model (reconstructed weights), its accuracy, measured latency."""
+    from amc_mobile.models import model_config
+    from amc_mobile.pruning.slicing import save_pruned
+
+    cfg = setup.config
+    channels = {int(g): int(c) for g, c in best["channels"].items()}
+    pruned = setup.builder.build(channels)
+    for p in pruned.parameters():
+        p.requires_grad_(True)
+    summary = {"best": best, "setup": setup.info}
+    full_val = setup.data.val
+    if len(full_val) > len(setup.scorer.val):  # the search scored on a prefix: report the whole split too
+        summary["pruned_full_val_accuracy"], _ = evaluate_split(pruned, full_val, cfg.metric, cfg.eval_batch)
+        summary["original_full_val_accuracy"], _ = evaluate_split(setup.model, full_val, cfg.metric, cfg.eval_batch)
+        summary["full_val_images"] = len(full_val)
+    try:
+        base_config = model_config(setup.model)
+    except ValueError:
+        base_config = None
+        warnings.warn("the model was not built by amc_mobile.models.build_model: the pruned model is returned "
+                      "but not saved (load_pruned rebuilds registry models only)")
+    if base_config is not None:
+        save_pruned(pruned, run_dir / PRUNED_DIR, base_config, channels,
+                    extra={"policy": best, "reconstructed": bool(cfg.reconstruct), "fine_tuned": False})
+        summary["pruned_dir"] = str(run_dir / PRUNED_DIR)
+    if cfg.measure_final:
+        measured = measure_models(cfg.device, [("original", setup.model), ("pruned", pruned)], setup.model.input_shape)
+        if "error" in measured or not all(measured.get(n, {}).get("error") is None for n in ("original", "pruned")):
+            warnings.warn(f"final measurement on {cfg.device} failed: "
+                          f"{measured.get('error') or [measured[n].get('error') for n in ('original', 'pruned')]}")
+        else:
+            o, p = measured["original"]["median_ms"], measured["pruned"]["median_ms"]
+            measured["speedup"] = o / p
+            measured["measured_ratio"] = p / o
+        summary["measured"] = measured
+    _write_json(run_dir / SUMMARY_FILE, summary)
+    return SearchResult(run_dir, cfg, best, channels, pruned.eval(), setup.model, setup.graph, summary)

@@ -1,0 +1,317 @@
+"""Channel selection and least-squares reconstruction, cached so that an episode costs little.
+
+AMC keeps the input channels with the largest weight magnitude, then refits the consuming layer's
+weights so that, on features of the ORIGINAL model, the pruned layer reproduces the original
+layer's output (pre-BN) as well as possible:
+
+    min_W || X[:, kept] W - Y ||^2     X: original input features, Y: original output, at sampled points
+
+Because X and Y come from the original model, the solution for (layer, kept count) is the same in
+every episode. So:
+
+- `collect_layer_stats` runs ONE forward pass over the calibration images with hooks on every
+  consumer of the decision groups, samples `points` random output positions per image (AMC: 10),
+  gathers the matching input patches (k x k convs: im2col of just those points) and accumulates the
+  normal equations  G = X^T X,  B = X^T Y  in float64. Memory is G's (C*k*k)^2, independent of the
+  number of images.
+- `Reconstructor.weight(layer, kept)` solves  G[kept, kept] W = B[kept]  with torch.linalg.lstsq
+  (same minimiser as the lstsq on X itself) and caches the result.
+- `PrunedModelBuilder.build(channels)` makes the pruned model from the original by slicing and
+  swapping in cached weights, without deep-copying any tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amc_mobile.pruning.graph import PruningGraph
+from amc_mobile.pruning.slicing import input_channel_importance, top_channels
+from amc_mobile.pruning.slicing import _apply as _apply_role  # the one place a member role is sliced
+
+log = logging.getLogger(__name__)
+
+CONSUMER_ROLES = ("conv_in", "linear_in")
+
+
+class ChannelSelector:
+    """AMC's criterion, cached: group -> importance, (group, kept) -> kept indices (ascending)."""
+
+    def __init__(self, model: nn.Module, graph: PruningGraph):
+        self.model = model
+        self.graph = graph
+        self._scores: dict[int, torch.Tensor] = {}
+        self._idx: dict[tuple[int, int], torch.Tensor] = {}
+
+    def indices(self, group: int, kept: int) -> torch.Tensor:
+        key = (group, int(kept))
+        if key not in self._idx:
+            if group not in self._scores:
+                self._scores[group] = input_channel_importance(self.model, self.graph, group)
+            self._idx[key] = top_channels(self._scores[group], kept)
+        return self._idx[key]
+
+
+@dataclass
+class LayerStats:
+    """Normal equations of one consumer layer, accumulated over the calibration points."""
+
+    name: str
+    group: int  # its input channel group
+    kind: str  # "conv" or "linear"
+    kernel: int  # k (1 for linear)
+    gram: torch.Tensor  # (C*k*k, C*k*k) float64: X^T X
+    xty: torch.Tensor  # (C*k*k, C_out) float64: X^T Y
+    rows: int = 0
+
+    @property
+    def columns(self) -> int:
+        return self.gram.shape[0]
+
+
+def _consumers(graph: PruningGraph, groups: list[int]) -> list[tuple[str, int]]:
+    return [(name, g) for g in groups for name, role in graph.groups[g].members if role in CONSUMER_ROLES]
+
+
+def _conv_points(mod: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, points: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input patches (rows, C*k*k) and outputs (rows, C_out) at `points` random output positions per image."""
+    b, c, _, _ = x.shape
+    _, c_out, ho, wo = y.shape
+    k, s, p = mod.kernel_size[0], mod.stride[0], mod.padding[0]
+    n = min(points, ho * wo)
+    pos = torch.rand(b, ho * wo, generator=gen).argsort(dim=1)[:, :n]  # (b, n) without replacement
+    oy, ox = pos // wo, pos % wo
+    xp = F.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)  # (b, Hp, Wp, C)
+    d = torch.arange(k)
+    rows = (oy * s)[:, :, None, None] + d[None, None, :, None]  # (b, n, k, 1)
+    cols = (ox * s)[:, :, None, None] + d[None, None, None, :]  # (b, n, 1, k)
+    bi = torch.arange(b)[:, None, None, None]
+    patches = xp[bi, rows, cols]  # (b, n, k, k, C)
+    X = patches.permute(0, 1, 4, 2, 3).reshape(b * n, c * k * k)  # conv weight order: (C, kh, kw)
+    Y = y.flatten(2).gather(2, pos[:, None, :].expand(b, c_out, n)).permute(0, 2, 1).reshape(b * n, c_out)
+    if mod.bias is not None:
+        Y = Y - mod.bias.detach()
+    return X, Y
+
+
+@torch.no_grad()
+def collect_layer_stats(model: nn.Module, graph: PruningGraph, groups: list[int], images: torch.Tensor,
+                        points: int = 10, seed: int = 0, batch_size: int = 100,
+                        max_mb: float = 1024.0) -> dict[str, LayerStats]:
+    """One pass over `images`: the normal equations of every consumer of `groups` (see module doc).
+
+    Layers are taken in forward order until their Gram matrices would exceed `max_mb` in total; the
+    rest are left out with a warning (they are pruned by plain slicing).
+    """
+    modules = dict(model.named_modules())
+    stats: dict[str, LayerStats] = {}
+    budget = max_mb * 2**20
+    skipped = []
+    for name, g in _consumers(graph, groups):
+        mod = modules[name]
+        if isinstance(mod, nn.Conv2d):
+            if mod.groups != 1 or mod.dilation != (1, 1) or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                skipped.append(f"{name} (groups/dilation/padding mode not supported)")
+                continue
+            kind, k, c_out = "conv", mod.kernel_size[0], mod.out_channels
+            cols = mod.in_channels * k * k
+        elif isinstance(mod, nn.Linear):
+            kind, k, c_out, cols = "linear", 1, mod.out_features, mod.in_features
+        else:
+            skipped.append(f"{name} ({type(mod).__name__})")
+            continue
+        need = (cols * cols + cols * c_out) * 8
+        if need > budget:
+            skipped.append(f"{name} ({need / 2**20:.0f} MB of normal equations over the {max_mb:.0f} MB budget)")
+            continue
+        budget -= need
+        stats[name] = LayerStats(name, g, kind, k, torch.zeros(cols, cols, dtype=torch.float64),
+                                 torch.zeros(cols, c_out, dtype=torch.float64))
+    if skipped:
+        log.warning("no reconstruction (plain slicing) for: %s", "; ".join(skipped))
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(name: str):
+        def fn(mod, inputs, output):
+            x = inputs[0].detach()
+            if stats[name].kind == "conv":
+                X, Y = _conv_points(mod, x, output.detach(), points, gen)
+            else:
+                X = x.reshape(x.shape[0], -1)
+                Y = output.detach() - (mod.bias.detach() if mod.bias is not None else 0)
+            X, Y = X.double(), Y.double()
+            st = stats[name]
+            st.gram.addmm_(X.T, X)
+            st.xty.addmm_(X.T, Y)
+            st.rows += X.shape[0]
+
+        return fn
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in stats]
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(images), batch_size):
+            model(images[i : i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return stats
+
+
+class Reconstructor:
+    """(layer, kept count) -> least-squares weights of that layer for its kept input channels, cached."""
+
+    def __init__(self, stats: dict[str, LayerStats], selector: ChannelSelector, modules: dict[str, nn.Module]):
+        self.stats = stats
+        self.selector = selector
+        self._shapes = {name: tuple(modules[name].weight.shape) for name in stats}
+        self._cache: dict[tuple[str, int], torch.Tensor | None] = {}
+        self._warned: set[str] = set()
+        self.solves = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.stats
+
+    def weight(self, name: str, kept: int) -> torch.Tensor | None:
+        """Weights (C_out, kept, k, k) [conv] or (C_out, kept) [linear], float32, from the original features;
+        None when the solve was not finite (the caller keeps the plainly sliced weights)."""
+        key = (name, int(kept))
+        if key not in self._cache:
+            self._cache[key] = self._solve(name, self.selector.indices(self.stats[name].group, kept))
+        return self._cache[key]
+
+    def _solve(self, name: str, idx: torch.Tensor) -> torch.Tensor | None:
+        st = self.stats[name]
+        kk = st.kernel * st.kernel
+        cols = (idx[:, None] * kk + torch.arange(kk)[None, :]).reshape(-1)
+        g = st.gram.index_select(0, cols).index_select(1, cols)
+        b = st.xty.index_select(0, cols)
+        if not (torch.isfinite(g).all() and torch.isfinite(b).all()):
+            self._warn(name, "its calibration features are not finite (NaN/inf in the original model's activations)")
+            return None
+        try:
+            sol = torch.linalg.lstsq(g, b, driver="gelsy").solution  # (kept*k*k, C_out); QR with pivoting: rank-safe
+        except RuntimeError as exc:
+            self._warn(name, f"lstsq failed ({str(exc).splitlines()[0][:120]})")
+            return None
+        self.solves += 1
+        c_out = b.shape[1]
+        w = sol.T.reshape((c_out, len(idx), st.kernel, st.kernel) if st.kind == "conv" else (c_out, len(idx)))
+        if not torch.isfinite(w).all():
+            self._warn(name, "the least-squares solution is not finite")
+            return None
+        return w.float().contiguous()
+
+    def _warn(self, name: str, why: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            log.warning("no reconstruction for %s (plain slicing): %s", name, why)
+
+
+def shallow_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of `model` that shares every parameter and buffer tensor with it."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+class PrunedModelBuilder:
+    """Pruned models from the original: magnitude-selected channels plus cached reconstructed weights.
+
+    The original model is never modified: slicing assigns new tensors to a structural copy.
+    """
+
+    def __init__(self, model: nn.Module, graph: PruningGraph, reconstructor: Reconstructor | None = None,
+                 selector: ChannelSelector | None = None):
+        self.model = model.eval()
+        self.graph = graph
+        self.selector = selector or (reconstructor.selector if reconstructor else ChannelSelector(model, graph))
+        self.reconstructor = reconstructor
+        self._pairs: list[tuple[str, str]] | None = None
+
+    def keep(self, channels: dict[int, int]) -> dict[int, torch.Tensor]:
+        """Kept channel indices of every group pruned below full width."""
+        return {g: self.selector.indices(g, c) for g, c in channels.items() if c < self.graph.groups[g].size}
+
+    @torch.no_grad()
+    def build(self, channels: dict[int, int], fold_bn: bool = False) -> nn.Module:
+        """The pruned model. `fold_bn`: fold every BN into its conv (same outputs, faster; for scoring
+        only: the result no longer has the architecture `save_pruned` describes)."""
+        keep = self.keep(channels)
+        for g in keep:
+            if not self.graph.groups[g].prunable:
+                from amc_mobile.errors import AmcError
+
+                raise AmcError(f"channel group {g} may not be pruned: {self.graph.groups[g].fixed_reason}")
+        pruned = shallow_copy(self.model)
+        modules = dict(pruned.named_modules())
+        for g, idx in keep.items():
+            for name, role in self.graph.groups[g].members:
+                _apply_role(modules[name], role, idx)
+        if self.reconstructor is not None:
+            out_group = {l.name: l.out_group for l in self.graph.layers}
+            for g, idx in keep.items():
+                for name, role in self.graph.groups[g].members:
+                    if role not in CONSUMER_ROLES or name not in self.reconstructor:
+                        continue
+                    w = self.reconstructor.weight(name, len(idx))
+                    if w is None:
+                        continue
+                    og = out_group.get(name)
+                    if og in keep:
+                        w = w.index_select(0, keep[og])
+                    modules[name].weight = nn.Parameter(w)
+        if fold_bn:
+            fold_batchnorms(pruned, self.conv_bn_pairs)
+        return pruned.eval()
+
+    @property
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        if self._pairs is None:
+            self._pairs = conv_bn_pairs(self.model)
+        return self._pairs
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) module names where the BN reads only that conv's output and nothing else reads it."""
+    from torch import fx
+
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # not traceable: no folding (the graph analysis would have failed first anyway)
+        return []
+    mods = dict(gm.named_modules())
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0]
+        if (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)
+                and len(src.users) == 1):
+            pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+@torch.no_grad()
+def fold_batchnorms(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
+    """Fold eval-mode BNs into their convs (new tensors: shared ones are never written) and drop the BNs."""
+    modules = dict(model.named_modules())
+    for conv_name, bn_name in pairs:
+        conv, bn = modules[conv_name], modules[bn_name]
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = bn.bias - bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+        conv.bias = nn.Parameter(bias)
+        parent_name, _, attr = bn_name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attr, nn.Identity())
+    return model

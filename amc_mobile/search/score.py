@@ -1,0 +1,54 @@
+"""Scoring an episode's policy: build the pruned model (cached reconstruction), evaluate it on the
+held-out validation images. Results are cached per channel configuration (evaluation is
+deterministic), so a policy the agent repeats costs nothing the second time."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from amc_mobile.data import Split
+
+from .env import Score
+from .reconstruct import PrunedModelBuilder
+
+
+def evaluate_split(model: nn.Module, split: Split, metric: str = "top1", batch_size: int = 500) -> tuple[float, float]:
+    """(accuracy for `metric`, mean cross-entropy) of `model` on `split`, on the CPU."""
+    from amc_mobile.train import evaluate
+
+    k = int(metric.removeprefix("top"))
+    res = evaluate(model, split, device="cpu", topk=(k,), batch_size=batch_size)
+    return float(res[f"top{k}"]), float(res["loss"])
+
+
+class EpisodeScorer:
+    """channels -> Score, with the prune (+reconstruct) and evaluation times split. The scored model
+    has its BNs folded and NHWC weights; `builder.build(channels)` gives the exportable one."""
+
+    def __init__(self, builder: PrunedModelBuilder, val: Split, metric: str = "top1", batch_size: int = 500,
+                 channels_last: bool = True):
+        self.builder, self.metric, self.batch_size = builder, metric, batch_size
+        # BN folded into the convs and NHWC memory: the same outputs, about 2x faster on CPU (oneDNN).
+        self.channels_last = channels_last and val.images.dim() == 4
+        if self.channels_last:
+            val = Split(val.images.contiguous(memory_format=torch.channels_last), val.labels)
+        self.val = val
+        self._cache: dict[tuple, tuple[float, float]] = {}
+
+    def __call__(self, channels: dict[int, int]) -> Score:
+        key = tuple(sorted((int(g), int(c)) for g, c in channels.items()))
+        if key in self._cache:
+            return Score(*self._cache[key], prune_s=0.0, eval_s=0.0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model = self.builder.build(channels, fold_bn=True)
+            if self.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+        t1 = time.perf_counter()
+        acc, loss = evaluate_split(model, self.val, self.metric, self.batch_size)
+        t2 = time.perf_counter()
+        self._cache[key] = (acc, loss)
+        return Score(acc, loss, prune_s=t1 - t0, eval_s=t2 - t1)
