@@ -120,6 +120,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; tables are shared files
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)

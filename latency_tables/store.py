@@ -66,6 +66,7 @@ def versions() -> dict[str, str]:
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; tables are shared files
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
@@ -79,6 +80,7 @@ def _create_with_header(path: Path, columns: tuple[str, ...]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; tables are shared files
     try:
         with os.fdopen(fd, "w") as f:
             f.write(",".join(columns) + "\n")
