@@ -58,7 +58,7 @@ def main() -> int:
     else:
         from amc_mobile.train import get_or_train
 
-        model, _ = get_or_train(args.model, {"width_mult": args.width} if args.width != 1.0 else None)
+        model, _ = get_or_train(args.model, {"width_mult": args.width} if args.width != 1.0 else None, device="cpu")
     marks: list[tuple[float, float]] = []
 
     def on_episode(_row) -> None:

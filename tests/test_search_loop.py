@@ -197,3 +197,30 @@ def test_end_to_end_flops_search_through_the_cli(tiny, tmp_path):
     assert loaded(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["full_val_images"] == 5000 and 0 <= summary["pruned_full_val_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_latency_budget_is_relative_to_the_measured_original(tiny, tmp_path):
+    """Latency cost on the local device: the budget is a fraction of the original's measured latency,
+    the predictions come from a (table-lookup) latency model, the result is measured on the device."""
+    from amc_mobile.search.loop import measure_models
+
+    from _search_helpers import TableLatency
+
+    model, data = tiny
+    measured = measure_models("local", [("original", model)], model.input_shape)
+    if "error" in measured or measured["original"]["error"]:
+        pytest.skip(f"the local device cannot measure here: {measured.get('error') or measured['original']['error']}")
+    graph = build_graph(model)
+    table = TableLatency(graph, graph.decision_groups("all"))
+    scale = measured["original"]["median_ms"] / table.predict({})
+    table.table = {k: v * scale for k, v in table.table.items()}  # a table calibrated on this machine
+    result = run_search(_cfg(tmp_path / "lat", cost="latency", target=0.6, episodes=3, warmup=3,
+                             measure_final=True), model=model, data=data, latency_model=table)
+    setup = json.loads((result.run_dir / "setup.json").read_text())
+    ms = setup["original_measured_ms"]
+    assert ms > 0 and setup["budget"] == pytest.approx(0.6 * ms)
+    assert result.best["cost_unit"] == "ms" and result.best["cost"] <= setup["budget"] * (1 + 1e-9)
+    m = result.summary["measured"]
+    assert m["original"]["median_ms"] > 0 and m["pruned"]["median_ms"] > 0
+    assert m["speedup"] == pytest.approx(m["original"]["median_ms"] / m["pruned"]["median_ms"])

@@ -101,7 +101,7 @@ def test_builder_matches_slicing_and_leaves_the_original_alone(setup):
         torch.testing.assert_close(plain(x), prune_by_counts(model, graph, channels)(x))
         built = PrunedModelBuilder(model, graph, rec)
         pruned = built.build(channels)
-        folded = built.build(channels, fold_bn=True)
+        folded = built.build(channels, fast=True)
         torch.testing.assert_close(folded(x), pruned(x), atol=1e-4, rtol=1e-4)
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
         assert dict(pruned.named_modules())["conv2"].weight.shape == (16, 16, 1, 1)  # in and out pruned

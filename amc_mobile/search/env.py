@@ -95,7 +95,9 @@ class ActionWall:
     """Budget-keeping decisions over a cost model; pure functions of the decided channels."""
 
     def __init__(self, graph: PruningGraph, groups: list[int], cost: CostModel, budget: float | None,
-                 lbound: float = 0.2, rbound: float = 1.0, grid: int = 8):
+                 lbound: float = 0.2, rbound: float = 1.0, grid: int = 8, reference: float | None = None):
+        """`reference`: the original's cost that targets are fractions of (default the predicted full cost;
+        the search passes the measured latency); only used to word the unreachable-budget error."""
         self.graph, self.groups, self.cost, self.budget = graph, list(groups), cost, budget
         self.lbound, self.rbound, self.grid = lbound, rbound, grid
         self.sizes = [graph.groups[g].size for g in self.groups]
@@ -104,12 +106,14 @@ class ActionWall:
         self.min_cost = cost.predict(dict(self.lower))
         if budget is not None and self.min_cost > budget * (1 + 1e-9):
             unit = cost.unit
+            ref = reference or cost.full_cost
+            what = "original" if reference is None else "original (measured)"
             raise AmcError(
-                f"the budget {budget:.4g} {unit} ({budget / cost.full_cost:.1%} of the original {cost.full_cost:.4g} "
-                f"{unit}) cannot be reached: with every prunable layer at the lower bound ({lbound}) the minimum "
-                f"reachable cost is {self.min_cost:.4g} {unit} ({self.min_cost / cost.full_cost:.1%}); raise the "
-                f"target to at least {math.ceil(self.min_cost / cost.full_cost * 1000) / 1000:.3f} of the original "
-                f"(or {self.min_cost:.4g} {unit}) or lower --lbound")
+                f"the budget {budget:.4g} {unit} ({budget / ref:.1%} of the {what} {ref:.4g} {unit}) cannot be "
+                f"reached: with every prunable layer at the lower bound ({lbound}) the minimum reachable cost is "
+                f"{self.min_cost:.4g} {unit} ({self.min_cost / ref:.1%}); raise the target to at least "
+                f"{math.ceil(self.min_cost / ref * 1000) / 1000:.3f} of the original (or {self.min_cost:.4g} {unit}) "
+                f"or lower --lbound")
 
     def fits(self, channels: dict[int, int]) -> bool:
         return self.budget is None or self.cost.predict(channels) <= self.budget * (1 + 1e-9)
@@ -163,7 +167,7 @@ class PruningEnv:
 
     def __init__(self, graph: PruningGraph, layers: list[Layer], cost: CostModel, budget: float | None,
                  score: Callable[[dict[int, int]], Score], reward: str = "constrained",
-                 lbound: float = 0.2, rbound: float = 1.0, grid: int = 8):
+                 lbound: float = 0.2, rbound: float = 1.0, grid: int = 8, reference: float | None = None):
         if not layers:
             raise AmcError("no decision layers: the model has nothing the search may prune in this scope")
         if reward not in ("constrained", "guaranteed"):
@@ -172,7 +176,7 @@ class PruningEnv:
         self.groups = [l.in_group for l in self.layers]
         self.reward_mode = reward
         self.budget = budget if reward == "constrained" else None
-        self.wall = ActionWall(graph, self.groups, cost, self.budget, lbound, rbound, grid)
+        self.wall = ActionWall(graph, self.groups, cost, self.budget, lbound, rbound, grid, reference)
         self.score = score
         self._layer_cost = layer_costs(cost, graph, self.groups)
         self._static = self._static_states()

@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from .agent import DDPGAgent
 from .config import SearchConfig
 from .cost import CostModel, FlopsCost, LatencyCost, ParamsCost
-from .env import Episode, PruningEnv
+from .env import ActionWall, Episode, PruningEnv
 from .reconstruct import ChannelSelector, PrunedModelBuilder, Reconstructor, collect_layer_stats
 from .score import EpisodeScorer, evaluate_split
 
@@ -100,7 +100,7 @@ def load_model(ref: str) -> nn.Module:
             raise AmcError(f"--model {ref}: expected a checkpoint folder (config.json + model.pt) or a model name")
         model, _ = train.load_checkpoint(path)
         return model
-    model, _ = train.get_or_train(ref)
+    model, _ = train.get_or_train(ref, device="cpu")
     return model
 
 
@@ -121,13 +121,14 @@ def _latency_model(model: nn.Module, graph: PruningGraph, scope: str, cfg: Searc
     return lt.ensure_table(model, graph, scope, device_uri=cfg.device, progress=cfg.progress)
 
 
-def make_cost(name: str, model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig) -> CostModel:
+def make_cost(name: str, model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig,
+              latency_model=None) -> CostModel:
     if name == "flops":
         return FlopsCost(graph)
     if name == "params":
         return ParamsCost(graph)
     if name == "latency":
-        return LatencyCost(_latency_model(model, graph, scope, cfg))
+        return LatencyCost(latency_model if latency_model is not None else _latency_model(model, graph, scope, cfg))
     raise AmcError(f"unknown cost {name!r}: latency, flops or params")
 
 
@@ -156,7 +157,7 @@ def _budget(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict) ->
     # calibrated on whole models measured end to end, so its ms compare with measured ms.
     measured = measure_models(cfg.device, [("original", model)], model.input_shape)
     ms = measured.get("original", {}).get("median_ms")
-    info["original_measured_ms"] = ms
+    info["original_measured"] = measured
     if ms is None or not math.isfinite(ms):
         why = measured.get("error") or measured.get("original", {}).get("error")
         if cfg.target_ms is None:
@@ -164,6 +165,11 @@ def _budget(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict) ->
                           f"{cfg.target} x its PREDICTED latency {cost.full_cost:.4g} ms")
             return cfg.target * cost.full_cost
         return float(cfg.target_ms)
+    info["original_measured_ms"] = ms
+    if abs(cost.full_cost / ms - 1) > 0.1:
+        warnings.warn(f"the latency model predicts {cost.full_cost:.4g} ms for the original model but it measures "
+                      f"{ms:.4g} ms on {cfg.device}: the budget ({'%.4g ms' % cfg.target_ms if cfg.target_ms else f'{cfg.target} x measured'}) "
+                      f"is enforced on predictions, so recalibrate or rebuild the table if this is not noise")
     return float(cfg.target_ms) if cfg.target_ms is not None else cfg.target * ms
 
 
@@ -174,10 +180,10 @@ def _calibration_images(cfg: SearchConfig, data) -> torch.Tensor:
     return data.train.images[idx]
 
 
-def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None) -> SearchSetup:
+def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latency_model=None) -> SearchSetup:
     """Load the model and data, analyse the graph, build the cost model, the reconstruction cache and the scorer."""
     info: dict = {}
-    model = (model if model is not None else load_model(cfg.model)).eval()
+    model = (model if model is not None else load_model(cfg.model)).cpu().eval()  # the search runs on the CPU
     graph = build_graph(model)
     require_prunable(graph)
     scope = cfg.scope or DEFAULT_SCOPE.get(family_of(model) or "", "all")
@@ -189,9 +195,11 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None) -> Sea
 
         data = load_fashion_mnist(cfg.data_dir)
     val = data.val.subset(cfg.val_images)
-    cost = make_cost(cfg.cost, model, graph, scope, cfg)
+    cost = make_cost(cfg.cost, model, graph, scope, cfg, latency_model)
     budget = _budget(cfg, cost, model, info)
     groups = [l.in_group for l in layers]
+    # an unreachable budget is an error now, before minutes of calibration
+    ActionWall(graph, groups, cost, budget, cfg.lbound, cfg.rbound, cfg.channel_round, info.get("original_measured_ms"))
     selector = ChannelSelector(model, graph)
     reconstructor = None
     t0 = time.perf_counter()
@@ -346,9 +354,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
-               on_episode: Callable[[dict], None] | None = None) -> SearchResult:
+               on_episode: Callable[[dict], None] | None = None, latency_model=None) -> SearchResult:
     """Run (or resume) an AMC search; see the module doc. `model`/`data` override config.model/data_dir
-    (the config still names them for the record); `on_episode(row)` is called after each episode."""
+    (the config still names them for the record); `latency_model` (anything LatencyModel-like) replaces
+    the table lookup of the latency cost; `on_episode(row)` is called after each episode."""
     from amc_mobile.runs import write_manifest
 
     cfg = config.validate()
@@ -357,12 +366,12 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
         torch.set_num_threads(cfg.threads)
     _write_json(run_dir / CONFIG_FILE, {k: v for k, v in cfg.to_dict().items() if k != "resume"} | {"resume": None})
     write_manifest(run_dir, "search")
-    setup = prepare(cfg, model, data)
+    setup = prepare(cfg, model, data, latency_model)
     _write_json(run_dir / "setup.json", setup.info)
 
     _seed_everything(cfg.seed)
     env = PruningEnv(setup.graph, setup.layers, setup.cost, setup.budget, setup.scorer, cfg.reward,
-                     cfg.lbound, cfg.rbound, cfg.channel_round)
+                     cfg.lbound, cfg.rbound, cfg.channel_round, reference=setup.info.get("original_measured_ms"))
     agent = DDPGAgent(env.state_dim, env.n_layers, cfg.agent, cfg.seed)
     episode_log = EpisodeLog(run_dir / LOG_FILE)
     start, best = 0, None

@@ -235,16 +235,16 @@ class PrunedModelBuilder:
         self.graph = graph
         self.selector = selector or (reconstructor.selector if reconstructor else ChannelSelector(model, graph))
         self.reconstructor = reconstructor
-        self._pairs: list[tuple[str, str]] | None = None
+        self._plan: tuple[list[tuple[str, str]], list[str]] | None = None
 
     def keep(self, channels: dict[int, int]) -> dict[int, torch.Tensor]:
         """Kept channel indices of every group pruned below full width."""
         return {g: self.selector.indices(g, c) for g, c in channels.items() if c < self.graph.groups[g].size}
 
     @torch.no_grad()
-    def build(self, channels: dict[int, int], fold_bn: bool = False) -> nn.Module:
-        """The pruned model. `fold_bn`: fold every BN into its conv (same outputs, faster; for scoring
-        only: the result no longer has the architecture `save_pruned` describes)."""
+    def build(self, channels: dict[int, int], fast: bool = False) -> nn.Module:
+        """The pruned model. `fast`: fold every BN into its conv and make activations in-place (same
+        outputs, ~1.5x faster on CPU; for scoring only: it is no longer what `save_pruned` describes)."""
         keep = self.keep(channels)
         for g in keep:
             if not self.graph.groups[g].prunable:
@@ -269,35 +269,55 @@ class PrunedModelBuilder:
                     if og in keep:
                         w = w.index_select(0, keep[og])
                     modules[name].weight = nn.Parameter(w)
-        if fold_bn:
-            fold_batchnorms(pruned, self.conv_bn_pairs)
+        if fast:
+            pairs, inplace = self.fast_plan
+            fold_batchnorms(pruned, pairs)
+            modules = dict(pruned.named_modules())
+            for name in inplace:
+                modules[name].inplace = True
         return pruned.eval()
 
     @property
-    def conv_bn_pairs(self) -> list[tuple[str, str]]:
-        if self._pairs is None:
-            self._pairs = conv_bn_pairs(self.model)
-        return self._pairs
+    def fast_plan(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """(conv, bn) pairs to fold and activation modules that may run in-place, found once."""
+        if self._plan is None:
+            self._plan = fast_plan(self.model)
+        return self._plan
 
 
-def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) module names where the BN reads only that conv's output and nothing else reads it."""
+_INPLACE_ACTS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish)
+
+
+def fast_plan(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
+    """From a torch.fx trace: (conv, bn) module names where the BN reads only that conv's output and
+    nothing else reads the conv's output; and activation modules whose input has no other reader
+    (so they may overwrite it)."""
     from torch import fx
 
     try:
         gm = fx.symbolic_trace(model)
-    except Exception:  # not traceable: no folding (the graph analysis would have failed first anyway)
-        return []
+    except Exception:  # not traceable: nothing to speed up (the graph analysis would have failed first anyway)
+        return [], []
     mods = dict(gm.named_modules())
-    pairs = []
+    pairs, inplace = [], []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+        if node.op != "call_module":
             continue
-        src = node.args[0]
-        if (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)
-                and len(src.users) == 1):
+        mod = mods.get(node.target)
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node):
+            continue
+        if (isinstance(mod, nn.BatchNorm2d) and src.op == "call_module"
+                and isinstance(mods.get(src.target), nn.Conv2d) and len(src.users) == 1):
             pairs.append((str(src.target), str(node.target)))
-    return pairs
+        elif isinstance(mod, _INPLACE_ACTS) and len(src.users) == 1 and src.op != "placeholder":
+            inplace.append(str(node.target))
+    return pairs, inplace
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) module names whose BN can be folded into the conv (see `fast_plan`)."""
+    return fast_plan(model)[0]
 
 
 @torch.no_grad()

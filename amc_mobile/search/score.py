@@ -44,7 +44,7 @@ class EpisodeScorer:
             return Score(*self._cache[key], prune_s=0.0, eval_s=0.0)
         t0 = time.perf_counter()
         with torch.no_grad():
-            model = self.builder.build(channels, fold_bn=True)
+            model = self.builder.build(channels, fast=True)
             if self.channels_last:
                 model = model.to(memory_format=torch.channels_last)
         t1 = time.perf_counter()
