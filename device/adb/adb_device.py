@@ -366,11 +366,15 @@ class AdbDevice(Device):
             else:
                 results = self._run_et_bench(bdir, remote_pte, names, config, threads, affinity, progress, state)
             report["run_s"] = round(time.monotonic() - t_run, 4)
-            out, _ = self.conn.run(f"rm -rf {q(bdir)}; {SNAPSHOT_SCRIPT}", what="cleaning up the batch")
-            cleaned = True
-            after = parse_snapshot(out)
-            report["after"] = after.to_dict()
-            report["frequency_changes"] = frequency_changes(wait.snapshot, after)
+            cleaned = True  # from here on, a lost connection costs the snapshot, not the measurements
+            try:
+                out, _ = self.conn.run(f"rm -rf {q(bdir)}; {SNAPSHOT_SCRIPT}", what="cleaning up the batch")
+                after = parse_snapshot(out)
+                report["after"] = after.to_dict()
+                report["frequency_changes"] = frequency_changes(wait.snapshot, after)
+            except AdbConnectionLost as exc:
+                log.warning("%s: %s (the batch's results are kept; the next batch reconnects)", self.uri, exc)
+                report["after"], report["frequency_changes"] = {}, []
         except AdbConnectionLost as exc:
             lost = True
             exc.partial = {n: s for n, s in state.complete.items()}
@@ -550,7 +554,7 @@ class AdbDevice(Device):
         """Wait on the phone until `base.rc` exists (10 ms steps for 0.2 s, then 50 ms) or `window_s`
         passed; print the state, and the outputs once it is done."""
         rc = q(base + ".rc")
-        n_fast = 20
+        n_fast = max(1, min(20, int(window_s / 0.01)))
         n_slow = max(0, int((window_s - 0.2) / 0.05 + 0.999))
         return (f"i=0; while [ ! -f {rc} ] && [ $i -lt {n_fast} ]; do sleep 0.01; i=$((i+1)); done; "
                 f"i=0; while [ ! -f {rc} ] && [ $i -lt {n_slow} ]; do sleep 0.05; i=$((i+1)); done; "
@@ -569,6 +573,12 @@ class AdbDevice(Device):
                 + _report_script(base))
 
     def close(self) -> None:
+        if self.conn.connected and self._batch_no:
+            try:  # the session folder is empty by now (each batch removes its own)
+                self.conn.run(f"rmdir {q(self.session_dir)} 2>/dev/null; true", timeout_s=10,
+                              what="removing the session folder")
+            except AmcError:
+                pass
         self.conn.close()
         _LIVE_SESSIONS.discard(self._session)
 

@@ -235,6 +235,11 @@ class AdbConnection:
                                f"accept the USB debugging prompt on the phone and retry (auth_timeout_s= in the "
                                f"device URI waits longer)") from None
             raise AmcError(f"cannot connect to {self.uri}: {_reason(exc)}") from None
+        except Exception as exc:  # libusb errors (usb1.USBError...) are not OSErrors
+            _close_quietly(dev)
+            hint = (" (is Google's adb server holding the phone? run `adb kill-server` first)"
+                    if self.serial is not None else "")
+            raise AmcError(f"cannot connect to {self.uri}: {type(exc).__name__}: {_reason(exc)}{hint}") from None
         log.info("connected to %s", self.uri)
         return dev
 
