@@ -149,8 +149,9 @@ class BatchRunner:
         return self.batch_size * (self.workers if self.use_pool else 1)
 
     def run(self, jobs: Sequence[Job], on_batch: Callable[[list[tuple[Job, LatencyStats]]], None],
-            should_stop: Callable[[], bool] | None = None) -> int:
-        """Time `jobs`; `on_batch` gets each program's results as soon as they are measured.
+            should_stop: Callable[[], bool] | None = None, after_round: Callable[[], None] | None = None) -> int:
+        """Time `jobs`; `on_batch` gets each program's results as soon as they are measured, and
+        `after_round` is called after each round (e.g. `Companions.measure_once`).
         Returns how many jobs were measured (or failed) before `should_stop` said stop."""
         jobs = list(jobs)
         done = 0
@@ -165,6 +166,8 @@ class BatchRunner:
             done += len(chunk)
             self.stats.rounds += 1
             self.stats.methods += len(chunk)
+            if after_round is not None:
+                after_round()
         return done
 
     def _plain_round(self, jobs: list[Job], on_batch) -> None:
@@ -222,3 +225,71 @@ class BatchRunner:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+class Companions:
+    """Programs lowered once and timed again whenever asked (after every round of a build), so that
+    whole models measured for calibration see the same conditions as the units around them, not
+    one moment of a shared machine. `on_pass` gets each pass's results, to persist them at once.
+
+    Devices that cannot time a prebuilt `.pte` measure the jobs afresh at each pass."""
+
+    def __init__(self, runner: BatchRunner, jobs: Sequence[Job],
+                 on_pass: Callable[[list[tuple[Job, LatencyStats]]], None], config: MeasureConfig | None = None):
+        self.runner = runner
+        self.config = config or runner.config
+        self.jobs = list(jobs)
+        self.on_pass = on_pass
+        self.passes = 0
+        self.failed: dict[str, str] = {}
+        self.prebuilt = callable(getattr(runner.device, "measure_pte", None))
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._programs: list[tuple[str, list[Job]]] = []
+        if self.jobs and self.prebuilt:
+            self._tmp = tempfile.TemporaryDirectory(prefix="amc-companions-")
+            n = runner.workers if runner.use_pool else 1
+            parts = [p for p in (self.jobs[i::n] for i in range(n)) if p]
+            paths = [str(Path(self._tmp.name) / f"c{i}.pte") for i in range(len(parts))]
+            t0 = time.perf_counter()
+            if runner.use_pool:
+                outcomes = runner._lower_parts(parts, paths)
+            else:
+                outcomes = [_lower_chunk(p, path) for p, path in zip(parts, paths)]
+            for p, path, (failed, _) in zip(parts, paths, outcomes):
+                self.failed.update(failed)
+                ok = [j for j in p if j.name not in failed]
+                if ok and Path(path).is_file():
+                    self._programs.append((path, ok))
+            runner.stats.lower_s += time.perf_counter() - t0
+
+    def measure_once(self) -> None:
+        """Time every companion once (one runner invocation per program) and hand the results over."""
+        if not self.jobs:
+            return
+        t0 = time.perf_counter()
+        results: list[tuple[Job, LatencyStats]] = []
+        if self.prebuilt:
+            for path, jobs in self._programs:
+                measured = {s.name: s for s in self.runner.device.measure_pte(path, [j.name for j in jobs],
+                                                                              self.config)}
+                results += [(j, measured[j.name]) for j in jobs]
+            results += [(j, LatencyStats.failed(j.name, self.failed[j.name])) for j in self.jobs
+                        if j.name in self.failed]
+        else:
+            measured = {s.name: s for s in self.runner.device.measure([j.candidate() for j in self.jobs],
+                                                                      self.config)}
+            results = [(j, measured[j.name]) for j in self.jobs]
+        self.runner.stats.measure_s += time.perf_counter() - t0
+        self.passes += 1
+        self.on_pass(results)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

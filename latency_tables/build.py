@@ -21,7 +21,7 @@ from amc_mobile.pruning.graph import PruningGraph
 from device.base import Device, MeasureConfig
 from device.stats import LatencyStats
 
-from .batching import DEFAULT_BATCH, DEFAULT_WORKERS, BatchRunner, Job
+from .batching import DEFAULT_BATCH, DEFAULT_WORKERS, BatchRunner, Companions, Job
 from .calibrate import DEFAULT_VARIANTS, calibration_variants
 from .schema import CalibrationRow, FailureRow, Stats, TableRow, now_iso
 from .loading import compile_for
@@ -33,8 +33,10 @@ from .target import Target, resolve_target
 
 # Units take microseconds: time each for at least 30 ms, in 3 runner invocations, and keep the median.
 UNIT_CONFIG = MeasureConfig(warmup=20, iterations=100, min_time_ms=30.0, repeats=3)
-# Whole models take about a millisecond here: the same, with more time per model.
-MODEL_CONFIG = MeasureConfig(warmup=20, iterations=100, min_time_ms=100.0, repeats=3)
+# Whole models take about a millisecond here: at least 100 ms each, in one invocation per pass; a build
+# times its calibration models after every round of units and at least CALIBRATION_PASSES times.
+MODEL_CONFIG = MeasureConfig(warmup=20, iterations=100, min_time_ms=100.0, repeats=1)
+CALIBRATION_PASSES = 5
 
 
 @dataclass
@@ -50,7 +52,7 @@ class BuildReport:
     present: int  # already in the table when this run started (of those asked for)
     rounds: int
     refined: int  # probes whose miss exceeded the tolerance
-    calibration: int  # whole models measured in this run
+    calibration: int  # whole-model measurements taken in this run (calibration models x passes)
     stopped: str | None  # why it stopped early, if it did
     seconds: float
     lower_s: float
@@ -69,7 +71,7 @@ class BuildReport:
             f"model {self.model} (scope {self.scope}, grid {self.grid}): {self.space} reachable unit configurations, "
             f"{self.sampled} sampled ({self.rounds} refinement rounds, {self.refined} intervals refined)",
             f"this run: {self.measured} measured, {self.failed} failed, {self.present} already present, "
-            f"{self.calibration} whole models for calibration; {self.seconds:.0f} s ({rate:.1f} configs/min)",
+            f"{self.calibration} whole-model measurements for calibration; {self.seconds:.0f} s ({rate:.1f} configs/min)",
         ]
         if self.stopped:
             lines.append(f"stopped early: {self.stopped}; rerun the same command to continue")
@@ -140,15 +142,14 @@ def build_table(model, device: str | Device = "local", *, graph: PruningGraph | 
                      "grid": grid, "lbound": lbound, "tolerance": tolerance, "coarse_step": coarse_step,
                      "refine": refine, "measure_config": config.to_dict(), "model_measure_config":
                      model_config.to_dict(), "device": dev.uri}
-            with BatchRunner(dev, config, batch_size, workers) as runner:
+            with BatchRunner(dev, config, batch_size, workers) as runner, \
+                    _calibration(store, target, grid, calibration_count if calibrate else 0, runner, model_config,
+                                 report) as calib:
                 _sample_units(store, plans, runner, limits, report, coarse_step, tolerance, refine, progress,
-                              retry_failed)
+                              retry_failed, after_round=calib.measure_once)
+                while calib.jobs and calib.passes < CALIBRATION_PASSES:
+                    calib.measure_once()
                 report.lower_s, report.measure_s = runner.stats.lower_s, runner.stats.measure_s
-            if calibrate and not limits.reason:
-                with BatchRunner(dev, model_config, max(1, min(batch_size, 4)), workers) as runner:
-                    report.calibration = _calibrate(store, target, grid, calibration_count, runner, progress)
-                    report.lower_s += runner.stats.lower_s
-                    report.measure_s += runner.stats.measure_s
             report.stopped = limits.reason
             report.seconds = time.perf_counter() - t_start
             store.record_build({**entry, "finished": now_iso(), **{k: v for k, v in report.to_dict().items()
@@ -168,7 +169,8 @@ def _progress_bar(progress: bool, desc: str):
 
 
 def _sample_units(store: TableStore, plans, runner: BatchRunner, limits: _Limits, report: BuildReport,
-                  coarse_step: int, tolerance: float, refine: bool, progress: bool, retry_failed: bool) -> None:
+                  coarse_step: int, tolerance: float, refine: bool, progress: bool, retry_failed: bool,
+                  after_round=None) -> None:
     values = {k: r.median_ms for k, r in store.units().items()}
     failed = {} if retry_failed else store.failures()
     sampler = AdaptiveSampler(plans, coarse_step, tolerance, refine)
@@ -217,7 +219,7 @@ def _sample_units(store: TableStore, plans, runner: BatchRunner, limits: _Limits
                 for s in todo:
                     counter[0] += 1
                     jobs.append(Job(f"u{counter[0]:04d}", spec=s))
-                runner.run(jobs, on_batch, should_stop=limits.stop)
+                runner.run(jobs, on_batch, should_stop=limits.stop, after_round=after_round)
             if limits.stop():
                 break
     bar.close()
@@ -226,37 +228,36 @@ def _sample_units(store: TableStore, plans, runner: BatchRunner, limits: _Limits
     report.refined = sampler.refined_intervals
 
 
-def _calibrate(store: TableStore, target: Target, grid: int, count: int, runner: BatchRunner,
-               progress: bool) -> int:
+def _calibration(store: TableStore, target: Target, grid: int, count: int, runner: BatchRunner,
+                 config: MeasureConfig, report: BuildReport) -> Companions:
+    """The calibration models this table still lacks, lowered once and timed after every round of unit
+    measurements (plus passes at the end up to CALIBRATION_PASSES), each pass appended at once."""
     from amc_mobile.pruning import prune_by_counts
 
-    have = {(r.variant, tuple(sorted(r.channels.items()))) for r in store.calibration()
-            if r.model_hash == target.hash}
+    have: dict[tuple, int] = {}
+    for r in store.calibration():
+        if r.model_hash == target.hash:
+            k = (r.variant, tuple(sorted(r.channels.items())))
+            have[k] = have.get(k, 0) + 1
     todo = [(label, ch) for label, ch in calibration_variants(target.graph, target.scope, grid, count)
-            if (label, tuple(sorted(ch.items()))) not in have]
-    if not todo:
-        return 0
+            if have.get((label, tuple(sorted(ch.items()))), 0) < CALIBRATION_PASSES] if count else []
     x = target.example_input()
     jobs = []
     for i, (label, ch) in enumerate(todo):
         module = prune_by_counts(target.module, target.graph, ch) if ch else target.module
         jobs.append(Job(f"m{i:02d}", module=module.eval(), example_input=x, payload=(label, ch)))
-    bar = _progress_bar(progress, "calibration")
-    bar.total = len(jobs)
-    n = [0]
-    with store.calibration_log() as log:
-        def on_batch(results):
+
+    def on_pass(results: list[tuple[Job, LatencyStats]]) -> None:
+        with store.calibration_log() as log:
             for job, s in results:
                 if s.ok:
                     label, ch = job.payload
                     log.append(CalibrationRow(target.hash, target.label, label, ch, Stats.of(s)).to_line())
-                    n[0] += 1
-            log.sync()
-            bar.update(len(results))
+                    report.calibration += 1
+                else:
+                    report.failures.append(f"calibration model {job.payload[0]}: {s.error}")
 
-        runner.run(jobs, on_batch)
-    bar.close()
-    return n[0]
+    return Companions(runner, jobs, on_pass, config)
 
 
 def ensure_table(model, graph: PruningGraph | None = None, scope: str | None = None, device_uri: str = "local",

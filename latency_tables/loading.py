@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from amc_mobile.errors import AmcError
 from amc_mobile.pruning.graph import PruningGraph
 from device.base import Device, MeasureConfig
@@ -59,21 +61,33 @@ def table_grid(store: TableStore, target: Target) -> int:
     return int(builds[-1]["grid"]) if builds else DEFAULT_GRID
 
 
+def calibration_points(model: LatencyModel, rows) -> tuple[list[float], list[float], list[str]]:
+    """(unit sum, measured median, variant) per calibration model; a model timed in several passes
+    counts once, with the median of its passes. Rows of groups outside the model's scope are skipped."""
+    by_variant: dict[tuple, list[float]] = {}
+    labels: dict[tuple, str] = {}
+    for r in rows:
+        k = tuple(sorted(r.channels.items()))
+        by_variant.setdefault(k, []).append(r.stats.median_ms)
+        labels[k] = r.variant
+    sums, measured, used = [], [], []
+    for k, values in by_variant.items():
+        try:
+            sums.append(model.predict_raw(dict(k)))
+        except AmcError:
+            continue  # measured for another scope: its groups are not in this model's scope
+        measured.append(float(np.median(values)))
+        used.append(labels[k])
+    return sums, measured, used
+
+
 def compile_for(target: Target, store: TableStore, device: str | Device | None = None,
                 grid: int | None = None) -> LatencyModel:
     grid = int(grid or table_grid(store, target))
     label = device_label(device, store)
     model = LatencyModel.compile(target.graph, target.scope, store.units().values(), grid,
                                  build_hint=build_command(target, label, grid), source=str(store.folder))
-    rows = calibration_for(store.calibration(), target.hash)
-    sums, measured, used = [], [], []
-    for r in rows:
-        try:
-            sums.append(model.predict_raw(r.channels))
-        except AmcError:
-            continue  # measured for another scope: its groups are not in this model's scope
-        measured.append(r.stats.median_ms)
-        used.append(r.variant)
+    sums, measured, used = calibration_points(model, calibration_for(store.calibration(), target.hash))
     fit = fit_overhead(sums, measured)
     model.scale, model.offset = fit.scale, fit.offset
     model.calibration = {**fit.to_dict(), "variants": used, "model_hash": target.hash}

@@ -26,10 +26,13 @@ def _plt():
     return plt
 
 
-def scatter_plot(predicted: np.ndarray, measured: np.ndarray, path: str | Path, title: str = "") -> Path:
+def scatter_plot(predicted: np.ndarray, measured: np.ndarray, path: str | Path, title: str = "",
+                 second: np.ndarray | None = None, second_label: str = "") -> Path:
     plt = _plt()
     p, m = np.asarray(predicted, float), np.asarray(measured, float)
     lo, hi = min(p.min(), m.min()) * 0.9, max(p.max(), m.max()) * 1.1
+    if second is not None:
+        lo, hi = min(lo, second.min() * 0.9), max(hi, second.max() * 1.1)
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     xs = np.linspace(lo, hi, 50)
     ax.fill_between(xs, xs * 0.9, xs * 1.1, color="tab:green", alpha=0.12, label="±10%")
@@ -38,6 +41,8 @@ def scatter_plot(predicted: np.ndarray, measured: np.ndarray, path: str | Path, 
     ax.scatter(m[~under], p[~under], s=18, color="tab:blue", label="samples")
     if under.any():
         ax.scatter(m[under], p[under], s=22, color="tab:red", marker="v", label="under-predicted >5%")
+    if second is not None:
+        ax.scatter(m, second, s=16, facecolors="none", edgecolors="tab:gray", label=second_label or "second")
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("measured latency (ms, median)")

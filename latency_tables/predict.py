@@ -196,17 +196,15 @@ class LatencyModel:
     offset: float = 0.0
     calibration: dict = field(default_factory=dict)  # how scale/offset were found
     source: str = ""  # the table folder
-    lut: np.ndarray = field(default=None, repr=False)
-    exact: np.ndarray = field(default=None, repr=False)
+    lut: np.ndarray = field(default=None, repr=False)  # every unit's latency at every count, concatenated
+    exact: np.ndarray = field(default=None, repr=False)  # whether that entry was measured
+    points: list = field(default=None, repr=False)  # per plan: the measured points it interpolates
+    # index of unit u's entry = base[u] + v @ strides[:, u], with v = kept counts per scope group (+ a 0)
     _base: np.ndarray = field(default=None, repr=False)
-    _pa: np.ndarray = field(default=None, repr=False)
-    _pb: np.ndarray = field(default=None, repr=False)
-    _sa: np.ndarray = field(default=None, repr=False)
-    _sb: np.ndarray = field(default=None, repr=False)
-    _v0: np.ndarray = field(default=None, repr=False)
+    _strides: np.ndarray = field(default=None, repr=False)
+    _v0: list = field(default=None, repr=False)
     _full: np.ndarray = field(default=None, repr=False)
     _gpos: dict = field(default=None, repr=False)
-    points: list = field(default=None, repr=False)  # per plan: the measured points it interpolates
 
     # ------------------------------------------------------------------------------- compile
     @classmethod
@@ -216,56 +214,48 @@ class LatencyModel:
         groups = tuple(graph.decision_groups(scope))
         gpos = {g: i for i, g in enumerate(groups)}
         by_shape = index_by_shape(rows)
-        luts, exacts, bases, pa, pb, sa, sb = [], [], [], [], [], [], []
-        all_points = []
+        luts, exacts, bases, all_points = [], [], [], []
+        strides = np.zeros((len(groups) + 1, len(plans)), dtype=np.int64)
         offset = 0
-        dummy = len(groups)  # a slot that always holds 0
-        for plan in plans:
+        for u, plan in enumerate(plans):
             pts = plan_points(plan, by_shape)
             if not pts:
                 raise missing_entries_error(plan, build_hint, source)
             all_points.append(pts)
             if not plan.axes:
                 vals, ex = np.array([pts[()]]), np.array([True])
-                a, b, s_a, s_b = dummy, dummy, 0, 0
             elif len(plan.axes) == 1:
-                size = graph.groups[plan.axes[0].group].size
-                vals, ex = dense_1d(pts, size)
-                a, b, s_a, s_b = gpos[plan.axes[0].group], dummy, 1, 0
+                vals, ex = dense_1d(pts, graph.groups[plan.axes[0].group].size)
+                strides[gpos[plan.axes[0].group], u] = 1
             else:
                 si, so = (graph.groups[ax.group].size for ax in plan.axes)
                 vals, ex = dense_2d(pts, si, so)
-                a, b, s_a, s_b = gpos[plan.axes[0].group], gpos[plan.axes[1].group], so + 1, 1
+                strides[gpos[plan.axes[0].group], u] += so + 1
+                strides[gpos[plan.axes[1].group], u] += 1
             luts.append(vals)
             exacts.append(ex)
             bases.append(offset)
-            pa.append(a)
-            pb.append(b)
-            sa.append(s_a)
-            sb.append(s_b)
             offset += len(vals)
         full = np.array([graph.groups[g].size for g in groups] + [0], dtype=np.int64)
-        v0 = full.copy()
         return cls(graph=graph, scope=scope, plans=plans, groups=groups, source=source,
-                   lut=np.concatenate(luts), exact=np.concatenate(exacts),
-                   _base=np.array(bases, dtype=np.int64), _pa=np.array(pa, dtype=np.int64),
-                   _pb=np.array(pb, dtype=np.int64), _sa=np.array(sa, dtype=np.int64),
-                   _sb=np.array(sb, dtype=np.int64), _v0=v0, _full=full, _gpos=gpos, points=all_points)
+                   lut=np.concatenate(luts), exact=np.concatenate(exacts), points=all_points,
+                   _base=np.array(bases, dtype=np.int64), _strides=strides, _v0=full.tolist(), _full=full,
+                   _gpos=gpos)
 
     # ------------------------------------------------------------------------------ lookups
-    def _vector(self, channels: Mapping[int, int]) -> np.ndarray:
+    def _vector(self, channels: Mapping[int, int]) -> list[int]:
         v = self._v0.copy()
-        gpos = self._gpos
-        try:
-            for g, c in channels.items():
-                v[gpos[g]] = c
-        except KeyError:
-            return self._vector_checked(channels)
-        if (v[:-1] < 1).any() or (v > self._full).any():
-            self._range_error(v)
+        gpos, full = self._gpos, self._v0
+        for g, c in channels.items():
+            i = gpos.get(g)
+            if i is None:
+                return self._vector_checked(channels)
+            if not 0 < c <= full[i]:
+                raise AmcError(f"group {g} keeps {c} channels: must be within 1..{full[i]}")
+            v[i] = int(c)
         return v
 
-    def _vector_checked(self, channels: Mapping[int, int]) -> np.ndarray:
+    def _vector_checked(self, channels: Mapping[int, int]) -> list[int]:
         inside = {}
         for g, c in channels.items():
             if g in self._gpos:
@@ -277,53 +267,50 @@ class LatencyModel:
                                f"full ({self.graph.groups[g].size} channels), not {c}")
         return self._vector(inside)
 
-    def _range_error(self, v: np.ndarray) -> None:
-        for g, i in self._gpos.items():
-            if not 1 <= v[i] <= self._full[i]:
-                raise AmcError(f"group {g} keeps {int(v[i])} channels: must be within 1..{int(self._full[i])}")
-
-    def _indices(self, v: np.ndarray) -> np.ndarray:
-        return self._base + v[..., self._pa] * self._sa + v[..., self._pb] * self._sb
+    def _indices(self, v) -> np.ndarray:
+        return self._base + np.dot(v, self._strides)
 
     def unit_latencies(self, channels: Mapping[int, int] | None = None) -> np.ndarray:
         """Raw table latency (ms) of every unit template, in `graph.units` order (unscaled)."""
-        return self.lut[self._indices(self._vector(channels or {}))]
+        return self.lut.take(self._indices(self._vector(channels or {})))
 
     def predict_raw(self, channels: Mapping[int, int] | None = None) -> float:
         """Sum of the unit latencies, before the calibrated scale and offset."""
-        return float(self.lut[self._indices(self._vector(channels or {}))].sum())
+        return float(self.lut.take(self._indices(self._vector(channels or {}))).sum())
 
     def predict(self, channels: Mapping[int, int] | None = None) -> float:
         """Predicted whole-model latency in ms: scale * sum(unit latencies) + offset."""
         v = self._vector(channels) if channels else self._v0
-        return float(self.lut[self._base + v[self._pa] * self._sa + v[self._pb] * self._sb].sum()) * self.scale \
-            + self.offset
+        return float(self.lut.take(self._base + np.dot(v, self._strides)).sum()) * self.scale + self.offset
 
     def channel_matrix(self, configs: Sequence[Mapping[int, int]]) -> np.ndarray:
         """(B, len(groups)+1) int matrix for `predict_batch` from channel dicts."""
-        return np.stack([self._vector(c) for c in configs]) if len(configs) else np.zeros((0, len(self._v0)), int)
+        if not len(configs):
+            return np.zeros((0, len(self._v0)), dtype=np.int64)
+        return np.array([self._vector(c) for c in configs], dtype=np.int64)
 
     def predict_batch(self, configs: Sequence[Mapping[int, int]] | np.ndarray) -> np.ndarray:
-        """Predictions for many configurations: channel dicts, or a (B, len(groups)) array of counts
-        with columns in `self.groups` order."""
+        """Predictions for many configurations: channel dicts, or a (B, len(groups)) array of kept
+        counts with columns in `self.groups` order."""
         if isinstance(configs, np.ndarray):
             m = np.asarray(configs, dtype=np.int64)
             if m.ndim != 2 or m.shape[1] not in (len(self.groups), len(self.groups) + 1):
                 raise AmcError(f"predict_batch wants a (B, {len(self.groups)}) array of kept counts")
             if m.shape[1] == len(self.groups):
                 m = np.concatenate([m, np.zeros((m.shape[0], 1), dtype=np.int64)], axis=1)
-            if (m[:, :-1] < 1).any() or (m > self._full).any():
-                bad = np.argwhere((m[:, :-1] < 1) | (m[:, :-1] > self._full[:-1]))[0]
-                raise AmcError(f"row {bad[0]}: group {self.groups[bad[1]]} keeps {m[bad[0], bad[1]]} channels: "
-                               f"must be within 1..{self._full[bad[1]]}")
+            bad = (m[:, :-1] < 1) | (m[:, :-1] > self._full[:-1])
+            if bad.any():
+                r, c = np.argwhere(bad)[0]
+                raise AmcError(f"row {r}: group {self.groups[c]} keeps {m[r, c]} channels: must be within "
+                               f"1..{self._full[c]}")
         else:
             m = self.channel_matrix(list(configs))
-        return self.lut[self._indices(m)].sum(axis=1) * self.scale + self.offset
+        return self.lut.take(self._base + m @ self._strides).sum(axis=1) * self.scale + self.offset
 
     def detail(self, channels: Mapping[int, int] | None = None) -> Prediction:
         """The prediction with its per-unit parts and how many units were interpolated (not measured)."""
         idx = self._indices(self._vector(channels or {}))
-        units = self.lut[idx]
+        units = self.lut.take(idx)
         return Prediction(float(units.sum()) * self.scale + self.offset, units, int((~self.exact[idx]).sum()),
                           len(idx))
 

@@ -23,10 +23,12 @@ from amc_mobile.pruning.graph import PruningGraph
 from device.base import Device, MeasureConfig
 from device.stats import LatencyStats
 
-from .batching import DEFAULT_WORKERS, BatchRunner, Job
-from .build import MODEL_CONFIG
-from .loading import compile_for, device_label, open_table, table_grid
-from .schema import Stats, clean_field, decode_channels, encode_channels, now_iso
+from .batching import DEFAULT_WORKERS, BatchRunner, Companions, Job
+from .build import CALIBRATION_PASSES, MODEL_CONFIG
+from .calibrate import calibration_variants, fit_overhead
+from .loading import calibration_points, compile_for, device_label, open_table, table_grid
+from .schema import (CALIBRATION_COLUMNS, CalibrationRow, Stats, clean_field, decode_channels, encode_channels,
+                     now_iso, read_calibration_rows)
 from .space import random_channels
 from .store import AppendLog
 from .target import build_command, resolve_target
@@ -34,6 +36,7 @@ from .target import build_command, resolve_target
 SAMPLE_COLUMNS = ("index", "seed", "channels", "predicted_ms", "unit_sum_ms", "interpolated_units", "median_ms",
                   "mean_ms", "std_ms", "p10_ms", "p90_ms", "n", "error_pct", "measured_at")
 SAMPLES_FILE = "samples.csv"
+CALIBRATION_FILE = "calibration.csv"  # this session's timings of the table's calibration models
 
 
 def spearman(a, b) -> float:
@@ -77,8 +80,17 @@ class ValidationResult:
     table: Path
 
     def summary(self) -> str:
-        return "\n".join([f"table {self.table}", format_metrics(self.metrics),
-                          f"samples: {self.out_dir / SAMPLES_FILE}" + (f"  plot: {self.plot}" if self.plot else "")])
+        c = self.metrics["calibration"]
+        lines = [f"table {self.table}",
+                 f"with the table's calibration ({c['method']}, scale {c['scale']:.3f}, offset {c['offset']:+.4f} ms): "
+                 + format_metrics(self.metrics)]
+        s = self.metrics.get("session_calibration")
+        if s:
+            f = s["fit"]
+            lines.append(f"with this session's calibration ({f['method']}, scale {f['scale']:.3f}, offset "
+                         f"{f['offset']:+.4f} ms): " + format_metrics(s["metrics"]))
+        lines.append(f"samples: {self.out_dir / SAMPLES_FILE}" + (f"  plot: {self.plot}" if self.plot else ""))
+        return "\n".join(lines)
 
 
 def read_samples(path: Path) -> pd.DataFrame:
@@ -94,13 +106,36 @@ def read_samples(path: Path) -> pd.DataFrame:
     return df
 
 
+def _session_calibration(target, grid: int, path: Path, runner: BatchRunner, config: MeasureConfig,
+                         enabled: bool) -> Companions:
+    """The table's calibration models, timed again after every round of this validation: a second fit
+    that sees the same machine conditions as the samples (tells table error from machine drift)."""
+    from amc_mobile.pruning import prune_by_counts
+
+    jobs = []
+    if enabled:
+        x = target.example_input()
+        for i, (label, ch) in enumerate(calibration_variants(target.graph, target.scope, grid)):
+            module = prune_by_counts(target.module, target.graph, ch) if ch else target.module
+            jobs.append(Job(f"c{i:02d}", module=module.eval(), example_input=x, payload=(label, ch)))
+
+    def on_pass(results):
+        with AppendLog(path, CALIBRATION_COLUMNS) as log:
+            for job, s in results:
+                if s.ok:
+                    label, ch = job.payload
+                    log.append(CalibrationRow(target.hash, target.label, label, ch, Stats.of(s)).to_line())
+
+    return Companions(runner, jobs, on_pass, config)
+
+
 def validate_table(model, device: str | Device = "local", *, samples: int = 50, seed: int = 0,
                    graph: PruningGraph | None = None, scope: str | None = None, grid: int | None = None,
                    out_dir: str | os.PathLike | None = None, tables_dir: str | os.PathLike | None = None,
                    table_dir: str | os.PathLike | None = None, allow_mismatch: bool = False,
                    config: MeasureConfig | None = None, table_config: MeasureConfig | None = None,
                    batch_size: int = 4, workers: int = DEFAULT_WORKERS, progress: bool = True,
-                   plot: bool = True) -> ValidationResult:
+                   plot: bool = True, session_calibration: bool = True) -> ValidationResult:
     from amc_mobile.pruning import prune_by_counts
     from amc_mobile.runs import new_run_dir, write_manifest
 
@@ -141,7 +176,9 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
 
         bar = tqdm(total=len(jobs), unit="model", desc="validate", disable=not progress, dynamic_ncols=True)
         failures = []
-        with AppendLog(path, SAMPLE_COLUMNS) as log, BatchRunner(dev, config, batch_size, workers) as runner:
+        cal_path = out / CALIBRATION_FILE
+        with AppendLog(path, SAMPLE_COLUMNS) as log, BatchRunner(dev, config, batch_size, workers) as runner, \
+                _session_calibration(target, grid, cal_path, runner, config, session_calibration) as calib:
             def on_batch(results: list[tuple[Job, LatencyStats]]) -> None:
                 for job, s in results:
                     i, ch = job.payload
@@ -162,9 +199,11 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
                 chunk = jobs[start:start + runner.round_size]
                 for j in chunk:
                     j.module = prune_by_counts(target.module, target.graph, j.payload[1]).eval()
-                runner.run(chunk, on_batch)
+                runner.run(chunk, on_batch, after_round=calib.measure_once)
                 for j in chunk:
                     j.module = None
+            while calib.jobs and calib.passes < CALIBRATION_PASSES:
+                calib.measure_once()
         bar.close()
         df = read_samples(path)
         df = df[df["seed"] == seed]
@@ -173,12 +212,24 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
         metrics = accuracy_metrics(df["predicted_ms"], df["median_ms"])
         metrics.update({"failed": len(failures), "calibration": lat.calibration,
                         "interpolated_units_mean": float(df["interpolated_units"].mean())})
+        session = None
+        if cal_path.exists():
+            sums, measured, used = calibration_points(lat, read_calibration_rows(cal_path))
+            fit = fit_overhead(sums, measured)
+            if fit.points:
+                session_pred = fit.scale * df["unit_sum_ms"].to_numpy(float) + fit.offset
+                session = {"fit": {**fit.to_dict(), "variants": used},
+                           "metrics": accuracy_metrics(session_pred, df["median_ms"]),
+                           "predicted_ms": session_pred.tolist()}
+        metrics["session_calibration"] = session
         png = None
         if plot:
             from .plots import scatter_plot
 
             png = scatter_plot(df["predicted_ms"].to_numpy(), df["median_ms"].to_numpy(), out / "scatter.png",
-                               f"{target.label} on {label}: predicted vs measured ({len(df)} variants)")
+                               f"{target.label} on {label}: predicted vs measured ({len(df)} variants)",
+                               second=None if session is None else np.asarray(session["predicted_ms"]),
+                               second_label="with this session's calibration")
         (out / "summary.json").write_text(json.dumps({"model": target.label, "device": label, "table":
                                                      str(store.folder), "metrics": metrics, "created": now_iso()},
                                                     indent=2, sort_keys=True, default=str) + "\n")

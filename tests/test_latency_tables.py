@@ -385,7 +385,8 @@ def test_interrupted_build_loses_nothing_and_resumes_without_duplicates(tmp_path
 
 def test_limits_stop_a_build_early(tmp_path):
     report = _build("resnet20", tmp_path, grid=8, max_configs=5)
-    assert report.measured == 5 and "--max-configs 5" in report.stopped and report.calibration == 0
+    assert report.measured == 5 and "--max-configs 5" in report.stopped
+    assert report.calibration == 5 * 5  # the calibration models are timed anyway: 5 models x 5 passes
 
 
 def test_failed_units_are_recorded_and_skipped(tmp_path):
