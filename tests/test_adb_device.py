@@ -537,3 +537,11 @@ def test_discover(adb_home, phone, monkeypatch):
     found = dict(discover())
     assert found[phone.uri].startswith("AMC AMC Test Phone (SIM8000), Android 14, arm64-v8a, 8 cores")
     assert "adb-tcp:127.0.0.1:1" not in found
+
+
+def test_a_silent_address_is_one_line_within_the_connect_timeout(adb_home):
+    t0 = time.monotonic()
+    with pytest.raises(AmcError) as info:  # TEST-NET-1: nothing answers (or the route is refused at once)
+        open_device("adb-tcp:192.0.2.1:5555?connect_timeout_s=1").fingerprint()
+    assert time.monotonic() - t0 < 5
+    assert str(info.value).startswith("cannot reach adb-tcp:192.0.2.1:5555: ") and "\n" not in str(info.value)

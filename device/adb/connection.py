@@ -38,6 +38,10 @@ AUTH_PROMPT = "accept the USB debugging prompt on the phone (key {key})..."
 q = shlex.quote
 
 
+class Unreachable(Exception):
+    """No TCP connection to the phone's address at all."""
+
+
 class AdbConnectionLost(AmcError):
     """The connection to the phone broke during a command; `partial` holds what was measured before."""
 
@@ -117,7 +121,14 @@ def _tcp_transport_class():
     from adb_shell.transport.tcp_transport import TcpTransport
 
     class EofTcpTransport(TcpTransport):
-        """TcpTransport that reports a closed socket instead of returning b'' forever."""
+        """TcpTransport that reports a closed socket instead of returning b'' forever, and says when
+        the TCP connection itself could not be made."""
+
+        def connect(self, transport_timeout_s):
+            try:
+                super().connect(transport_timeout_s)
+            except OSError as exc:  # refused, timed out, no route, unknown host
+                raise Unreachable(_reason(exc) if str(exc) else type(exc).__name__) from None
 
         def bulk_read(self, numbytes, transport_timeout_s):
             if self._connection is None:
@@ -217,9 +228,9 @@ class AdbConnection:
             dev.connect(rsa_keys=signers, transport_timeout_s=self.connect_timeout_s,
                         auth_timeout_s=self.auth_timeout_s, read_timeout_s=self.connect_timeout_s,
                         auth_callback=on_prompt)
-        except (ConnectionRefusedError, socket.gaierror) as exc:
+        except Unreachable as exc:
             _close_quietly(dev)
-            raise AmcError(f"cannot reach {self.uri}: {_reason(exc)}; check the address and that the phone listens "
+            raise AmcError(f"cannot reach {self.uri}: {exc}; check the address and that the phone listens "
                            f"(`adb tcpip 5555` over USB first, or wireless debugging)") from None
         except (adb_exc.TcpTimeoutException, adb_exc.AdbTimeoutError, socket.timeout, TimeoutError,
                 adb_exc.UsbReadFailedError, ConnectionError, OSError, adb_exc.InvalidResponseError,

@@ -11,16 +11,20 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+# `read` is a shell builtin: no process per file (a `$(cat f)` costs a fork+exec, ~50 of them per
+# snapshot). The braces send the error of a missing file to /dev/null without failing anything.
 _CPU_LOOP = (
-    "for c in /sys/devices/system/cpu/cpu[0-9]*; do n=${c##*/cpu}; "
-    "echo \"$n|$(cat $c/cpufreq/cpuinfo_max_freq 2>/dev/null)|$(cat $c/cpufreq/scaling_governor 2>/dev/null)"
-    "|$(cat $c/cpufreq/scaling_cur_freq 2>/dev/null)|$(cat $c/online 2>/dev/null)\"; done"
+    "for c in /sys/devices/system/cpu/cpu[0-9]*; do n=${c##*/cpu}; m=; g=; f=; o=1; "
+    "{ read -r m < $c/cpufreq/cpuinfo_max_freq; } 2>/dev/null; { read -r g < $c/cpufreq/scaling_governor; } 2>/dev/null; "
+    "{ read -r f < $c/cpufreq/scaling_cur_freq; } 2>/dev/null; { read -r o < $c/online; } 2>/dev/null; "
+    "echo \"$n|$m|$g|$f|$o\"; done"
 )
 _THERMAL_LOOP = (
-    "for z in /sys/class/thermal/thermal_zone*; do [ -d \"$z\" ] || continue; "
-    "echo \"${z##*/thermal_zone}|$(cat $z/type 2>/dev/null)|$(cat $z/temp 2>/dev/null)\"; done"
+    "for z in /sys/class/thermal/thermal_zone*; do [ -d \"$z\" ] || continue; t=; v=; "
+    "{ read -r t < $z/type; } 2>/dev/null; { read -r v < $z/temp; } 2>/dev/null; "
+    "echo \"${z##*/thermal_zone}|$t|$v\"; done"
 )
-_BATTERY = "dumpsys battery 2>/dev/null | grep -i -E '^ *(temperature|level|status|AC powered|USB powered):'"
+_BATTERY = "dumpsys battery 2>/dev/null"
 
 INFO_SCRIPT = "; ".join([
     "echo @@props", "getprop",
@@ -254,11 +258,16 @@ def parse_zones(lines: list[str]) -> list[ThermalZone]:
     return sorted(zones, key=lambda z: z.zone)
 
 
+_BATTERY_KEYS = {"temperature", "level", "status", "health", "ac powered", "usb powered", "wireless powered",
+                 "voltage", "present"}
+
+
 def parse_battery(lines: list[str]) -> dict[str, str]:
+    """The `key: value` lines of `dumpsys battery` worth keeping."""
     out = {}
     for line in lines:
         key, sep, value = line.strip().partition(":")
-        if sep:
+        if sep and key.strip().lower() in _BATTERY_KEYS:
             out[key.strip()] = value.strip()
     return out
 
