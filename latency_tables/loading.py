@@ -68,7 +68,7 @@ def calibration_points(model: LatencyModel, rows) -> tuple[list[float], list[flo
     labels: dict[tuple, str] = {}
     for r in rows:
         k = tuple(sorted(r.channels.items()))
-        by_variant.setdefault(k, []).append(r.stats.median_ms)
+        by_variant.setdefault(k, []).append(getattr(r.stats, model.statistic))
         labels[k] = r.variant
     sums, measured, used = [], [], []
     for k, values in by_variant.items():
@@ -82,11 +82,12 @@ def calibration_points(model: LatencyModel, rows) -> tuple[list[float], list[flo
 
 
 def compile_for(target: Target, store: TableStore, device: str | Device | None = None,
-                grid: int | None = None) -> LatencyModel:
+                grid: int | None = None, statistic: str = "median_ms") -> LatencyModel:
     grid = int(grid or table_grid(store, target))
     label = device_label(device, store)
     model = LatencyModel.compile(target.graph, target.scope, store.units().values(), grid,
-                                 build_hint=build_command(target, label, grid), source=str(store.folder))
+                                 build_hint=build_command(target, label, grid), source=str(store.folder),
+                                 statistic=statistic)
     sums, measured, used = calibration_points(model, calibration_for(store.calibration(), target.hash))
     fit = fit_overhead(sums, measured)
     model.scale, model.offset = fit.scale, fit.offset
@@ -97,10 +98,12 @@ def compile_for(target: Target, store: TableStore, device: str | Device | None =
 def load_latency_model(model, graph: PruningGraph | None = None, scope: str | None = None,
                        device_uri: str | Device | None = None, table_dir: str | os.PathLike | None = None,
                        allow_mismatch: bool = False, tables_dir: str | os.PathLike | None = None,
-                       config: MeasureConfig | None = None, grid: int | None = None) -> LatencyModel:
+                       config: MeasureConfig | None = None, grid: int | None = None,
+                       statistic: str = "median_ms") -> LatencyModel:
     """A compiled LatencyModel for `model` (registry name, pruned-model folder or module) within
-    `scope` (default: the family's default scope), from the table of `device_uri` or `table_dir`."""
+    `scope` (default: the family's default scope), from the table of `device_uri` or `table_dir`.
+    `statistic`: predict the median (default) or the 10th percentile of the measured samples."""
     target = resolve_target(model, graph, scope)
     hint = build_command(target, device_label(device_uri))
     store = open_table(device_uri, table_dir, tables_dir, allow_mismatch, config, hint)
-    return compile_for(target, store, device_uri, grid)
+    return compile_for(target, store, device_uri, grid, statistic)

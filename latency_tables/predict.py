@@ -45,19 +45,22 @@ def index_by_shape(rows: Iterable[TableRow]) -> dict[tuple, list[TableRow]]:
     return out
 
 
-def plan_points(plan: UnitPlan, by_shape: Mapping[tuple, list[TableRow]]) -> Points:
+STATISTICS = ("median_ms", "p10_ms")  # which stored summary a model predicts
+
+
+def plan_points(plan: UnitPlan, by_shape: Mapping[tuple, list[TableRow]], statistic: str = "median_ms") -> Points:
     """The table's measurements that lie on `plan`'s line or lattice, by axis values."""
     full = plan.full_spec
     if not plan.axes:
         for r in by_shape.get(full.shape_key(), ()):
             if r.spec == full:
-                return {(): r.median_ms}
+                return {(): getattr(r.stats, statistic)}
         return {}
     out: Points = {}
     for r in by_shape.get(full.shape_key(), ()):
         values = tuple(plan.coordinate(r.spec, a) for a in plan.axes)
         if plan.spec_at(values) == r.spec:
-            out[values] = r.median_ms
+            out[values] = getattr(r.stats, statistic)
     return out
 
 
@@ -196,6 +199,7 @@ class LatencyModel:
     offset: float = 0.0
     calibration: dict = field(default_factory=dict)  # how scale/offset were found
     source: str = ""  # the table folder
+    statistic: str = "median_ms"  # the stored summary it predicts (STATISTICS)
     lut: np.ndarray = field(default=None, repr=False)  # every unit's latency at every count, concatenated
     exact: np.ndarray = field(default=None, repr=False)  # whether that entry was measured
     points: list = field(default=None, repr=False)  # per plan: the measured points it interpolates
@@ -209,7 +213,10 @@ class LatencyModel:
     # ------------------------------------------------------------------------------- compile
     @classmethod
     def compile(cls, graph: PruningGraph, scope: str, rows: Iterable[TableRow], grid: int = DEFAULT_GRID,
-                lbound: float = LOWER_BOUND, build_hint: str = DEFAULT_HINT, source: str = "") -> "LatencyModel":
+                lbound: float = LOWER_BOUND, build_hint: str = DEFAULT_HINT, source: str = "",
+                statistic: str = "median_ms") -> "LatencyModel":
+        if statistic not in STATISTICS:
+            raise AmcError(f"unknown statistic {statistic!r}: expected one of {', '.join(STATISTICS)}")
         plans = unit_plans(graph, scope, grid, lbound)
         groups = tuple(graph.decision_groups(scope))
         gpos = {g: i for i, g in enumerate(groups)}
@@ -218,7 +225,7 @@ class LatencyModel:
         strides = np.zeros((len(groups) + 1, len(plans)), dtype=np.int64)
         offset = 0
         for u, plan in enumerate(plans):
-            pts = plan_points(plan, by_shape)
+            pts = plan_points(plan, by_shape, statistic)
             if not pts:
                 raise missing_entries_error(plan, build_hint, source)
             all_points.append(pts)
@@ -237,7 +244,7 @@ class LatencyModel:
             bases.append(offset)
             offset += len(vals)
         full = np.array([graph.groups[g].size for g in groups] + [0], dtype=np.int64)
-        return cls(graph=graph, scope=scope, plans=plans, groups=groups, source=source,
+        return cls(graph=graph, scope=scope, plans=plans, groups=groups, source=source, statistic=statistic,
                    lut=np.concatenate(luts), exact=np.concatenate(exacts), points=all_points,
                    _base=np.array(bases, dtype=np.int64), _strides=strides, _v0=full.tolist(), _full=full,
                    _gpos=gpos)

@@ -33,7 +33,7 @@ from latency_tables.space import Axis, UnitPlan, random_channels, unit_plans
 from latency_tables.store import AppendLog, TableStore, find_table
 from latency_tables.target import resolve_target
 from latency_tables.units import UnitSpec
-from latency_tables.validate import accuracy_metrics, spearman
+from latency_tables.validate import accuracy_metrics, spearman, validate_table
 
 FAST = MeasureConfig(warmup=0, iterations=1, repeats=1)
 
@@ -450,3 +450,22 @@ def test_cli_dry_run(tmp_path):
     r = _cli("table", "build", "--model", "mobilenet_v2", "--grid", "32", "--dry-run", "--tables-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "scope decoupled, grid 32" in r.stdout and "reachable configurations" in r.stdout
+
+
+def test_validate_on_the_formula_device(tmp_path):
+    _build("resnet20", tmp_path, grid=16)
+    out = tmp_path / "val"
+    res = validate_table("resnet20", FormulaDevice(), samples=6, seed=3, out_dir=out, tables_dir=tmp_path,
+                         config=FAST, progress=False)
+    assert len(res.samples) == 6 and res.metrics["samples"] == 6
+    assert res.metrics["within_10pct"] == 1.0 and res.metrics["spearman"] > 0.9
+    assert res.metrics["session_calibration"]["fit"]["points"] >= 3  # the calibration models, timed again
+    assert res.metrics["p10"]["metrics"]["samples"] == 6
+    assert {"samples.csv", "calibration.csv", "scatter.png", "summary.json", "run.json"} <= {
+        p.name for p in out.iterdir()}
+    text = res.summary()
+    assert "median table's" in text and "p10" in text and "Spearman" in text
+    lines = (out / "samples.csv").read_text().splitlines()
+    again = validate_table("resnet20", FormulaDevice(), samples=6, seed=3, out_dir=out, tables_dir=tmp_path,
+                           config=FAST, progress=False, plot=False)
+    assert (out / "samples.csv").read_text().splitlines() == lines and len(again.samples) == 6  # nothing re-measured
