@@ -99,15 +99,79 @@ def _neighbour(graph: PruningGraph, groups: list[int], ratio: float, grid: int, 
     return None
 
 
-def _measure_pair(setup: SearchSetup, channels: dict[int, int]) -> dict:
-    """Original and pruned model measured in ONE batch (so a busy machine slows both alike)."""
+def measure_batch(device_uri: str, models: list, input_shape, config=None) -> dict:
+    """Like `loop.measure_models` ({name: LatencyStats dict, "fingerprint": ...} or {"error": why}) with a
+    MeasureConfig; the default is steadier than a search's final measurement: 20 warm-up runs, 100 timed
+    runs, 3 runner invocations pooled (a batch's candidates alternate, so load drift hits them alike)."""
+    from device import Candidate, MeasureConfig, open_device
+
+    config = config or MEASURE
+    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with open_device(device_uri) as dev:
+            stats = dev.measure([Candidate(n, m.eval(), x) for n, m in models], config)
+            fp = dev.fingerprint(config)
+    except AmcError as exc:
+        return {"error": str(exc)}
+    out = {s.name: s.to_dict() for s in stats}
+    out["fingerprint"] = fp.to_dict()
+    out["measure_config"] = config.to_dict()
+    return out
+
+
+def _measure_pair(setup: SearchSetup, channels: dict[int, int], stat: str = "median_ms", config=None) -> dict:
+    """Original and pruned model measured in ONE batch (so a busy machine slows both alike); the
+    ratio is taken on `stat` (median_ms; p10_ms is steadier on a loaded machine)."""
     pruned = setup.builder.build(channels)
-    m = measure_models(setup.config.device, [("original", setup.model), ("pruned", pruned)], setup.model.input_shape)
+    m = measure_batch(setup.config.device, [("original", setup.model), ("pruned", pruned)], setup.model.input_shape,
+                      config)
     ok = "error" not in m and all(m.get(n, {}).get("error") is None for n in ("original", "pruned"))
     if ok:
-        o, p = m["original"]["median_ms"], m["pruned"]["median_ms"]
-        m["speedup"], m["measured_ratio"] = o / p, p / o
+        o, p = m["original"][stat], m["pruned"][stat]
+        m["speedup"], m["measured_ratio"], m["ratio_stat"] = o / p, p / o, stat
+        m["median_ratio"] = m["pruned"]["median_ms"] / m["original"]["median_ms"]
     return m
+
+
+def _next_uniform(setup: SearchSetup, groups: list[int], trials: list[dict], target: float, budget: float,
+                  cfg: SearchConfig) -> tuple[float, dict[int, int]] | None:
+    """The next width to measure, or None when no untried width can get closer.
+
+    Once some measured width is below the target and some above, interpolate between the closest pair
+    (the measured latency is noisy and step-wise, so the predictor's correction alone can wander);
+    before that, rescale the predicted budget by target/measured and bisect again."""
+    g, grid = setup.graph, cfg.channel_round
+    measured = [t for t in trials if "measured_ratio" in (t.get("measured") or {})]
+    tried = [t["channels"] for t in trials]
+    below = [t for t in measured if t["measured"]["measured_ratio"] < target]
+    above = [t for t in measured if t["measured"]["measured_ratio"] >= target]
+    if below and above:
+        lo, hi = max(below, key=lambda t: t["ratio"]), min(above, key=lambda t: t["ratio"])
+        a, b = sorted((lo["ratio"], hi["ratio"]))
+        ml, mh = lo["measured"]["measured_ratio"], hi["measured"]["measured_ratio"]
+        r = lo["ratio"] + (target - ml) / (mh - ml) * (hi["ratio"] - lo["ratio"]) if mh > ml else (a + b) / 2
+        ks = range(math.ceil(a * RATIO_STEPS) + 1, math.floor(b * RATIO_STEPS))
+        options = {}
+        for k in ks:  # every distinct untried width strictly between the two
+            ch = uniform_channels(g, groups, k / RATIO_STEPS, grid)
+            key = tuple(sorted(ch.items()))
+            if ch not in tried and key not in options:
+                options[key] = (k / RATIO_STEPS, ch)
+        if not options:
+            return None
+        return min(options.values(), key=lambda o: abs(o[0] - r))
+    try:
+        ratio, channels = uniform_at_cost(setup.cost, g, groups, budget, cfg.lbound, cfg.rbound, grid)
+    except AmcError:
+        ratio, channels = cfg.lbound, uniform_channels(g, groups, cfg.lbound, grid)
+    if channels in tried:
+        last = measured[-1] if measured else trials[-1]
+        up = (last.get("measured") or {}).get("measured_ratio", target) < target
+        nb = _neighbour(g, groups, last["ratio"], grid, up=up, lbound=cfg.lbound, rbound=cfg.rbound)
+        if nb is None or nb[1] in tried:
+            return None
+        ratio, channels = nb
+    return ratio, channels
 
 
 def _episode(setup: SearchSetup, env: PruningEnv, actions: list[float], channels: dict[int, int]) -> Episode:
@@ -130,14 +194,20 @@ def target_ratio(cfg: SearchConfig, setup: SearchSetup) -> float | None:
 
 
 def run_uniform(config: SearchConfig, model=None, data=None, setup: SearchSetup | None = None,
-                tolerance: float = TOLERANCE, max_adjust: int = 4) -> SearchResult:
+                tolerance: float = TOLERANCE, max_adjust: int = 4, latency_model=None,
+                stat: str = "median_ms", measure_config=None) -> SearchResult:
     """The uniform-width baseline (see module doc). `setup` (from `prepare`) may be shared with other
-    baselines of the same model and config; its config is replaced by `config`."""
+    baselines of the same model and config (its config is replaced by `config`, its budget kept);
+    `latency_model` replaces the table lookup as in `run_search`; `stat`: the latency statistic the
+    measured ratio is taken on (median_ms, or p10_ms on a loaded machine); `measure_config`: a device
+    MeasureConfig for those measurements (default `MEASURE`)."""
+    if stat not in ("median_ms", "p10_ms", "mean_ms", "p90_ms"):
+        raise AmcError(f"unknown latency statistic {stat!r}: median_ms, p10_ms, mean_ms or p90_ms")
     cfg = config.validate()
     if cfg.reward != "constrained":
         raise AmcError("the uniform baseline needs a budget: use --reward constrained")
     run_dir = _start(cfg, "uniform")
-    setup = _setup(cfg, model, data, setup)
+    setup = _setup(cfg, model, data, setup, latency_model)
     groups = [l.in_group for l in setup.layers]
     env = _env(setup)
     log = EpisodeLog(run_dir / LOG_FILE)
@@ -155,7 +225,7 @@ def run_uniform(config: SearchConfig, model=None, data=None, setup: SearchSetup 
         log.append(_row(step, phase, float("nan"), ep, setup.cost.full_cost))
         if not measure:
             break
-        trial["measured"] = m = _measure_pair(setup, channels)
+        trial["measured"] = m = _measure_pair(setup, channels, stat, measure_config)
         if "measured_ratio" not in m:
             warnings.warn(f"uniform baseline: measuring on {cfg.device} failed ({m.get('error') or m}); "
                           f"keeping the ratio the prediction gave")
@@ -163,21 +233,12 @@ def run_uniform(config: SearchConfig, model=None, data=None, setup: SearchSetup 
         miss = m["measured_ratio"] / target - 1
         if abs(miss) <= tolerance:
             break
-        # Rescale the predicted budget by how far the measurement landed from the target, bisect again;
-        # if that gives a width already tried, take the next width in the direction of the target.
-        budget *= target / m["measured_ratio"]
+        budget *= target / m["measured_ratio"]  # the predictor's correction, used until a bracket exists
         phase = "adjust"
-        try:
-            ratio, channels = uniform_at_cost(setup.cost, setup.graph, groups, budget, cfg.lbound, cfg.rbound,
-                                              cfg.channel_round)
-        except AmcError:
-            ratio, channels = cfg.lbound, uniform_channels(setup.graph, groups, cfg.lbound, cfg.channel_round)
-        if any(t["channels"] == channels for t in trials):
-            nb = _neighbour(setup.graph, groups, trials[-1]["ratio"], cfg.channel_round, up=miss < 0,
-                            lbound=cfg.lbound, rbound=cfg.rbound)
-            if nb is None or any(t["channels"] == nb[1] for t in trials):
-                break
-            ratio, channels = nb
+        nxt = _next_uniform(setup, groups, trials, target, budget, cfg)
+        if nxt is None:
+            break
+        ratio, channels = nxt
 
     def distance(t: dict) -> float:
         m = t.get("measured") or {}
@@ -193,6 +254,7 @@ def run_uniform(config: SearchConfig, model=None, data=None, setup: SearchSetup 
         "uniform_ratio": chosen["ratio"],
         "target_ratio": target,
         "tolerance": tolerance,
+        "ratio_stat": stat if measure else None,
         "adjust": [{"step": t["step"], "ratio": t["ratio"], "predicted": t["ep"].cost,
                     "predicted_budget": t["predicted_budget"],
                     "measured_ratio": (t.get("measured") or {}).get("measured_ratio"),
@@ -202,7 +264,7 @@ def run_uniform(config: SearchConfig, model=None, data=None, setup: SearchSetup 
         extra["measured"] = chosen["measured"]
         extra["equal_latency"] = distance(chosen) <= tolerance
     elif cfg.measure_final and not measure:  # FLOPs/params budget: measure once, for the record
-        extra["measured"] = _measure_pair(setup, chosen["channels"])
+        extra["measured"] = _measure_pair(setup, chosen["channels"], stat, measure_config)
     return _complete(result, setup, extra)
 
 
@@ -210,11 +272,11 @@ def run_uniform(config: SearchConfig, model=None, data=None, setup: SearchSetup 
 
 
 def run_random(config: SearchConfig, model=None, data=None, setup: SearchSetup | None = None,
-               on_episode=None) -> SearchResult:
+               on_episode=None, latency_model=None) -> SearchResult:
     """Random search with the search's episode budget: U[0,1] actions through the AMC env; best by reward."""
     cfg = config.validate()
     run_dir = _start(cfg, "random")
-    setup = _setup(cfg, model, data, setup)
+    setup = _setup(cfg, model, data, setup, latency_model)
     env = _env(setup)
     log = EpisodeLog(run_dir / LOG_FILE)
     rng = np.random.default_rng(cfg.seed)  # the search's warm-up stream (DDPGAgent.random_action)
@@ -251,24 +313,21 @@ def run_random(config: SearchConfig, model=None, data=None, setup: SearchSetup |
 # ----------------------------------------------------------------------------------- AMC, FLOPs budget
 
 
-def run_amc_flops(config: SearchConfig, model=None, data=None, on_episode=None) -> SearchResult:
-    """AMC as in the paper: the budget is `target` x the original FLOPs (MACs); measured at the end."""
+def run_amc_flops(config: SearchConfig, model=None, data=None, on_episode=None, latency_model=None) -> SearchResult:
+    """AMC as in the paper: the budget is `target` x the original FLOPs (MACs); measured at the end.
+    `latency_model` (optional) gives the policy's table-predicted latency; else an existing table is used."""
+    from amc_mobile.runs import write_manifest
+
     if config.target_ms is not None:
         raise AmcError("amc-flops takes the budget as a FLOPs ratio: pass --target RATIO, not --target-ms")
-    cfg = replace(config, cost="flops", out=config.out or str(_default_dir("amc-flops")))
+    cfg = replace(config, cost="flops").validate()
+    cfg = replace(cfg, out=cfg.out or str(_default_dir("amc-flops")))
     result = run_search(cfg, model=model, data=data, on_episode=on_episode)
-    setup_like = _Info(result.graph, result.original, cfg)
-    return _complete(result, setup_like, {"method": "amc-flops"})
+    write_manifest(result.run_dir, "search", method="amc-flops")
+    return annotate(result, {"method": "amc-flops"}, latency_model)
 
 
 # ----------------------------------------------------------------------------------- shared pieces
-
-
-class _Info:
-    """What `_complete` needs of a setup when only a SearchResult is at hand."""
-
-    def __init__(self, graph, model, config, cost=None):
-        self.graph, self.model, self.config, self.cost = graph, model, config, cost
 
 
 def _default_dir(method: str) -> Path:
@@ -291,8 +350,10 @@ def _start(cfg: SearchConfig, method: str) -> Path:
     return run_dir
 
 
-def _setup(cfg: SearchConfig, model, data, setup: SearchSetup | None) -> SearchSetup:
+def _setup(cfg: SearchConfig, model, data, setup: SearchSetup | None, latency_model=None) -> SearchSetup:
     if setup is None:
+        if latency_model is not None:
+            return prepare(cfg, model, data, latency_model)
         return prepare(cfg, model, data)
     if setup.config.cost != cfg.cost or setup.config.model != cfg.model:
         raise AmcError(f"a shared setup for {setup.config.model}/{setup.config.cost} cannot serve "
@@ -344,19 +405,35 @@ def policy_facts(graph: PruningGraph, channels: dict[int, int], latency: CostMod
     return facts
 
 
-def _complete(result: SearchResult, setup, extra: dict) -> SearchResult:
-    """Add the method's facts and the `policy` block to summary.json (and the SearchResult)."""
-    from .loop import family_of
+def _complete(result: SearchResult, setup: SearchSetup, extra: dict) -> SearchResult:
+    return annotate(result, extra, setup.cost if getattr(setup.cost, "unit", None) == "ms" else None)
+
+
+def annotate(result: SearchResult, extra: dict | None = None, latency=None) -> SearchResult:
+    """Add `extra` and the `policy` block (kept MACs, table-predicted latency, measured ratio) to the run's
+    summary.json and to `result.summary`. `latency`: a latency CostModel or LatencyModel-like predictor;
+    None: the search's own cost when it is latency, else an EXISTING table for the run's device (or none)."""
     from amc_mobile.pruning.graph import DEFAULT_SCOPE
 
+    from .cost import LatencyCost
+    from .loop import family_of
+
     summary = dict(result.summary)
-    summary.update(extra)
-    cfg = setup.config
-    scope = (summary.get("setup") or {}).get("scope") or cfg.scope or DEFAULT_SCOPE.get(family_of(setup.model) or "",
-                                                                                        "all")
-    latency = setup.cost if getattr(setup.cost, "unit", None) == "ms" else latency_cost_for(
-        setup.model, result.graph, scope, cfg)
-    summary["policy"] = policy_facts(result.graph, result.channels, latency, summary.get("measured"))
+    summary.update(extra or {})
+    cfg = result.config
+    if latency is not None and not hasattr(latency, "unit"):
+        latency = LatencyCost(latency)
+    if latency is None and cfg.cost != "latency":
+        scope = (summary.get("setup") or {}).get("scope") or cfg.scope or DEFAULT_SCOPE.get(
+            family_of(result.original) or "", "all")
+        latency = latency_cost_for(result.original, result.graph, scope, cfg)
+    if latency is None and cfg.cost == "latency":
+        best = summary.get("best") or result.best
+        summary["policy"] = policy_facts(result.graph, result.channels, None, summary.get("measured"))
+        summary["policy"].update(predicted_ms=best["cost"], predicted_full_ms=best["full_cost"],
+                                 predicted_ratio=best["cost"] / best["full_cost"])
+    else:
+        summary["policy"] = policy_facts(result.graph, result.channels, latency, summary.get("measured"))
     _write_json(result.run_dir / SUMMARY_FILE, summary)
     result.summary = summary
     return result
@@ -367,6 +444,15 @@ def read_summary(run_dir: str | Path) -> dict:
     if not path.exists():
         raise AmcError(f"{run_dir}: no {SUMMARY_FILE} (the run did not finish)")
     return json.loads(path.read_text())
+
+
+def _measure_config():
+    from device import MeasureConfig
+
+    return MeasureConfig(warmup=20, iterations=100, repeats=3)
+
+
+MEASURE = _measure_config()
 
 
 def run_baseline(method: str, config: SearchConfig, model=None, data=None) -> SearchResult:

@@ -46,6 +46,8 @@ class FinetuneConfig:
     augment: bool = True
     seed: int = 0
     eval_images: int | None = None  # score on the first N val and test images; None: all (5,000 / 10,000)
+    eval_before: tuple[str, ...] = ("val", "test")  # splits scored before fine-tuning ((): none)
+    eval_after: tuple[str, ...] = ("val", "test")  # splits scored after
     device: str | None = None  # cpu, cuda, cuda:N; None: cuda if there is one
     data_dir: str | None = None
     progress: bool = True
@@ -58,6 +60,9 @@ class FinetuneConfig:
             raise AmcError(f"--train-images must be at least 1, got {self.train_images}")
         if self.eval_images is not None and self.eval_images < 1:
             raise AmcError(f"--eval-images must be at least 1, got {self.eval_images}")
+        bad = sorted((set(self.eval_before) | set(self.eval_after)) - {"val", "test"})
+        if bad:
+            raise AmcError(f"unknown split(s) to evaluate: {', '.join(bad)} (val or test)")
         if self.weight_decay < 0:
             raise AmcError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         return self
@@ -117,8 +122,8 @@ def fast_evaluate(model: nn.Module, split, max_images: int | None = None, batch_
     return {k: float(v) if k != "images" else int(v) for k, v in res.items()}
 
 
-def _scores(model: nn.Module, data, max_images: int | None) -> dict:
-    return {"val": fast_evaluate(model, data.val, max_images), "test": fast_evaluate(model, data.test, max_images)}
+def _scores(model: nn.Module, data, max_images: int | None, splits=("val", "test")) -> dict:
+    return {s: fast_evaluate(model, getattr(data, s), max_images) for s in splits}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -145,7 +150,7 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
 
         data = load_fashion_mnist(cfg.data_dir)
     t0 = time.perf_counter()
-    before = _scores(model, data, cfg.eval_images)
+    before = _scores(model, data, cfg.eval_images, cfg.eval_before)
     eval_s = time.perf_counter() - t0
     for p in model.parameters():
         p.requires_grad_(True)
@@ -154,7 +159,7 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
                 augment=cfg.augment, train_limit=cfg.train_images)
     model = model.cpu().eval()
     t1 = time.perf_counter()
-    after = _scores(model, data, cfg.eval_images)
+    after = _scores(model, data, cfg.eval_images, cfg.eval_after)
     eval_s += time.perf_counter() - t1
     channels = {int(g): int(c) for g, c in (spec.get("group_channels") or {}).items()}
     keep = {k: v for k, v in spec.items() if k not in ("format", "base_model", "input_shape", "modules",
@@ -170,7 +175,7 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
         "recipe": recipe,
         "before": before,
         "after": after,
-        "delta_top1": {s: after[s]["top1"] - before[s]["top1"] for s in ("val", "test")},
+        "delta_top1": {s: after[s]["top1"] - before[s]["top1"] for s in ("val", "test") if s in before and s in after},
         "train_seconds": round(res.seconds, 1),
         "eval_seconds": round(eval_s, 1),
         "images_per_s": round(n_train * cfg.epochs / res.seconds, 1) if res.seconds > 0 else None,
@@ -189,3 +194,17 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
         except ValueError:
             pass  # an unreadable summary is the report's problem, not the fine-tune's
     return FinetuneResult(model, pruned_dir, out, run_dir, before, after, record)
+
+
+def finetune_run(path: str | Path, epochs: int = FinetuneConfig.epochs, train_images: int | None = 12_000,
+                 lr: float = FinetuneConfig.lr, data=None, out: str | Path | None = None, **config) -> dict:
+    """`finetune` with keyword options, returning a flat JSON-safe dict (the demo and scripts use it):
+    {"out", "run_dir", "before": {"val_top1", "test_top1", ...}, "after": {...}, "record": finetune.json}."""
+    cfg = FinetuneConfig(epochs=epochs, train_images=train_images, lr=lr, **config)
+    r = finetune(path, cfg, out=out, data=data)
+
+    def flat(scores: dict) -> dict:
+        return {f"{split}_{k}": v for split, d in scores.items() for k, v in d.items()}
+
+    return {"out": str(r.out), "run_dir": str(r.run_dir), "source": str(r.source), "before": flat(r.before),
+            "after": flat(r.after), "record": r.record}

@@ -74,11 +74,11 @@ def plot_reward(rows: list[dict], path: Path, title: str = "") -> Path:
     if warm:
         ax.axvspan(min(warm) - 0.5, max(warm) + 0.5, color="0.85", label=f"warm-up ({len(warm)} random episodes)")
     ok = np.isfinite(reward)
-    ax.plot(ep[ok], reward[ok], ".", ms=4, color="C0", alpha=0.7, label="episode reward")
     if ok.any():
         best = np.maximum.accumulate(np.where(ok, reward, -np.inf))
         shown = np.isfinite(best)
-        ax.step(ep[shown], best[shown], where="post", color="C3", lw=1.8, label="best so far")
+        ax.step(ep[shown], best[shown], where="post", color="C3", lw=1.5, label="best so far", zorder=2)
+    ax.plot(ep[ok], reward[ok], "o", ms=3.5, color="C0", alpha=0.8, label="episode reward", zorder=3)
     if (~ok).any():
         ax.plot(ep[~ok], np.full((~ok).sum(), np.nanmin(reward) if ok.any() else 0), "x", color="k",
                 label="discarded (NaN)")
@@ -110,7 +110,8 @@ def plot_policy(best: dict, path: Path, uniform: dict | None = None, note: str =
                 label=f"uniform width {uniform['ratio']:.3f} at the same cost ({uniform['cost']:.4g} {unit})")
     ax.set_xticks(x)
     ax.set_xticklabels([_short(n) for n in names], rotation=75, ha="right", fontsize=7)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)
+    ax.axhline(1.0, color="0.6", lw=0.8)
     ax.set_ylabel("preserve ratio (kept / channels)")
     ax.set_title("per-layer preserve ratios" + (f" ({note})" if note else ""))
     ax.grid(axis="y", alpha=0.3)
@@ -152,7 +153,7 @@ def plot_scatter(rows: list[dict], best: dict, path: Path, x_of=None, x_label: s
 
 
 def _short(name: str) -> str:
-    return name.replace("features.", "").replace("blocks.", "b").replace(".conv", "")
+    return name.removeprefix("features.").removesuffix(".conv")
 
 
 def uniform_reference(best: dict, cost, graph, lbound: float = 0.2, rbound: float = 1.0, grid: int = 8) -> dict:
