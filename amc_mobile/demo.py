@@ -51,7 +51,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     n = 5
     t = _step(1, n, f"model: {cfg.model} on Fashion-MNIST")
     data = load_fashion_mnist(cfg.data_dir)
-    model, meta = get_or_train(model_config(build_model(cfg.model)), data=data)
+    model, meta = get_or_train(cfg.model, data=data)
     print(f"      {meta.get('checkpoint')} (test top-1 {meta['metrics']['test']['top1'] * 100:.2f}%)")
 
     t = _step(2, n, f"latency table for {cfg.device} (built once per device, then reused)")
