@@ -224,3 +224,22 @@ def test_latency_budget_is_relative_to_the_measured_original(tiny, tmp_path):
     m = result.summary["measured"]
     assert m["original"]["median_ms"] > 0 and m["pruned"]["median_ms"] > 0
     assert m["speedup"] == pytest.approx(m["original"]["median_ms"] / m["pruned"]["median_ms"])
+
+
+def test_latency_budget_relative_to_the_prediction(tiny, tmp_path):
+    """--latency-reference predicted: no device measurement at the start, the budget is a fraction of the
+    table's prediction for the original, and every episode's predicted latency stays under it."""
+    from _search_helpers import TableLatency
+
+    model, data = tiny
+    graph = build_graph(model)
+    table = TableLatency(graph, graph.decision_groups("all"))
+    result = run_search(_cfg(tmp_path / "pred", cost="latency", target=0.6, episodes=4, warmup=2,
+                             latency_reference="predicted", device="nowhere:0"), model=model, data=data,
+                        latency_model=table)
+    setup = json.loads((result.run_dir / "setup.json").read_text())
+    assert "original_measured_ms" not in setup and setup["budget"] == pytest.approx(0.6 * table.predict({}))
+    for row in _log(result.run_dir):
+        channels = {int(k): v for k, v in json.loads(row["channels"]).items()}
+        assert float(row["cost"]) == pytest.approx(table.predict(channels), rel=1e-5)
+        assert float(row["cost"]) <= setup["budget"] * (1 + 1e-6)

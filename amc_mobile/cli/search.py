@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import types
 import typing
+import warnings
 from dataclasses import MISSING, fields
 
 from amc_mobile.search.config import DDPGConfig, SearchConfig
@@ -75,11 +77,21 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     return SearchConfig(**given, agent=DDPGConfig(**agent))
 
 
+def _show(message, category, filename, lineno, file=None, line=None) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"amc-mobile: warning: {message}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
+    from amc_mobile.search.config import SearchWarning
     from amc_mobile.search.loop import run_search
 
     cfg = config_from_args(args)
-    result = run_search(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SearchWarning)  # the CLI silences libraries, not the search's own notes
+        warnings.showwarning = _show
+        result = run_search(cfg)
     best, s = result.best, result.summary
     print(f"run folder: {result.run_dir}")
     print(f"best policy: episode {best['episode']}, {best['metric']} {best['accuracy']:.4f} on "

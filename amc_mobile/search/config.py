@@ -13,6 +13,12 @@ from typing import Any
 from amc_mobile.errors import AmcError
 
 COSTS = ("latency", "flops", "params")
+LATENCY_REFERENCES = ("measured", "predicted")
+
+
+class SearchWarning(UserWarning):
+    """Something the user should see (a discarded episode, a failed measurement...); the CLI shows
+    these even though it silences the libraries' warnings."""
 REWARDS = ("constrained", "guaranteed")
 METRICS = ("top1", "top5")
 
@@ -58,6 +64,9 @@ class SearchConfig:
     cost: str = _f("latency", "resource the budget constrains", choices=COSTS)
     target: float = _f(0.5, "budget as a fraction of the original model's cost (latency: measured)")
     target_ms: float | None = _f(None, "absolute latency budget in ms (latency cost only; overrides --target)")
+    latency_reference: str = _f("measured", "latency cost: --target is a fraction of the original's latency "
+                                "measured on the device at the start, or of its predicted latency",
+                                choices=LATENCY_REFERENCES)
     reward: str = _f("constrained", "constrained: -error under the budget; guaranteed: -error*log(cost), no budget",
                      choices=REWARDS)
     metric: str = _f("top1", "accuracy the reward uses (AMC's official code used top5 on ImageNet)", choices=METRICS)
@@ -97,6 +106,8 @@ class SearchConfig:
             raise AmcError(f"unknown cost {self.cost!r}: expected one of {', '.join(COSTS)}")
         if self.reward not in REWARDS:
             raise AmcError(f"unknown reward {self.reward!r}: expected one of {', '.join(REWARDS)}")
+        if self.latency_reference not in LATENCY_REFERENCES:
+            raise AmcError(f"unknown latency reference {self.latency_reference!r}: measured or predicted")
         if self.metric not in METRICS:
             raise AmcError(f"unknown metric {self.metric!r}: expected top1 or top5")
         if self.target_ms is not None:

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from amc_mobile.pruning.graph import DEFAULT_SCOPE, Layer, PruningGraph, build_g
 
 from . import checkpoint as ckpt
 from .agent import DDPGAgent
-from .config import SearchConfig
+from .config import SearchConfig, SearchWarning
 from .cost import CostModel, FlopsCost, LatencyCost, ParamsCost
 from .env import ActionWall, Episode, PruningEnv
 from .reconstruct import ChannelSelector, PrunedModelBuilder, Reconstructor, collect_layer_stats
@@ -153,6 +154,8 @@ def _budget(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict) ->
         return None
     if cfg.cost != "latency":
         return cfg.target * cost.full_cost
+    if cfg.latency_reference == "predicted" and cfg.target_ms is None:
+        return cfg.target * cost.full_cost
     # Latency: the target is relative to (or given in) measured milliseconds; the predictor is
     # calibrated on whole models measured end to end, so its ms compare with measured ms.
     measured = measure_models(cfg.device, [("original", model)], model.input_shape)
@@ -162,14 +165,17 @@ def _budget(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict) ->
         why = measured.get("error") or measured.get("original", {}).get("error")
         if cfg.target_ms is None:
             warnings.warn(f"could not measure the original model on {cfg.device} ({why}): the budget is "
-                          f"{cfg.target} x its PREDICTED latency {cost.full_cost:.4g} ms")
+                          f"{cfg.target} x its PREDICTED latency {cost.full_cost:.4g} ms", SearchWarning,
+                          stacklevel=2)
             return cfg.target * cost.full_cost
         return float(cfg.target_ms)
     info["original_measured_ms"] = ms
     if abs(cost.full_cost / ms - 1) > 0.1:
+        budget = f"{cfg.target_ms:.4g} ms" if cfg.target_ms is not None else f"{cfg.target} x {ms:.4g} ms measured"
         warnings.warn(f"the latency model predicts {cost.full_cost:.4g} ms for the original model but it measures "
-                      f"{ms:.4g} ms on {cfg.device}: the budget ({'%.4g ms' % cfg.target_ms if cfg.target_ms else f'{cfg.target} x measured'}) "
-                      f"is enforced on predictions, so recalibrate or rebuild the table if this is not noise")
+                      f"{ms:.4g} ms on {cfg.device}; the budget ({budget}) is enforced on predictions: recalibrate "
+                      f"the table, or use --latency-reference predicted if the measurement is noise",
+                      SearchWarning, stacklevel=2)
     return float(cfg.target_ms) if cfg.target_ms is not None else cfg.target * ms
 
 
@@ -400,7 +406,8 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
                 if done:
                     break
             if ep.discarded:
-                warnings.warn(f"episode {e}: accuracy/loss is NaN for channels {ep.channels}; episode discarded")
+                warnings.warn(f"episode {e}: accuracy/loss is NaN for channels {ep.channels}; episode discarded",
+                              SearchWarning, stacklevel=2)
             else:
                 for s_, a_, s2_, d_ in transitions:
                     agent.observe(s_, a_, ep.reward, s2_, d_)
@@ -420,6 +427,15 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
                                 cost=f"{ep.cost:.3g}{setup.cost.unit}")
             if on_episode is not None:
                 on_episode(row)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+            bar = None
+        saved = ckpt.checkpoints(run_dir)
+        where = (f"the newest checkpoint is at episode {saved[-1][0]}: `amc-mobile search --resume {run_dir}` "
+                 f"continues from it") if saved else "no checkpoint was written yet: start again"
+        print(f"search interrupted; {where}", file=sys.stderr)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -459,7 +475,7 @@ def _finish(setup: SearchSetup, run_dir: Path, best: dict) -> SearchResult:
     except ValueError:
         base_config = None
         warnings.warn("the model was not built by amc_mobile.models.build_model: the pruned model is returned "
-                      "but not saved (load_pruned rebuilds registry models only)")
+                      "but not saved (load_pruned rebuilds registry models only)", SearchWarning, stacklevel=2)
     if base_config is not None:
         save_pruned(pruned, run_dir / PRUNED_DIR, base_config, channels,
                     extra={"policy": best, "reconstructed": bool(cfg.reconstruct), "fine_tuned": False})
@@ -468,7 +484,8 @@ def _finish(setup: SearchSetup, run_dir: Path, best: dict) -> SearchResult:
         measured = measure_models(cfg.device, [("original", setup.model), ("pruned", pruned)], setup.model.input_shape)
         if "error" in measured or not all(measured.get(n, {}).get("error") is None for n in ("original", "pruned")):
             warnings.warn(f"final measurement on {cfg.device} failed: "
-                          f"{measured.get('error') or [measured[n].get('error') for n in ('original', 'pruned')]}")
+                          f"{measured.get('error') or [measured[n].get('error') for n in ('original', 'pruned')]}",
+                          SearchWarning, stacklevel=2)
         else:
             o, p = measured["original"]["median_ms"], measured["pruned"]["median_ms"]
             measured["speedup"] = o / p

@@ -23,7 +23,7 @@ every episode. So:
 from __future__ import annotations
 
 import copy
-import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +34,7 @@ from amc_mobile.pruning.graph import PruningGraph
 from amc_mobile.pruning.slicing import input_channel_importance, top_channels
 from amc_mobile.pruning.slicing import _apply as _apply_role  # the one place a member role is sliced
 
-log = logging.getLogger(__name__)
+from .config import SearchWarning
 
 CONSUMER_ROLES = ("conv_in", "linear_in")
 
@@ -134,7 +134,7 @@ def collect_layer_stats(model: nn.Module, graph: PruningGraph, groups: list[int]
         stats[name] = LayerStats(name, g, kind, k, torch.zeros(cols, cols, dtype=torch.float64),
                                  torch.zeros(cols, c_out, dtype=torch.float64))
     if skipped:
-        log.warning("no reconstruction (plain slicing) for: %s", "; ".join(skipped))
+        warnings.warn(f"no reconstruction (plain slicing) for: {'; '.join(skipped)}", SearchWarning, stacklevel=2)
 
     gen = torch.Generator().manual_seed(seed)
 
@@ -214,7 +214,7 @@ class Reconstructor:
     def _warn(self, name: str, why: str) -> None:
         if name not in self._warned:
             self._warned.add(name)
-            log.warning("no reconstruction for %s (plain slicing): %s", name, why)
+            warnings.warn(f"no reconstruction for {name} (plain slicing): {why}", SearchWarning, stacklevel=2)
 
 
 def shallow_copy(model: nn.Module) -> nn.Module:
