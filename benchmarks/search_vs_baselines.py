@@ -191,8 +191,14 @@ def main(argv=None) -> int:
         print(f"\nshared set-up for uniform/random: {time.perf_counter() - t0:.0f} s", flush=True)
     if "uniform" in args.methods:
         ratio = args.target
-        if args.uniform_at == "amc":
-            ratio = results["amc-latency"].summary.get("measured", {}).get("measured_ratio", args.target)
+        if args.uniform_at == "amc":  # latency-AMC's ratio, measured like uniform's trials (not the search's own)
+            m = measure_batch(args.device, [("original", model), ("pruned", results["amc-latency"].model)],
+                              model.input_shape)
+            if "error" in m or m["original"].get("error") or m["pruned"].get("error"):
+                print(f"   measuring amc-latency failed ({m.get('error') or m}); uniform aims at --target")
+            else:
+                ratio = m["pruned"][f"{args.stat}_ms"] / m["original"][f"{args.stat}_ms"]
+                print(f"   amc-latency measured at {ratio:.3f} of the original ({args.stat}): uniform's target")
         original_ms = setup.info.get("original_measured_ms") if setup else None
         usetup = replace(setup, budget=ratio * original_ms) if original_ms else setup
         timed("uniform", lambda: run_uniform(replace(base, target=ratio, out=str(out / "uniform")), model, data,
@@ -261,13 +267,15 @@ def main(argv=None) -> int:
                      f"{_fmt(row['val_top1_before'], '.2f', True):>17s}% {_fmt(row['test_top1_after'], '.2f', True):>14s}% "
                      f"{_fmt(row['d_val_vs_uniform'], '+.2f', True):>12s} {_fmt(row['d_test_vs_uniform'], '+.2f', True):>13s}")
     n_test = fts[next(iter(fts))].after["test"]["images"] if fts else 0
+    ft_devices = sorted({str(f.record.get("recipe", {}).get("device_used", args.ft_device)) for f in fts.values()})
     notes = [
         f"{args.model} on {args.device}, target {args.target}x measured latency (amc-flops: {args.target}x FLOPs); "
         f"original {_fmt(orig_ms, '.3f')} ms measured, {lat_cost.full_cost:.3f} ms predicted; "
         f"{args.episodes} episodes, {args.val_images} val images per episode, seed {args.seed}",
         f"measured: one batch with the original ({args.stat} ms; 'p10 ratio' on the 10th percentiles); val top-1 on all {len(data.val)} val images before "
         f"fine-tuning; test top-1 on {n_test} test images after fine-tuning "
-        f"({args.ft_epochs} epoch x {args.ft_train_images} images, lr {args.ft_lr}, SGD+cosine, wd 4e-5)",
+        f"({args.ft_epochs} epoch x {args.ft_train_images} images, lr {args.ft_lr}, SGD+cosine, wd 4e-5, on "
+        f"{', '.join(ft_devices) or '-'})",
     ]
     byname = {row["method"]: row for row in rows}
     if "amc-latency" in byname:

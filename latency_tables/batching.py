@@ -227,30 +227,40 @@ class BatchRunner:
             self._pool = None
 
 
-class Companions:
-    """Programs lowered once and timed again whenever asked (after every round of a build), so that
-    whole models measured for calibration see the same conditions as the units around them, not
-    one moment of a shared machine. `on_pass` gets each pass's results, to persist them at once.
+class Programs:
+    """Jobs lowered once into `.pte` files kept in a temporary folder, then timed in as many passes
+    as wanted (`measure_pass`), each pass one runner invocation per program. Used where things must
+    be compared under the same conditions: every program sees every pass. `materialize(job)` (if
+    given) builds a job's module just before it is lowered and the module is dropped afterwards, to
+    keep memory flat. Devices that cannot time a prebuilt `.pte` measure the jobs afresh each pass."""
 
-    Devices that cannot time a prebuilt `.pte` measure the jobs afresh at each pass."""
-
-    def __init__(self, runner: BatchRunner, jobs: Sequence[Job],
-                 on_pass: Callable[[list[tuple[Job, LatencyStats]]], None], config: MeasureConfig | None = None):
+    def __init__(self, runner: BatchRunner, jobs: Sequence[Job], config: MeasureConfig | None = None,
+                 materialize: Callable[[Job], None] | None = None, progress: Callable[[int], None] | None = None):
         self.runner = runner
+        self.progress = progress
         self.config = config or runner.config
         self.jobs = list(jobs)
-        self.on_pass = on_pass
+        self.materialize = materialize
         self.passes = 0
         self.failed: dict[str, str] = {}
         self.prebuilt = callable(getattr(runner.device, "measure_pte", None))
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._programs: list[tuple[str, list[Job]]] = []
         if self.jobs and self.prebuilt:
-            self._tmp = tempfile.TemporaryDirectory(prefix="amc-companions-")
-            n = runner.workers if runner.use_pool else 1
-            parts = [p for p in (self.jobs[i::n] for i in range(n)) if p]
-            paths = [str(Path(self._tmp.name) / f"c{i}.pte") for i in range(len(parts))]
-            t0 = time.perf_counter()
+            self._lower_all()
+
+    def _lower_all(self) -> None:
+        runner = self.runner
+        self._tmp = tempfile.TemporaryDirectory(prefix="amc-programs-")
+        n = runner.workers if runner.use_pool else 1
+        t0 = time.perf_counter()
+        for r, start in enumerate(range(0, len(self.jobs), runner.batch_size * n)):
+            chunk = self.jobs[start:start + runner.batch_size * n]
+            if self.materialize is not None:
+                for j in chunk:
+                    self.materialize(j)
+            parts = [p for p in (chunk[i::n] for i in range(n)) if p]
+            paths = [str(Path(self._tmp.name) / f"r{r:03d}-{i}.pte") for i in range(len(parts))]
             if runner.use_pool:
                 outcomes = runner._lower_parts(parts, paths)
             else:
@@ -260,28 +270,50 @@ class Companions:
                 ok = [j for j in p if j.name not in failed]
                 if ok and Path(path).is_file():
                     self._programs.append((path, ok))
-            runner.stats.lower_s += time.perf_counter() - t0
+            if self.materialize is not None:
+                for j in chunk:
+                    j.module = None
+            if self.progress is not None:
+                self.progress(len(chunk))
+        runner.stats.lower_s += time.perf_counter() - t0
 
-    def measure_once(self) -> None:
-        """Time every companion once (one runner invocation per program) and hand the results over."""
+    def measure_pass(self, on_batch: Callable[[list[tuple[Job, LatencyStats]]], None] | None = None
+                     ) -> list[tuple[Job, LatencyStats]]:
+        """Time every job once; `on_batch` gets each program's results as soon as they are measured."""
         if not self.jobs:
-            return
+            return []
         t0 = time.perf_counter()
         results: list[tuple[Job, LatencyStats]] = []
         if self.prebuilt:
             for path, jobs in self._programs:
                 measured = {s.name: s for s in self.runner.device.measure_pte(path, [j.name for j in jobs],
                                                                               self.config)}
-                results += [(j, measured[j.name]) for j in jobs]
-            results += [(j, LatencyStats.failed(j.name, self.failed[j.name])) for j in self.jobs
-                        if j.name in self.failed]
+                batch = [(j, measured[j.name]) for j in jobs]
+                results += batch
+                if on_batch is not None:
+                    on_batch(batch)
+            failed = [(j, LatencyStats.failed(j.name, self.failed[j.name])) for j in self.jobs if j.name in self.failed]
+            if failed and on_batch is not None:
+                on_batch(failed)
+            results += failed
         else:
-            measured = {s.name: s for s in self.runner.device.measure([j.candidate() for j in self.jobs],
-                                                                      self.config)}
-            results = [(j, measured[j.name]) for j in self.jobs]
+            for start in range(0, len(self.jobs), self.runner.batch_size):
+                jobs = self.jobs[start:start + self.runner.batch_size]
+                if self.materialize is not None:
+                    for j in jobs:
+                        self.materialize(j)
+                measured = {s.name: s for s in self.runner.device.measure([j.candidate() for j in jobs],
+                                                                          self.config)}
+                batch = [(j, measured[j.name]) for j in jobs]
+                if self.materialize is not None:
+                    for j in jobs:
+                        j.module = None
+                results += batch
+                if on_batch is not None:
+                    on_batch(batch)
         self.runner.stats.measure_s += time.perf_counter() - t0
         self.passes += 1
-        self.on_pass(results)
+        return results
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -293,3 +325,18 @@ class Companions:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Companions(Programs):
+    """Programs timed again whenever asked (after every round of a build), so that whole models
+    measured for calibration see the same conditions as the units around them, not one moment of a
+    shared machine. `on_pass` gets each pass's results, to persist them at once."""
+
+    def __init__(self, runner: BatchRunner, jobs: Sequence[Job],
+                 on_pass: Callable[[list[tuple[Job, LatencyStats]]], None], config: MeasureConfig | None = None):
+        super().__init__(runner, jobs, config)
+        self.on_pass = on_pass
+
+    def measure_once(self) -> None:
+        if self.jobs:
+            self.on_pass(self.measure_pass())

@@ -6,8 +6,11 @@
    misses a measured midpoint by more than the tolerance.
 3. Measurement in multi-method `.pte` batches (`batching.py`); each batch's rows are appended to
    `units.csv` as soon as it is measured. A rerun skips every key already present.
-4. Calibration: the whole model and a few uniformly pruned variants, measured end to end, into
-   `calibration.csv` (keyed by the model's architecture hash).
+4. Calibration: the whole model and a few uniformly pruned variants, lowered once at the start and
+   timed end to end after every round of units (at least CALIBRATION_PASSES times), each pass
+   appended to `calibration.csv` (keyed by the model's architecture hash). On a shared machine whole
+   models are far more sensitive to neighbours than microsecond units (cache and memory bandwidth):
+   timing them throughout the build gives them the same conditions as the units.
 """
 
 from __future__ import annotations

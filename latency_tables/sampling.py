@@ -10,6 +10,13 @@ round; otherwise the interval is done. Bisection ends at the grid step.
 
 The sampler only looks at measured values, so a resumed build replays the same decisions from the
 stored rows and measures only what is still missing.
+
+Measured on `local` (XNNPACK, x86): along OUTPUT channels latency is a staircase or a zigzag, not a
+line (ResNet-20's 3x3 convs at 7x7 cost the same for 40 and 64 output channels; MobileNet-V2's 1x1
+expansions at 28x28 cost up to ~35% more at odd multiples of 8 than at the next multiple of 16), while
+along input channels it is close to linear. Interpolating between the coarse points alone misses
+the other grid points by ~5% (median) and ~25% (90th percentile) per unit there, so refinement
+matters: it ended up measuring 75% (MobileNet-V2) to 93% (ResNet-20) of the grid.
 """
 
 from __future__ import annotations

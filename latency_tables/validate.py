@@ -1,8 +1,14 @@
 """Check a table against reality: random pruned variants, predicted, then measured end to end.
 
-Each sample keeps a random grid choice per group in scope (seeded). All samples are predicted,
-then measured as whole models in multi-method `.pte` batches; every measured sample is appended to
-`samples.csv` in the output folder at once (a rerun with the same `--out` skips what is there).
+Each sample keeps a random grid choice per group in scope (seeded). All samples, and the table's
+calibration models, are lowered first (multi-method `.pte` batches), then timed in `passes` passes,
+each pass covering every program: on a shared machine the load drifts, and this way every sample
+and every calibration model sees the same mixture of conditions. Each pass's result is appended to
+`samples.csv` (one row per sample per pass) as measured; a rerun with the same `--out` skips the
+samples that have all their passes. A sample's latency is the median over its passes.
+
+Two overhead fits are reported: the table's (what a search gets) and this session's (the table's
+calibration models timed in the same passes): their difference is machine drift since the build.
 The summary: share within +-5% / +-10%, RMSPE, the under-prediction share (predicted more than 5%
 below measured: a search would believe these meet a budget they miss) and Spearman's rank
 correlation (ranks with pandas, Pearson on the ranks; no scipy needed).
@@ -23,8 +29,8 @@ from amc_mobile.pruning.graph import PruningGraph
 from device.base import Device, MeasureConfig
 from device.stats import LatencyStats
 
-from .batching import DEFAULT_WORKERS, BatchRunner, Companions, Job
-from .build import CALIBRATION_PASSES, MODEL_CONFIG
+from .batching import DEFAULT_WORKERS, BatchRunner, Job, Programs
+from .build import MODEL_CONFIG
 from .calibrate import calibration_variants, fit_overhead
 from .loading import calibration_points, compile_for, device_label, open_table, table_grid
 from .schema import (CALIBRATION_COLUMNS, CalibrationRow, Stats, clean_field, decode_channels, encode_channels,
@@ -33,9 +39,10 @@ from .space import random_channels
 from .store import AppendLog
 from .target import build_command, resolve_target
 
-SAMPLE_COLUMNS = ("index", "seed", "channels", "predicted_ms", "unit_sum_ms", "interpolated_units", "median_ms",
+SAMPLE_COLUMNS = ("index", "seed", "pass", "channels", "predicted_ms", "unit_sum_ms", "interpolated_units", "median_ms",
                   "mean_ms", "std_ms", "p10_ms", "p90_ms", "n", "error_pct", "measured_at")
-SAMPLES_FILE = "samples.csv"
+SAMPLES_FILE = "samples.csv"  # one row per sample per pass
+DEFAULT_PASSES = 5
 CALIBRATION_FILE = "calibration.csv"  # this session's timings of the table's calibration models
 
 
@@ -98,6 +105,17 @@ class ValidationResult:
         return "\n".join(lines)
 
 
+def aggregate_passes(raw: pd.DataFrame) -> pd.DataFrame:
+    """One row per sample: the median over its passes of each pass's median (and p10)."""
+    g = raw.groupby("index", sort=True)
+    df = g.agg(channels=("channels", "first"), predicted_ms=("predicted_ms", "first"),
+               unit_sum_ms=("unit_sum_ms", "first"), interpolated_units=("interpolated_units", "first"),
+               median_ms=("median_ms", "median"), p10_ms=("p10_ms", "median"), p90_ms=("p90_ms", "median"),
+               n=("n", "sum"), passes=("pass", "count")).reset_index()
+    df["error_pct"] = (df["predicted_ms"] - df["median_ms"]) / df["median_ms"] * 100
+    return df
+
+
 def read_samples(path: Path) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame(columns=SAMPLE_COLUMNS)
@@ -122,36 +140,14 @@ def _refit(lat, unit_sums: np.ndarray, measured: np.ndarray, rows) -> dict | Non
             "predicted_ms": pred.tolist()}
 
 
-def _session_calibration(target, grid: int, path: Path, runner: BatchRunner, config: MeasureConfig,
-                         enabled: bool) -> Companions:
-    """The table's calibration models, timed again after every round of this validation: a second fit
-    that sees the same machine conditions as the samples (tells table error from machine drift)."""
-    from amc_mobile.pruning import prune_by_counts
-
-    jobs = []
-    if enabled:
-        x = target.example_input()
-        for i, (label, ch) in enumerate(calibration_variants(target.graph, target.scope, grid)):
-            module = prune_by_counts(target.module, target.graph, ch) if ch else target.module
-            jobs.append(Job(f"c{i:02d}", module=module.eval(), example_input=x, payload=(label, ch)))
-
-    def on_pass(results):
-        with AppendLog(path, CALIBRATION_COLUMNS) as log:
-            for job, s in results:
-                if s.ok:
-                    label, ch = job.payload
-                    log.append(CalibrationRow(target.hash, target.label, label, ch, Stats.of(s)).to_line())
-
-    return Companions(runner, jobs, on_pass, config)
-
-
 def validate_table(model, device: str | Device = "local", *, samples: int = 50, seed: int = 0,
                    graph: PruningGraph | None = None, scope: str | None = None, grid: int | None = None,
                    out_dir: str | os.PathLike | None = None, tables_dir: str | os.PathLike | None = None,
                    table_dir: str | os.PathLike | None = None, allow_mismatch: bool = False,
                    config: MeasureConfig | None = None, table_config: MeasureConfig | None = None,
                    batch_size: int = 4, workers: int = DEFAULT_WORKERS, progress: bool = True,
-                   plot: bool = True, session_calibration: bool = True) -> ValidationResult:
+                   plot: bool = True, session_calibration: bool = True,
+                   passes: int = DEFAULT_PASSES) -> ValidationResult:
     from amc_mobile.pruning import prune_by_counts
     from amc_mobile.runs import new_run_dir, write_manifest
 
@@ -179,52 +175,58 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
                        fingerprint=dev.fingerprint(config).to_dict(), calibration=lat.calibration)
         rng = np.random.default_rng(seed)
         variants = [random_channels(target.graph, target.scope, rng, grid) for _ in range(samples)]
-        path = out / SAMPLES_FILE
+        path, cal_path = out / SAMPLES_FILE, out / CALIBRATION_FILE
         done = read_samples(path)
-        have = {(int(r["index"]), str(r["channels"])) for _, r in done.iterrows() if int(r["seed"]) == seed}
+        counts = done[done["seed"] == seed].groupby(["index", "channels"]).size().to_dict() if len(done) else {}
         x = target.example_input()
-        jobs = []
-        for i, ch in enumerate(variants):
-            if (i, encode_channels(ch)) in have:
-                continue
-            jobs.append(Job(f"s{i:04d}", module=None, example_input=x, payload=(i, ch)))
+        jobs = [Job(f"s{i:04d}", example_input=x, payload=("sample", i, ch)) for i, ch in enumerate(variants)
+                if counts.get((i, encode_channels(ch)), 0) < passes]
+        if jobs and session_calibration:
+            jobs += [Job(f"c{i:02d}", example_input=x, payload=("calibration", lbl, ch))
+                     for i, (lbl, ch) in enumerate(calibration_variants(target.graph, target.scope, grid))]
+
+        def materialize(job: Job) -> None:
+            ch = job.payload[2]
+            job.module = (prune_by_counts(target.module, target.graph, ch) if ch else target.module).eval()
+
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), unit="model", desc="validate", disable=not progress, dynamic_ncols=True)
-        failures = []
-        cal_path = out / CALIBRATION_FILE
-        with AppendLog(path, SAMPLE_COLUMNS) as log, BatchRunner(dev, config, batch_size, workers) as runner, \
-                _session_calibration(target, grid, cal_path, runner, config, session_calibration) as calib:
-            def on_batch(results: list[tuple[Job, LatencyStats]]) -> None:
-                for job, s in results:
-                    i, ch = job.payload
-                    if not s.ok:
-                        failures.append(f"sample {i}: {clean_field(s.error or 'failed')}")
-                        continue
-                    det = lat.detail(ch)
-                    st = Stats.of(s)
-                    err = (det.total_ms - st.median_ms) / st.median_ms * 100
-                    log.append(",".join([str(i), str(seed), encode_channels(ch), f"{det.total_ms:.6g}",
-                                         f"{float(det.units_ms.sum()):.6g}", str(det.interpolated), *st.values(),
-                                         f"{err:.4g}", st.measured_at]) + "\n")
-                log.sync()
-                bar.update(len(results))
+        failures: list[str] = []
+        if jobs:
+            bar = tqdm(total=len(jobs) * (passes + 1), unit="model", desc="validate (lower, then time)",
+                       disable=not progress, dynamic_ncols=True)
+            with BatchRunner(dev, config, batch_size, workers) as runner, \
+                    Programs(runner, jobs, config, materialize, progress=bar.update) as programs, \
+                    AppendLog(path, SAMPLE_COLUMNS) as log, AppendLog(cal_path, CALIBRATION_COLUMNS) as clog:
+                for k in range(passes):
+                    def on_batch(results: list[tuple[Job, LatencyStats]], k=k) -> None:
+                        for job, st in results:
+                            kind, i, ch = job.payload
+                            if not st.ok:
+                                if k == 0:
+                                    failures.append(f"{kind} {i}: {clean_field(st.error or 'failed')}")
+                                continue
+                            stats = Stats.of(st)
+                            if kind == "calibration":
+                                clog.append(CalibrationRow(target.hash, target.label, i, ch, stats).to_line())
+                                continue
+                            det = lat.detail(ch)
+                            err = (det.total_ms - stats.median_ms) / stats.median_ms * 100
+                            log.append(",".join([str(i), str(seed), str(k), encode_channels(ch),
+                                                 f"{det.total_ms:.6g}", f"{float(det.units_ms.sum()):.6g}",
+                                                 str(det.interpolated), *stats.values(), f"{err:.4g}",
+                                                 stats.measured_at]) + "\n")
+                        log.sync()
+                        clog.sync()
+                        bar.update(len(results))
 
-            # build the pruned modules lazily, one round at a time, to keep memory flat
-            for start in range(0, len(jobs), runner.round_size):
-                chunk = jobs[start:start + runner.round_size]
-                for j in chunk:
-                    j.module = prune_by_counts(target.module, target.graph, j.payload[1]).eval()
-                runner.run(chunk, on_batch, after_round=calib.measure_once)
-                for j in chunk:
-                    j.module = None
-            while calib.jobs and calib.passes < CALIBRATION_PASSES:
-                calib.measure_once()
-        bar.close()
-        df = read_samples(path)
-        df = df[df["seed"] == seed]
-        if df.empty:
+                    programs.measure_pass(on_batch)
+            bar.close()
+        raw = read_samples(path)
+        raw = raw[raw["seed"] == seed]
+        if raw.empty:
             raise AmcError(f"no sample could be measured: {'; '.join(failures[:3]) or 'no reason given'}")
+        df = aggregate_passes(raw)
         metrics = accuracy_metrics(df["predicted_ms"], df["median_ms"])
         metrics.update({"failed": len(failures), "calibration": lat.calibration,
                         "interpolated_units_mean": float(df["interpolated_units"].mean())})

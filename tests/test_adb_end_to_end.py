@@ -65,7 +65,7 @@ def test_table_build_validate_and_search_mobilenet_v2(x86_phone, tmp_path, runs_
     assert runs and all(c.startswith("{ ( trap '' HUP; taskset 80 ") for c in runs)
 
     # 2. validation: two random pruned variants, predicted from the table and measured on the phone
-    rc = main(["table", "validate", "--model", "mobilenet_v2", "--device", uri, "-n", "2", "--out",
+    rc = main(["table", "validate", "--model", "mobilenet_v2", "--device", uri, "-n", "2", "--passes", "1", "--out",
                str(tmp_path / "validate"), "--quiet", *FAST_MEASURE])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -74,14 +74,16 @@ def test_table_build_validate_and_search_mobilenet_v2(x86_phone, tmp_path, runs_
     assert len(samples) == 2
 
     # 3. a short search under a latency budget on the same phone (untrained weights: the pipeline,
-    # not the accuracy, is under test; an absolute budget keeps it reachable whatever the noise)
+    # not the accuracy, is under test; a budget relative to the prediction keeps it reachable whatever
+    # the noise, and spares a whole-model lowering: the phone measures the pruned and original models
+    # at the end, in one batch)
     from amc_mobile.models import build_model
     from amc_mobile.train import save_checkpoint
 
     ckpt = save_checkpoint(build_model("mobilenet_v2"), tmp_path / "ckpt")
     run = tmp_path / "search"
     rc = main(["search", "--model", str(ckpt), "--device", uri, "--table-dir", str(folder), "--channel-round", "64",
-               "--target-ms", "1000", "--episodes", "2", "--warmup", "2", "--val-images", "100", "--eval-batch", "100",
+               "--latency-reference", "predicted", "--target", "0.9", "--episodes", "2", "--warmup", "2", "--val-images", "100", "--eval-batch", "100",
                "--calib-images", "20", "--no-reconstruct", "--no-progress", "--out", str(run)])
     out = capsys.readouterr().out
     assert rc == 0, out

@@ -97,12 +97,15 @@ def test_real_predictions(resnet_table):
 def test_tiny_real_validation(resnet_table, tmp_path):
     root, _, _, _ = resnet_table
     res = validate_table("resnet20", "local", samples=2, out_dir=tmp_path / "val", tables_dir=root, config=QUICK,
-                         table_config=QUICK, batch_size=1, workers=2, progress=False)
-    assert len(res.samples) == 2 and (tmp_path / "val" / "scatter.png").is_file()
+                         table_config=QUICK, batch_size=1, workers=2, progress=False, passes=2,
+                         session_calibration=False)
+    assert len(res.samples) == 2 and set(res.samples["passes"]) == {2} and (tmp_path / "val" / "scatter.png").is_file()
     assert (tmp_path / "val" / "run.json").is_file() and (tmp_path / "val" / "summary.json").is_file()
     assert set(res.metrics) >= {"within_5pct", "within_10pct", "rmspe_pct", "under_predicted_5pct", "spearman"}
     assert res.metrics["max_abs_error_pct"] < 60  # a sanity bound: the accuracy bar is a benchmark
     # a rerun into the same folder measures nothing new
+    rows = (tmp_path / "val" / "samples.csv").read_text()
     again = validate_table("resnet20", "local", samples=2, out_dir=tmp_path / "val", tables_dir=root, config=QUICK,
-                           table_config=QUICK, batch_size=1, workers=2, progress=False, plot=False)
-    assert len(again.samples) == 2
+                           table_config=QUICK, batch_size=1, workers=2, progress=False, plot=False, passes=2,
+                           session_calibration=False)
+    assert len(again.samples) == 2 and (tmp_path / "val" / "samples.csv").read_text() == rows

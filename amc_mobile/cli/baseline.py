@@ -31,6 +31,11 @@ def register(sub) -> None:
         + " ".join(f"{m}: {h}." for m, h in _HELP.items())
         + " Run folders default to runs/baseline-<method>-<timestamp>/.")
     p.add_argument("method", choices=METHODS, help="which baseline")
+    u = p.add_argument_group("uniform only")
+    u.add_argument("--latency-stat", choices=("median", "p10"), default="median",
+                   help="statistic of the measured latency ratio (p10 is steadier on a loaded machine; default median)")
+    u.add_argument("--tolerance", type=float, default=0.03, help="measured ratio within this of the target (0.03)")
+    u.add_argument("--max-adjust", type=int, default=4, help="re-measurements to reach the tolerance (default 4)")
     _add_fields(p, SearchConfig, skip=("agent", "resume"))
     _add_fields(p.add_argument_group("DDPG agent (amc-flops only; AMC's defaults)"), DDPGConfig)
     p.set_defaults(func=run)
@@ -50,7 +55,15 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "amc-flops" and given.get("cost", "flops") != "flops":
         raise AmcError("amc-flops is the search with a FLOPs budget: drop --cost (or use `amc-mobile search`)")
     cfg = SearchConfig(**given, agent=DDPGConfig(**agent))
-    result = run_baseline(args.method, cfg)
+    if args.tolerance <= 0 or args.max_adjust < 0:
+        raise AmcError("--tolerance must be positive and --max-adjust >= 0")
+    if args.method == "uniform":
+        from amc_mobile.search.baselines import run_uniform
+
+        result = run_uniform(cfg, tolerance=args.tolerance, max_adjust=args.max_adjust,
+                             stat=f"{args.latency_stat}_ms")
+    else:
+        result = run_baseline(args.method, cfg)
     best, s = result.best, result.summary
     print(f"run folder: {result.run_dir}")
     extra = f" (uniform ratio {s['uniform_ratio']:.4f})" if "uniform_ratio" in s else ""

@@ -90,6 +90,9 @@ def register(sub) -> None:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--grid", type=int, default=None, help="channel grid of the variants (default: the table's)")
     v.add_argument("--out", default=None, help="output folder (default runs/table-validate-<timestamp>/)")
+    v.add_argument("--passes", type=int, default=5,
+                   help="time every program this many times, interleaved; a sample's latency is the median of "
+                        "its passes (default %(default)s)")
     v.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     v.add_argument("--batch-size", type=int, default=4, help="models per .pte (default %(default)s)")
     v.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -204,7 +207,9 @@ def run_show(args: argparse.Namespace) -> int:
           + (f"; {store.duplicates} duplicate rows ignored" if store.duplicates else "")
           + (f"; {len(failures)} failed" if failures else ""))
     models = collections.Counter(r.model for r in calib)
-    print(f"calibration: {len(calib)} whole models (" + ", ".join(f"{m} {n}" for m, n in models.items()) + ")")
+    variants = len({(r.model_hash, tuple(sorted(r.channels.items()))) for r in calib})
+    print(f"calibration: {len(calib)} whole-model timings of {variants} models ("
+          + ", ".join(f"{m} {n}" for m, n in models.items()) + ")")
     if coverage:
         print()
         if "error" in coverage:
@@ -213,7 +218,7 @@ def run_show(args: argparse.Namespace) -> int:
         c = coverage["calibration"]
         print(f"{coverage['model']} (scope {coverage['scope']}): full model {coverage['full_latency_ms']:.3f} ms "
               f"predicted; overhead {c['method']} (scale {c['scale']:.3f}, offset {c['offset']:+.4f} ms, "
-              f"{c['points']} whole models)")
+              f"{c['points']} calibration models)")
         print(f"{'layer':32s} {'axes':44s} {'measured':>9s} {'configs':>8s}")
         for row in coverage["layers"]:
             print(f"{row['unit']:32s} {row['axes'][:44]:44s} {row['measured']:9d} {row['configs']:8d}")
@@ -231,7 +236,8 @@ def run_validate(args: argparse.Namespace) -> int:
     res = validate_table(args.model, args.device, samples=args.samples, seed=args.seed, scope=args.scope,
                          grid=args.grid, out_dir=args.out, tables_dir=args.tables_dir, table_dir=args.table_dir,
                          allow_mismatch=args.allow_fingerprint_mismatch, config=config,
-                         batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
+                         batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
+                         passes=args.passes)
     print(res.summary())
     return 0
 

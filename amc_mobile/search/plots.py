@@ -97,9 +97,9 @@ def plot_policy(best: dict, path: Path, uniform: dict | None = None, note: str =
     """Bars: the best policy's kept/size per decision layer; line: the uniform width at the same cost.
     `uniform`: {"ratio": r, "ratios": [kept/size per layer], "cost": c} or None."""
     plt = _pyplot()
-    layers = best.get("layers") or {}
-    names = list(layers) or [str(i) for i in range(len(best.get("preserve_ratios", [])))]
-    ratios = [v["ratio"] for v in layers.values()] if layers else list(best.get("preserve_ratios", []))
+    layers = _ordered_layers(best)
+    names = [n for n, _ in layers] or [str(i) for i in range(len(best.get("preserve_ratios", [])))]
+    ratios = [v["ratio"] for _, v in layers] if layers else list(best.get("preserve_ratios", []))
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(names) + 2), 4.5))
     unit = best.get("cost_unit", "")
@@ -152,6 +152,13 @@ def plot_scatter(rows: list[dict], best: dict, path: Path, x_of=None, x_label: s
     return path
 
 
+def _ordered_layers(best: dict) -> list[tuple[str, dict]]:
+    """best_policy.json's layers in forward order (the JSON is written with sorted keys; channel groups
+    are numbered in forward order by the graph analysis)."""
+    layers = best.get("layers") or {}
+    return sorted(layers.items(), key=lambda kv: int(kv[1].get("group", 0)))
+
+
 def _short(name: str) -> str:
     return name.removeprefix("features.").removesuffix(".conv")
 
@@ -160,8 +167,7 @@ def uniform_reference(best: dict, cost, graph, lbound: float = 0.2, rbound: floa
     """The uniform width whose predicted cost is the largest within the best policy's cost."""
     from .baselines import uniform_at_cost
 
-    layers = best["layers"]
-    groups = [int(v["group"]) for v in layers.values()]
+    groups = [int(v["group"]) for _, v in _ordered_layers(best)]
     ratio, channels = uniform_at_cost(cost, graph, groups, float(best["cost"]), lbound, rbound, grid)
     return {"ratio": ratio, "ratios": [channels[g] / graph.groups[g].size for g in groups],
             "cost": cost.predict(channels), "channels": {str(g): c for g, c in channels.items()}}
