@@ -38,6 +38,16 @@ from latency_tables.validate import accuracy_metrics, spearman, validate_table
 FAST = MeasureConfig(warmup=0, iterations=1, repeats=1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The formula device runs real forward passes: with torch's default two threads on a busy
+    two-core machine they are ~30x slower than with one. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def formula_ms(module: nn.Module, x: torch.Tensor) -> float:
     """2 us per call + FLOPs-proportional conv/linear cost, padded up to 16 output channels."""
     cost = [0.002]
@@ -321,7 +331,7 @@ def test_predict_refuses_bad_channels(tmp_path):
 
 def test_predictions_are_accurate_on_the_formula_device(tmp_path):
     """Adaptive sampling + interpolation + calibration recover the truth within 2% on random variants."""
-    _build("mobilenet_v2", tmp_path, grid=16, calibration_count=5)
+    _build("mobilenet_v2", tmp_path, grid=32, calibration_count=5)
     lat = load_latency_model("mobilenet_v2", device_uri=FormulaDevice(), tables_dir=tmp_path)
     assert lat.calibration["method"] == "least-squares" and lat.calibration["points"] == 5
     target = resolve_target("mobilenet_v2")
@@ -434,7 +444,7 @@ def test_metrics():
 
 
 def _cli(*args, env=None):
-    e = dict(os.environ, **(env or {}))
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "amc_mobile", *args], capture_output=True, text=True, env=e,
                           timeout=300)
 
