@@ -1,9 +1,12 @@
 """Repeatability of `local`: N separate measurements of the default model, median-to-median spread.
 
-Each repetition is a separate runner invocation (a fresh process loading the .pte), as a user
-re-running `amc-mobile bench` would see. The bar: spread (max - min) / median of the medians <= 3%.
+Each measurement is what `amc-mobile bench --repeats K` takes: K separate runner invocations (fresh
+processes loading the .pte), samples pooled. Pooling over invocations spread across ~2 s matters on a
+shared VM, where one 0.4 s invocation can land in a slow stretch of the host (measured here: single
+invocations of the same .pte vary 1.64-2.14 ms with the guest idle). The bar: spread (max - min) /
+median of the medians <= 3%. `--trials T` repeats the whole check T times, to show its own variation.
 
-    .venv/bin/python benchmarks/measure_stability.py [--model mobilenet_v2] [--repeats 5]
+    .venv/bin/python benchmarks/measure_stability.py [--model mobilenet_v2] [--repeats 5] [--invocations 5] [--trials 1]
 """
 
 from __future__ import annotations
@@ -29,25 +32,37 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--invocations", type=int, default=5, help="runner invocations pooled per measurement")
+    ap.add_argument("--affinity", default=None, help="hex CPU mask to pin the runner to (default: none)")
+    ap.add_argument("--trials", type=int, default=1, help="repeat the whole check")
     args = ap.parse_args()
 
     m = load_model(args.model)
     dev = open_device("local")
-    cfg = MeasureConfig(warmup=args.warmup, iterations=args.iterations, threads=args.threads)
+    cfg = MeasureConfig(warmup=args.warmup, iterations=args.iterations, threads=args.threads,
+                        repeats=args.invocations, affinity=args.affinity)
+    fp = dev.fingerprint(cfg)
+    print(f"device: {fp.hardware} | {fp.runtime} | threads {fp.threads} | affinity {fp.affinity or '-'} | {args.invocations} invocations "
+          f"x {args.iterations} iterations per measurement")
+    spreads = []
     with tempfile.TemporaryDirectory() as tmp:
         pte = Path(tmp) / "model.pte"
         lower_to_pte([Candidate("forward", m.module, m.example_input)], pte)  # lowered once, run N times
-        medians = []
-        for i in range(args.repeats):
-            s = dev.measure_pte(pte, ["forward"], cfg)[0]
-            medians.append(s.median_ms)
-            print(f"run {i + 1}: median {s.median_ms:.4f} ms  p10 {s.p10_ms:.4f}  p90 {s.p90_ms:.4f}  n {s.n}")
-    mid = statistics.median(medians)
-    spread = (max(medians) - min(medians)) / mid
-    fp = dev.fingerprint(cfg)
-    print(f"device: {fp.hardware} | {fp.runtime} | threads {fp.threads}")
-    print(f"median of medians {mid:.4f} ms; median-to-median spread {spread * 100:.2f}% "
-          f"({'meets' if spread <= 0.03 else 'misses'} the 3% bar)")
+        for t in range(args.trials):
+            medians = []
+            for i in range(args.repeats):
+                s = dev.measure_pte(pte, ["forward"], cfg)[0]
+                medians.append(s.median_ms)
+                print(f"trial {t + 1} run {i + 1}: median {s.median_ms:.4f} ms  p10 {s.p10_ms:.4f}  "
+                      f"p90 {s.p90_ms:.4f}  n {s.n}")
+            mid = statistics.median(medians)
+            spread = (max(medians) - min(medians)) / mid
+            spreads.append(spread)
+            print(f"trial {t + 1}: median of medians {mid:.4f} ms; median-to-median spread {spread * 100:.2f}% "
+                  f"({'meets' if spread <= 0.03 else 'misses'} the 3% bar)", flush=True)
+    if args.trials > 1:
+        print(f"spread over {args.trials} trials: median {statistics.median(spreads) * 100:.2f}%, "
+              f"max {max(spreads) * 100:.2f}%; {sum(s <= 0.03 for s in spreads)}/{args.trials} meet the 3% bar")
     return 0
 
 
