@@ -99,19 +99,25 @@ def _batches(source, batch_size: int, device: torch.device, max_images: int | No
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+# Inference batch size. Small batches keep MobileNet-V2's 28x28 activations in cache: 10,000 test images
+# take ~18 s at 32 and ~120 s at 1000 on this 2-core box (the big batches spend their time in page faults).
+EVAL_BATCH = 32
+
+
 def evaluate(
     model: nn.Module,
     source,
     device: str | torch.device | None = "cpu",
     topk: tuple[int, ...] = (1, 5),
     max_images: int | None = None,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
 ) -> dict[str, float]:
     """Top-k accuracy (fractions) and mean cross-entropy on a Split, an (images, labels) pair or a loader.
 
     Lean on purpose (the search calls it hundreds of times): inference mode, big batches, and
     `max_images` to score on a prefix. The model's train/eval mode is restored afterwards.
     """
+    batch_size = batch_size or EVAL_BATCH
     dev = resolve_device(device)
     was_training = model.training
     model.eval()

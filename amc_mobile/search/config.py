@@ -81,7 +81,7 @@ class SearchConfig:
     calib_images: int = _f(500, "training images whose features feed the reconstruction (AMC: 3000)")
     calib_points: int = _f(10, "random spatial points sampled per calibration image (AMC: 10)")
     val_images: int = _f(1000, "held-out validation images that score each episode (5,000 exist)")
-    eval_batch: int = _f(100, "batch size of the per-episode evaluation (small batches stay in cache)")
+    eval_batch: int = _f(32, "batch size of the per-episode evaluation (small batches stay in cache)")
     seed: int = _f(0, "seed of the agent, the noise and the calibration sampling")
     out: str | None = _f(None, "run folder; default runs/search-<timestamp>")
     resume: str | None = _f(None, "continue the search in this run folder from its newest checkpoint")

@@ -105,7 +105,7 @@ def resolve_pruned(path: str | Path) -> tuple[Path, Path]:
 
 
 @torch.no_grad()
-def fast_evaluate(model: nn.Module, split, max_images: int | None = None, batch_size: int = 500) -> dict:
+def fast_evaluate(model: nn.Module, split, max_images: int | None = None, batch_size: int | None = None) -> dict:
     """top-1/top-5/loss of `model` on a split, on the CPU, through a BN-folded channels-last copy."""
     from amc_mobile.data import Split
     from amc_mobile.train import evaluate

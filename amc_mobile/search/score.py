@@ -15,7 +15,7 @@ from .env import Score
 from .reconstruct import PrunedModelBuilder
 
 
-def evaluate_split(model: nn.Module, split: Split, metric: str = "top1", batch_size: int = 500) -> tuple[float, float]:
+def evaluate_split(model: nn.Module, split: Split, metric: str = "top1", batch_size: int | None = None) -> tuple[float, float]:
     """(accuracy for `metric`, mean cross-entropy) of `model` on `split`, on the CPU."""
     from amc_mobile.train import evaluate
 
@@ -28,7 +28,7 @@ class EpisodeScorer:
     """channels -> Score, with the prune (+reconstruct) and evaluation times split. The scored model
     has its BNs folded and NHWC weights; `builder.build(channels)` gives the exportable one."""
 
-    def __init__(self, builder: PrunedModelBuilder, val: Split, metric: str = "top1", batch_size: int = 500,
+    def __init__(self, builder: PrunedModelBuilder, val: Split, metric: str = "top1", batch_size: int | None = None,
                  channels_last: bool = True):
         self.builder, self.metric, self.batch_size = builder, metric, batch_size
         # BN folded into the convs and NHWC memory: the same outputs, about 2x faster on CPU (oneDNN).
