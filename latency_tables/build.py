@@ -155,8 +155,9 @@ def build_table(model, device: str | Device = "local", *, graph: PruningGraph | 
                 report.lower_s, report.measure_s = runner.stats.lower_s, runner.stats.measure_s
             report.stopped = limits.reason
             report.seconds = time.perf_counter() - t_start
-            store.record_build({**entry, "finished": now_iso(), **{k: v for k, v in report.to_dict().items()
-                                                                   if k not in ("folder", "model", "scope", "grid")}})
+            if report.measured or report.failed or report.calibration:  # a no-op check leaves the stored table untouched
+                store.record_build({**entry, "finished": now_iso(), **{k: v for k, v in report.to_dict().items()
+                                                                       if k not in ("folder", "model", "scope", "grid")}})
             return report
         finally:
             store.unlock()
