@@ -317,6 +317,47 @@ def test_unreachable_port_is_one_line(adb_home):
     assert "\n" not in msg and f"cannot reach adb-tcp:127.0.0.1:{port}" in msg
 
 
+def test_tcp_transport_writes_whole_messages_and_reports_eof():
+    """adb-shell's own bulk_write is one send() on a non-blocking socket whose count nobody checks: a
+    full send buffer cut messages short and desynchronised the stream. Ours sends everything."""
+    import socket
+
+    from device.adb.connection import _tcp_transport_class
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        transport = _tcp_transport_class()("127.0.0.1", listener.getsockname()[1])
+        transport.connect(5.0)  # non-blocking from here on, as in a real session
+        server, _ = listener.accept()
+    transport._connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = os.urandom(4_000_000)  # far more than the socket buffers take at once
+    received = bytearray()
+
+    def slow_reader():
+        time.sleep(0.2)  # the peer is busy: the send buffer fills up first
+        while len(received) < len(data):
+            chunk = server.recv(1 << 16)
+            if not chunk:
+                break
+            received.extend(chunk)
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    try:
+        assert transport.bulk_write(data, 20.0) == len(data)
+        reader.join(20)
+        assert bytes(received) == data
+        server.sendall(b"OKAY")
+        assert transport.bulk_read(24, 2.0) == b"OKAY"  # a short read is returned (the caller loops)...
+        server.close()
+        with pytest.raises(ConnectionResetError):  # ...and EOF is an error, not b"" forever
+            transport.bulk_read(24, 2.0)
+    finally:
+        transport.close()
+        server.close()
+
+
 # -- info, fingerprint, deployment -----------------------------------------------------------------
 
 

@@ -486,6 +486,124 @@ def test_bad_signature_gets_a_new_token(adb_test_device):
     assert (command, arg0) == (P.A_AUTH, P.AUTH_TOKEN) and token2 != token1
 
 
+# -- framing under load: partial reads, concurrent writers, descriptor reuse --------------------------
+
+
+def _online(port: int, maxdata: int = 4096) -> RawClient:
+    """A raw client past CNXN on a device without auth (version 0x01000000: checksummed)."""
+    raw = RawClient(port)
+    raw.send(P.A_CNXN, 0x01000000, maxdata, b"host::\0")
+    command, _, _, banner, _ = raw.recv()
+    assert command == P.A_CNXN and banner.startswith(b"device::")
+    return raw
+
+
+def test_messages_dribbled_in_tiny_segments_are_reassembled(adb_test_device_factory):
+    """Every message split into 1-5 byte TCP segments with pauses (header split too): the device must
+    wait for exactly 24 header bytes, then the payload, and never act on a partial read."""
+    dev = adb_test_device_factory(auth_required=False, authorized_keys=[])
+    raw = RawClient(dev.port)
+    raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def dribble(command, arg0, arg1, data=b""):
+        packet = P.pack(command, arg0, arg1, data)
+        i, step = 0, 1
+        while i < len(packet):
+            raw.sock.sendall(packet[i:i + step])
+            i += step
+            step = step % 5 + 1
+            time.sleep(0.002)
+
+    dribble(P.A_CNXN, 0x01000000, 4096, b"host::features=shell_v2\0")
+    command, version, _, banner, _ = raw.recv()
+    assert command == P.A_CNXN and version == 0x01000000 and banner.startswith(b"device::")
+    dribble(P.A_OPEN, 5, 0, b"shell:cat\0")
+    command, local, remote, _, _ = raw.recv()
+    assert (command, remote) == (P.A_OKAY, 5)
+    payload = bytes(range(256)) * 4  # every byte value, so a shifted frame would show
+    dribble(P.A_WRTE, 5, local, payload)
+    echoed = b""
+    while len(echoed) < len(payload):
+        command, arg0, arg1, data, _ = raw.recv()
+        if command == P.A_OKAY:  # the device acknowledging our WRTE
+            continue
+        assert (command, arg0, arg1) == (P.A_WRTE, local, 5)
+        echoed += data
+        dribble(P.A_OKAY, 5, local)
+    assert echoed == payload
+    dribble(P.A_CLSE, 5, local)
+    assert dev.device.stats["wrte_in"] == 1
+
+
+def test_concurrent_streams_never_interleave_messages(adb_test_device_factory):
+    """Eight shell streams on one connection write at once (small maxdata: many WRTEs from eight
+    threads) while the client writes its OKAYs from eight threads too: every header must be whole and
+    every stream's bytes must arrive complete and unmixed."""
+    dev = adb_test_device_factory(auth_required=False, authorized_keys=[], maxdata=4096)
+    raw = _online(dev.port, maxdata=4096)
+    n, size = 8, 60_000
+    letters = "abcdefgh"
+    send_lock = threading.Lock()
+
+    def send(*args):
+        with send_lock:
+            raw.send(*args)
+
+    for i in range(n):
+        send(P.A_OPEN, 100 + i, 0, f"shell:head -c {size} /dev/zero | tr '\\0' {letters[i]}\0".encode())
+    local_of: dict[int, int] = {}
+    got = {100 + i: bytearray() for i in range(n)}
+    closed: set[int] = set()
+    acks: list[threading.Thread] = []
+    while len(closed) < n:
+        command, arg0, arg1, data, _ = raw.recv()  # asserts the magic of every header
+        if command == P.A_OKAY:
+            local_of[arg1] = arg0
+        elif command == P.A_WRTE:
+            assert local_of[arg1] == arg0
+            got[arg1] += data
+            t = threading.Thread(target=send, args=(P.A_OKAY, arg1, arg0))
+            t.start()
+            acks.append(t)
+        elif command == P.A_CLSE:
+            closed.add(arg1)
+            send(P.A_CLSE, arg1, arg0)
+        else:
+            raise AssertionError(f"unexpected {P.name_of(command)}")
+    for t in acks:
+        t.join()
+    for i in range(n):
+        assert bytes(got[100 + i]) == letters[i].encode() * size, i
+    assert dev.device.stats["wrte_out"] >= n * size // 4096
+
+
+def test_a_late_wake_up_never_writes_into_a_reused_descriptor(adb_test_device_factory):
+    """The bug behind 'xCNX...': a shell's close hook ran after the shell had finished and closed its
+    wake-up pipe (the host's CLSE answering the device's comes later) and wrote b"x" to that number,
+    by then another socket's: a stray byte in front of the next connection's CNXN."""
+    dev = adb_test_device_factory(auth_required=False, authorized_keys=[])
+    for _ in range(3):
+        raw = _online(dev.port)
+        raw.send(P.A_OPEN, 1, 0, b"shell:echo hi\0")
+        command, local, _, _, _ = raw.recv()
+        assert command == P.A_OKAY
+        while True:
+            command, _, _, _, _ = raw.recv()
+            if command == P.A_WRTE:
+                raw.send(P.A_OKAY, 1, local)
+            elif command == P.A_CLSE:
+                break
+        time.sleep(0.3)  # the shell service has finished and closed its descriptors
+        others = [RawClient(dev.port) for _ in range(8)]  # these take the freed descriptor numbers
+        raw.send(P.A_CLSE, 1, local)  # -> the close hook runs now
+        time.sleep(0.2)
+        for other in others:
+            other.send(P.A_CNXN, 0x01000000, 4096, b"host::\0")
+            assert other.recv()[0] == P.A_CNXN
+            other.sock.close()
+        raw.sock.close()
+
+
 def test_unknown_service_is_refused(adb_test_device):
     c = adb_test_device.connect(timeout_s=1)
     with pytest.raises((adb_exc.AdbTimeoutError, adb_exc.TcpTimeoutException)):  # no OKAY ever comes

@@ -8,6 +8,10 @@ Facts of adb-shell 0.4.4 this module works around:
 
 - a read that finds the socket closed normally (EOF) gets `b""` and spins until `read_timeout_s`:
   our TCP transport raises `ConnectionResetError` on EOF instead, so a lost phone is noticed at once.
+- its TCP `bulk_write` is one `send()` on a non-blocking socket and the caller ignores the count, so
+  a short write (full send buffer: a busy phone, a loaded host) silently drops the rest of the message
+  and every later header is read from the wrong offset: our transport writes until all is sent.
+  (Reads are fine: adb-shell loops until the 24-byte header, then the payload, are complete.)
 - a silent command blocks in `select` for `transport_timeout_s` and then raises: every call passes
   its own timeout, and after any error the connection is closed (the stream state is unknown).
 - v1 shell streams do not kill the process when they are closed: long runs are started in the
@@ -18,11 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shlex
 import socket
 import stat
 import sys
 import threading
+import time
 from pathlib import Path
 
 from amc_mobile.errors import AmcError
@@ -117,7 +123,16 @@ def load_signers(path: Path | None = None) -> list:
 # -- transports ------------------------------------------------------------------------------------
 
 
+def _deadline(timeout_s):
+    return None if timeout_s is None else time.monotonic() + max(0.0, float(timeout_s))
+
+
+def _left(deadline):
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def _tcp_transport_class():
+    from adb_shell.exceptions import TcpTimeoutException
     from adb_shell.transport.tcp_transport import TcpTransport
 
     class EofTcpTransport(TcpTransport):
@@ -131,12 +146,43 @@ def _tcp_transport_class():
                 raise Unreachable(_reason(exc) if str(exc) else type(exc).__name__) from None
 
         def bulk_read(self, numbytes, transport_timeout_s):
-            if self._connection is None:
+            sock = self._connection
+            if sock is None:
                 raise ConnectionResetError("not connected")
-            data = super().bulk_read(numbytes, transport_timeout_s)
+            deadline = _deadline(transport_timeout_s)
+            while True:
+                readable, _, _ = select.select([sock], [], [], _left(deadline))
+                if not readable:
+                    raise TcpTimeoutException(f"reading from {self._host}:{self._port} timed out "
+                                              f"({transport_timeout_s} seconds)")
+                try:
+                    data = sock.recv(numbytes)
+                    break
+                except (BlockingIOError, InterruptedError):  # readiness that went away: wait again
+                    continue
             if numbytes and not data:
                 raise ConnectionResetError("the phone closed the connection")
             return data
+
+        def bulk_write(self, data, transport_timeout_s):
+            """Send all of `data` (a message header or payload) or raise: never a short write."""
+            sock = self._connection
+            if sock is None:
+                raise ConnectionResetError("not connected")
+            view = memoryview(data).cast("B")
+            deadline = _deadline(transport_timeout_s)
+            while view:
+                _, writable, _ = select.select([], [sock], [], _left(deadline))
+                if not writable:
+                    raise TcpTimeoutException(f"sending to {self._host}:{self._port} timed out after "
+                                              f"{transport_timeout_s} seconds with {len(view)} of {len(data)} "
+                                              f"bytes unsent")
+                try:
+                    n = sock.send(view)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                view = view[n:]
+            return len(data)
 
     return EofTcpTransport
 

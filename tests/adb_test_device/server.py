@@ -452,8 +452,14 @@ class _Connection:
         self.sock = sock
         self.addr = addr
         self.number = number
+        # One lock per connection: a message (header + payload) goes out in one sendall under it, so
+        # messages from different stream threads never interleave on the wire.
         self.send_lock = threading.Lock()
         self.closed = threading.Event()
+        self._close_lock = threading.Lock()
+        self._reader_done = False  # the reader thread (the socket's only reader) has finished
+        self._sock_released = False
+        self._reader_thread: threading.Thread | None = None
         self.online = False
         self.dropping = False  # a fault is about to drop this connection: no new streams
         self.version = P.A_VERSION_MIN  # until the host's CNXN says otherwise
@@ -472,12 +478,11 @@ class _Connection:
             raise AssertionError(f"payload {len(data)} > maxdata {self.out_maxdata}")
         with_check = not (self.online and self.version >= P.A_VERSION_SKIP_CHECKSUM)
         packet = P.pack(command, arg0, arg1, data, with_checksum=with_check)
-        stats = self.device.stats
-        stats["max_payload_out"] = max(stats["max_payload_out"], len(data))
-        if command == P.A_WRTE:
-            stats["wrte_out"] += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[%d] -> %r %r", self.number, P.Message(command, arg0, arg1, data), bytes(data[:48]))
+        self._send_packet(packet, command, len(data))
+
+    def _send_packet(self, packet: bytes, command: int, length: int) -> None:
         with self.send_lock:
             if self.closed.is_set():
                 raise StreamClosed("connection closed")
@@ -486,24 +491,56 @@ class _Connection:
             except OSError as exc:
                 self._mark_closed()
                 raise StreamClosed(f"connection lost: {exc}") from None
+            stats = self.device.stats
+            stats["max_payload_out"] = max(stats["max_payload_out"], length)
+            if command == P.A_WRTE:
+                stats["wrte_out"] += 1
 
     def close(self, graceful: bool = True) -> None:
-        """Drop the connection: FIN if graceful, else RST."""
-        if self.closed.is_set():
-            return
-        self._mark_closed()
+        """Drop the connection: FIN if graceful, else RST.
+
+        Any thread may call this, but only the reader thread closes the socket itself (or whoever
+        comes after it has finished): closing the descriptor under a thread that is about to recv or
+        send on it would let that thread read from or write into another socket that reused the
+        number. Here the socket is only shut down, which wakes the reader (and, when graceful, any
+        blocked sender); the reader's exit then releases it, RST included (SO_LINGER 0).
+        """
+        with self._close_lock:
+            if self.closed.is_set() and self._sock_released:
+                return
+            first = not self.closed.is_set()
+            self._mark_closed()
+            if first:
+                try:
+                    if graceful:
+                        self.sock.shutdown(socket.SHUT_RDWR)
+                    else:
+                        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+            release = self._reader_done or threading.current_thread() is self._reader_thread
+        if release:
+            self._release_socket()
+
+    def _release_socket(self) -> None:
+        """Close the descriptor once no thread can be inside a send on it (send_lock held)."""
+        if not self.send_lock.acquire(timeout=1.0):
+            # A sender is blocked on a full send buffer (the host stopped reading): wake it.
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self.send_lock.acquire()
         try:
-            if graceful:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            else:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+            if not self._sock_released:
+                self._sock_released = True
+                try:
+                    self.sock.close()
+                except OSError:
+                    pass
+        finally:
+            self.send_lock.release()
 
     def _mark_closed(self) -> None:
         self.closed.set()
@@ -567,6 +604,7 @@ class _Connection:
         return msg
 
     def run(self) -> None:
+        self._reader_thread = threading.current_thread()
         try:
             while not self.closed.is_set():
                 msg = self._read_message()
@@ -578,7 +616,10 @@ class _Connection:
         except (StreamClosed, OSError) as exc:
             log.debug("[%d] connection ended: %s", self.number, exc)
         finally:
+            with self._close_lock:
+                self._reader_done = True
             self.close(graceful=True)
+            self._release_socket()
             self.device._forget(self)
 
     def _dispatch(self, msg: P.Message) -> None:
@@ -618,11 +659,7 @@ class _Connection:
         # The CNXN itself still carries a checksum: the host only learns our version from it.
         data = self.device.banner()
         packet = P.pack(P.A_CNXN, self.version, self.out_maxdata, data, with_checksum=True)
-        with self.send_lock:
-            try:
-                self.sock.sendall(packet)
-            except OSError as exc:
-                raise StreamClosed(f"connection lost: {exc}") from None
+        self._send_packet(packet, P.A_CNXN, len(data))
         log.debug("[%d] online: version %#x maxdata %d", self.number, self.version, self.out_maxdata)
 
     def _on_cnxn(self, msg: P.Message) -> None:
@@ -761,7 +798,8 @@ class _Stream:
         self._run_hooks()
 
     def _run_hooks(self) -> None:
-        hooks, self.close_hooks = self.close_hooks, []
+        with self.cond:  # the reader's CLSE and a dying connection may both get here: run them once
+            hooks, self.close_hooks = self.close_hooks, []
         for hook in hooks:
             try:
                 hook()
@@ -899,6 +937,13 @@ def _shell_service(conn: _Connection, stream: _Stream, destination: str) -> None
         return
     device._register_proc(proc)
     wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    # The close hook can run on another thread after this service has finished and closed the pipe
+    # (the host's CLSE answering ours arrives later). Writing to the closed descriptor number then
+    # wrote b"x" into whatever socket had reused it: a stray byte in front of another connection's
+    # CNXN. So the write end is only touched under this lock, and only while it is still ours.
+    wake_lock = threading.Lock()
+    wake_open = [True]
 
     def on_close():
         if v2 and proc.poll() is None:  # adbd: protocol socket died -> SIGHUP to the shell
@@ -906,10 +951,12 @@ def _shell_service(conn: _Connection, stream: _Stream, destination: str) -> None
                 proc.send_signal(signal.SIGHUP)
             except OSError:
                 pass
-        try:
-            os.write(wake_w, b"x")
-        except OSError:
-            pass
+        with wake_lock:
+            if wake_open[0]:
+                try:
+                    os.write(wake_w, b"x")
+                except OSError:  # pipe full: a wake-up is already pending
+                    pass
 
     stream.close_hooks.append(on_close)
     if stream.remote_closed:
@@ -943,6 +990,10 @@ def _shell_service(conn: _Connection, stream: _Stream, destination: str) -> None
             for key, _ in sel.select(0.5):
                 fd = key.fd
                 if fd == wake_r:
+                    try:
+                        os.read(wake_r, 64)  # drain, or the selector keeps reporting it
+                    except OSError:
+                        pass
                     continue
                 data = os.read(fd, chunk_max)
                 rw = rewriters[fd]
@@ -976,11 +1027,10 @@ def _shell_service(conn: _Connection, stream: _Stream, destination: str) -> None
                     f.close()
                 except OSError:
                     pass
-        os.close(wake_r)
-        try:
+        with wake_lock:
+            wake_open[0] = False
             os.close(wake_w)
-        except OSError:
-            pass
+        os.close(wake_r)
     if drop_after and not conn.closed.is_set():
         # Let the host read everything (it answers our CLSE with its own), then reset the connection.
         stream.wait_remote_closed(2.0)
