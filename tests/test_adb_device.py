@@ -526,8 +526,22 @@ def test_connection_dropped_mid_push(phone, fake_runner, tmp_path):
     d.close()
 
 
+HOT = [("cpu-0-0", 41_000), ("cpu-1-0", 43_000), ("cpu-2-0", 46_000), ("gpu", 39_500), ("battery", 31_000)]
+
+
+def test_the_default_test_phone_is_under_the_thermal_guard(adb_home, adb_test_device_factory, fake_runner, tmp_path):
+    phone = adb_test_device_factory()  # default zones: no test waits for the guard unless it heats the phone
+    d = open_device(phone.uri + "?thermal_timeout_s=30&thermal_poll_s=0.2")
+    t0 = time.monotonic()
+    assert d.measure_pte(_pte(tmp_path), ["m0"], CFG)[0].ok
+    rep = d.last_batch_report["thermal"]
+    assert rep["waited_s"] == 0 and not rep["timed_out"] and rep["start_cpu_temp_c"] < rep["max_temp_c"] == 45.0
+    assert time.monotonic() - t0 < 10
+    d.close()
+
+
 def test_thermal_guard_waits_for_a_hot_phone(adb_home, adb_test_device_factory, fake_runner, tmp_path, caplog):
-    phone = adb_test_device_factory()  # cpu-2-0 at 46 °C: above the default 45 °C
+    phone = adb_test_device_factory(thermal_zones=HOT)  # cpu-2-0 at 46 °C: above the default 45 °C
     d = open_device(phone.uri + "?thermal_timeout_s=0.8&thermal_poll_s=0.2")
     t0 = time.monotonic()
     with caplog.at_level("WARNING", logger="device.adb"):
