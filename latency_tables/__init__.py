@@ -23,6 +23,7 @@ _EXPORTS = {
     "BuildReport": "build", "build_table": "build", "ensure_table": "build",
     "load_latency_model": "loading", "open_table": "loading",
     "LatencyModel": "predict",
+    "Recalibration": "session", "recalibrate": "session",
     "channel_choices": "space", "round_channels": "space",
     "TableStore": "store", "tables_root": "store",
     "UnitSpec": "units",

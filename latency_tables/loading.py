@@ -61,9 +61,16 @@ def table_grid(store: TableStore, target: Target) -> int:
     return int(builds[-1]["grid"]) if builds else DEFAULT_GRID
 
 
-def calibration_points(model: LatencyModel, rows) -> tuple[list[float], list[float], list[str]]:
+# A table's fit follows the device as it is now: per calibration model, only its most recent passes
+# count (rows are appended in time order), so `table calibrate` or a search's recalibration moves it.
+RECENT_PASSES = 5
+
+
+def calibration_points(model: LatencyModel, rows, recent: int = RECENT_PASSES
+                       ) -> tuple[list[float], list[float], list[str]]:
     """(unit sum, measured median, variant) per calibration model; a model timed in several passes
-    counts once, with the median of its passes. Rows of groups outside the model's scope are skipped."""
+    counts once, with the median of its `recent` latest passes. Rows of groups outside the model's
+    scope are skipped."""
     by_variant: dict[tuple, list[float]] = {}
     labels: dict[tuple, str] = {}
     for r in rows:
@@ -72,6 +79,7 @@ def calibration_points(model: LatencyModel, rows) -> tuple[list[float], list[flo
         labels[k] = r.variant
     sums, measured, used = [], [], []
     for k, values in by_variant.items():
+        values = values[-recent:]
         try:
             sums.append(model.predict_raw(dict(k)))
         except AmcError:

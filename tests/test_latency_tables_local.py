@@ -110,3 +110,25 @@ def test_tiny_real_validation(resnet_table, tmp_path):
                            table_config=QUICK, batch_size=1, workers=2, progress=False, plot=False, passes=2,
                            session_calibration=False)
     assert len(again.samples) == 2 and (tmp_path / "val" / "samples.csv").read_text() == rows
+
+
+def test_recalibration_refits_on_fresh_timings_and_keeps_them(resnet_table):
+    """Last in this file: it adds calibration rows to the shared table."""
+    from latency_tables import recalibrate
+    from latency_tables.calibrate import calibration_variants
+    from latency_tables.loading import RECENT_PASSES
+
+    root, store, _, _ = resnet_table
+    lat = load_latency_model("resnet20", device_uri="local", tables_dir=root, config=QUICK)
+    target = resolve_target("resnet20")
+    n_before = len(store.calibration())
+    lat.scale, lat.offset = 3.0, 5.0  # a stale fit, far from this machine as it is now
+    rec = recalibrate(lat, target, _local(), passes=2, config=QUICK, store=store, grid=32)
+    variants = calibration_variants(target.graph, target.scope, 32)
+    assert rec.passes == 2 and not rec.failures
+    assert rec.persisted == len(store.calibration()) - n_before == 2 * len(variants)  # every pass kept
+    assert lat.calibration["session"] and lat.calibration["points"] == len(variants)
+    assert rec.original_ms > 0 and lat.predict({}) == pytest.approx(rec.original_ms, rel=0.3)
+    # the stored fit now follows the most recent passes, the fresh ones included
+    again = load_latency_model("resnet20", device_uri="local", tables_dir=root, config=QUICK)
+    assert again.calibration["points"] == len(variants) and RECENT_PASSES >= 2

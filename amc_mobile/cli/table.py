@@ -1,4 +1,4 @@
-"""`amc-mobile table build | show | validate | plot`: per-device latency lookup tables."""
+"""`amc-mobile table build | calibrate | show | validate | plot`: per-device latency lookup tables."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def register(sub) -> None:
     from latency_tables.sampling import DEFAULT_TOLERANCE
     from latency_tables.space import DEFAULT_COARSE_STEP, DEFAULT_GRID
 
-    table = sub.add_parser("table", help="per-device latency lookup tables: build, show, validate, plot",
+    table = sub.add_parser("table", help="per-device latency lookup tables: build, calibrate, show, validate, plot",
                            description="Per-device latency lookup tables keyed by fused unit.")
     tsub = table.add_subparsers(dest="table_command", metavar="ACTION")
 
@@ -72,6 +72,17 @@ def register(sub) -> None:
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_measure_options(b, iterations=UNIT_CONFIG.iterations, warmup=UNIT_CONFIG.warmup)
     b.set_defaults(func=run_build, min_time_ms=UNIT_CONFIG.min_time_ms, repeats=UNIT_CONFIG.repeats)
+
+    c = tsub.add_parser("calibrate", help="re-time the calibration models now and refit the overhead term",
+                        description="Time the table's whole-model calibration models on the device now (a few "
+                                    "models, seconds), append every pass to the table and refit the overhead "
+                                    "term on the latest passes: run it when the device's state changed since "
+                                    "the build (a search does it by itself).")
+    _common(c)
+    _mismatch(c)
+    _lookup_options(c)
+    c.add_argument("--passes", type=int, default=5, help="interleaved passes (default %(default)s)")
+    c.set_defaults(func=run_calibrate)
 
     s = tsub.add_parser("show", help="fingerprint, counts per unit kind, coverage per layer of a model")
     _common(s)
@@ -227,6 +238,44 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"{'total':32s} {'':44s} {tot_m:9d} {tot_c:8d}  ({tot_m / max(tot_c, 1):.0%} measured, rest "
               f"interpolated)")
     return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from latency_tables.loading import compile_for
+    from latency_tables.session import SESSION_CONFIG, recalibrate
+
+    target, store, lat = _target_and_model(args)
+    before = dict(lat.calibration)
+    full_before = lat.full_latency_ms
+    config = SESSION_CONFIG if args.threads is None and args.affinity is None else \
+        _with(SESSION_CONFIG, threads=args.threads, affinity=args.affinity)
+    same = not store.fingerprint.differences(_fingerprint(args.device, config))
+    rec = recalibrate(lat, target, args.device, passes=args.passes, config=config, store=store if same else None)
+    stored = compile_for(target, store, args.device)
+    print(f"table {store.folder}" + ("" if same else " (fingerprint differs: timings not stored)"))
+    print(f"{target.label}: {rec.passes} passes of {rec.fit.points} calibration models in {rec.seconds:.0f} s"
+          + (f"; {len(rec.failures)} failed: {rec.failures[0]}" if rec.failures else ""))
+    if rec.original_ms is not None:
+        print(f"unpruned model measured {rec.original_ms:.4f} ms; predicted {full_before:.4f} ms before, "
+              f"{stored.full_latency_ms:.4f} ms now")
+    print(f"overhead before: scale {before.get('scale', 1):.3f}, offset {before.get('offset', 0):+.4f} ms "
+          f"({before.get('points', 0)} models)")
+    c = stored.calibration
+    print(f"overhead now:    scale {c['scale']:.3f}, offset {c['offset']:+.4f} ms ({c['points']} models, fit "
+          f"RMSPE {c['rmspe']:.1f}%, on each model's latest passes)")
+    return 0
+
+
+def _with(config, **kw):
+    from dataclasses import replace
+
+    return replace(config, **{k: v for k, v in kw.items() if v is not None})
+
+
+def _fingerprint(device: str, config):
+    from latency_tables.loading import _fingerprint as fp
+
+    return fp(device, config)
 
 
 def run_validate(args: argparse.Namespace) -> int:

@@ -67,6 +67,9 @@ class SearchConfig:
     latency_reference: str = _f("measured", "latency cost: --target is a fraction of the original's latency "
                                 "measured on the device at the start, or of its predicted latency",
                                 choices=LATENCY_REFERENCES)
+    recalibrate: bool = _f(True, "latency cost: re-time the table's calibration models on the device first (seconds) "
+                           "and fit the overhead term to the device as it is now; the unpruned model's timing is "
+                           "the measured reference")
     reward: str = _f("constrained", "constrained: -error under the budget; guaranteed: -error*log(cost), no budget",
                      choices=REWARDS)
     metric: str = _f("top1", "accuracy the reward uses (AMC's official code used top5 on ImageNet)", choices=METRICS)

@@ -149,6 +149,38 @@ def measure_models(device_uri: str, models: list[tuple[str, nn.Module]], input_s
     return out
 
 
+def _recalibrate(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict) -> dict | None:
+    """Re-time the table's calibration models on the device and refit the overhead term (see
+    latency_tables.session); returns the unpruned model's timing as `measure_models` does, or
+    None (with a warning) when this cost model has no table or the device fails."""
+    import latency_tables as lt
+    from device import open_device
+    from latency_tables.session import SESSION_CONFIG
+    from latency_tables.target import resolve_target
+
+    lat = getattr(cost, "model", None)
+    if not isinstance(lat, lt.LatencyModel):
+        return None
+    try:
+        store = lt.TableStore(lat.source) if lat.source else None
+        with open_device(cfg.device) as dev:
+            if store is not None and store.exists():
+                if store.fingerprint.differences(dev.fingerprint(SESSION_CONFIG)):
+                    store = None  # a table from another device configuration: refit for this session only
+            else:
+                store = None
+            rec = lt.recalibrate(lat, resolve_target(model, lat.graph, lat.scope), dev, store=store)
+    except AmcError as exc:
+        warnings.warn(f"could not re-time the calibration models on {cfg.device} ({exc}): the table's stored "
+                      f"calibration is used", SearchWarning, stacklevel=2)
+        return None
+    cost.full_cost = float(lat.predict({}))
+    info["recalibration"] = rec.to_dict()
+    if rec.original is None:
+        return None
+    return {"original": rec.original}
+
+
 def _budget(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict) -> float | None:
     if cfg.reward == "guaranteed":
         return None
@@ -158,7 +190,9 @@ def _budget(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict) ->
         return cfg.target * cost.full_cost
     # Latency: the target is relative to (or given in) measured milliseconds; the predictor is
     # calibrated on whole models measured end to end, so its ms compare with measured ms.
-    measured = measure_models(cfg.device, [("original", model)], model.input_shape)
+    measured = _recalibrate(cfg, cost, model, info) if cfg.recalibrate else None
+    if measured is None:
+        measured = measure_models(cfg.device, [("original", model)], model.input_shape)
     ms = measured.get("original", {}).get("median_ms")
     info["original_measured"] = measured
     if ms is None or not math.isfinite(ms):
