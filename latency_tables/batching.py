@@ -8,6 +8,11 @@ program after the other: lowering and timing never overlap, so a measurement nev
 with our own exporter. Other devices get `device.measure(candidates)` per batch.
 
 Each worker pays the exporter's first-use cost once (imports, op tables), when it starts.
+
+Nothing measured is lost when a device gives up in the middle of a program (a phone's connection
+dropped): an `AmcError` with a `partial` dict ({name: LatencyStats} of the methods it finished, as
+`AdbConnectionLost` has) has those handed to `on_batch` before it propagates; the methods not in it
+are not reported at all (no failure rows), so a rerun measures exactly those.
 """
 
 from __future__ import annotations
@@ -104,6 +109,22 @@ def _lower_chunk(jobs: list[Job], path: str) -> tuple[dict[str, str], float]:
     return failed, time.perf_counter() - t0
 
 
+def _hand_over_partial(exc: Exception, jobs: Sequence[Job], on_batch,
+                       failed: dict[str, str] | None = None) -> None:
+    """Before `exc` propagates: give `on_batch` what the device finished of `jobs` (its `partial`),
+    plus the jobs that could not even be built or lowered (`failed`); nothing for the others."""
+    partial = getattr(exc, "partial", None) or {}
+    failed = failed or {}
+    done = []
+    for j in jobs:
+        if j.name in partial:
+            done.append((j, partial[j.name]))
+        elif j.name in failed:
+            done.append((j, LatencyStats.failed(j.name, failed[j.name])))
+    if done and partial:
+        on_batch(done)
+
+
 class BatchRunner:
     """Times jobs on `device` in rounds; see the module docstring. Use as a context manager."""
 
@@ -179,7 +200,11 @@ class BatchRunner:
                 cands.append(j.candidate())
             except Exception as exc:
                 failed[j.name] = f"candidate {j.name!r} cannot be built: {str(exc).splitlines()[0][:200]}"
-        results = {s.name: s for s in (self.device.measure(cands, self.config) if cands else [])}
+        try:
+            results = {s.name: s for s in (self.device.measure(cands, self.config) if cands else [])}
+        except AmcError as exc:
+            _hand_over_partial(exc, jobs, on_batch, failed)
+            raise
         dt = time.perf_counter() - t0
         self.stats.measure_s += dt  # lowering happens inside device.measure: not separable here
         self.stats.per_round.append({"methods": len(jobs), "lower_s": None, "measure_s": dt})
@@ -198,8 +223,12 @@ class BatchRunner:
                 names = [j.name for j in p if j.name not in failed]
                 measured: dict[str, LatencyStats] = {}
                 if names and Path(path).is_file():
-                    for s in self.device.measure_pte(path, names, self.config):
-                        measured[s.name] = s
+                    try:
+                        for s in self.device.measure_pte(path, names, self.config):
+                            measured[s.name] = s
+                    except AmcError as exc:
+                        _hand_over_partial(exc, p, on_batch, failed)
+                        raise
                 on_batch([(j, measured.get(j.name) or LatencyStats.failed(j.name, failed.get(j.name, "not lowered")))
                           for j in p])
             t2 = time.perf_counter()
@@ -286,8 +315,13 @@ class Programs:
         results: list[tuple[Job, LatencyStats]] = []
         if self.prebuilt:
             for path, jobs in self._programs:
-                measured = {s.name: s for s in self.runner.device.measure_pte(path, [j.name for j in jobs],
-                                                                              self.config)}
+                try:
+                    measured = {s.name: s for s in self.runner.device.measure_pte(path, [j.name for j in jobs],
+                                                                                  self.config)}
+                except AmcError as exc:
+                    if on_batch is not None:
+                        _hand_over_partial(exc, jobs, on_batch)
+                    raise
                 batch = [(j, measured[j.name]) for j in jobs]
                 results += batch
                 if on_batch is not None:
@@ -302,8 +336,13 @@ class Programs:
                 if self.materialize is not None:
                     for j in jobs:
                         self.materialize(j)
-                measured = {s.name: s for s in self.runner.device.measure([j.candidate() for j in jobs],
-                                                                          self.config)}
+                try:
+                    measured = {s.name: s for s in self.runner.device.measure([j.candidate() for j in jobs],
+                                                                              self.config)}
+                except AmcError as exc:
+                    if on_batch is not None:
+                        _hand_over_partial(exc, jobs, on_batch)
+                    raise
                 batch = [(j, measured[j.name]) for j in jobs]
                 if self.materialize is not None:
                     for j in jobs:
@@ -338,5 +377,5 @@ class Companions(Programs):
         self.on_pass = on_pass
 
     def measure_once(self) -> None:
-        if self.jobs:
-            self.on_pass(self.measure_pass())
+        if self.jobs:  # each program's results as soon as it is timed (a lost device loses no earlier one)
+            self.measure_pass(self.on_pass)

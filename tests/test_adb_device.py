@@ -32,6 +32,7 @@ from conftest_adb import make_adb_key
 #   crash:NAME    exit 4 when reaching method NAME (after printing the methods before it)
 #   usage         exit 2 at once
 #   sleep:SECS    sleep before every method
+#   wait:NAME     before method NAME, wait until the file `go` exists next to it
 FAKE_ET_BENCH = r"""#!/bin/sh
 dir=$(dirname "$0")
 mode=$(cat "$dir/fake_mode" 2>/dev/null)
@@ -52,6 +53,7 @@ case "$mode" in usage) echo "et_bench: bad arguments (fake)" >&2; exit 2;; esac
 n=$(cat "$dir/fake_count" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "$dir/fake_count"
 for m in $(echo "$methods" | tr ',' ' '); do
   case "$mode" in sleep:*) sleep "${mode#sleep:}";; esac
+  if [ "$mode" = "wait:$m" ]; then while [ ! -f "$dir/go" ]; do sleep 0.05; done; fi
   if [ "$mode" = "crash:$m" ]; then echo "et_bench: execution of '$m' failed (fake)" >&2; exit 4; fi
   echo "{\"method\": \"$m\", \"iterations_us\": [100$n.0, 110$n.0, 120$n.0], \"load_ms\": 1.5, \"threads\": $threads, \"affinity\": null, \"warmup\": 1, \"runtime_version\": \"1.4.1\"}"
 done
@@ -510,6 +512,79 @@ def test_connection_dropped_mid_run_is_a_clear_error_and_the_next_session_cleans
     assert all(r.ok for r in d2.measure_pte(_pte(tmp_path), ["m0"], CFG))
     assert not leftover.exists()  # ...the next session of this host removes it
     d2.close()
+
+
+def _drop_once_seen(d, phone, needle: str, outputs: list[str]) -> None:
+    """Wrap d.conn.run: once an answer contains `needle`, the test device drops the connection after
+    the next shell command (its answer still arrives; the one after fails)."""
+    real_run = d.conn.run
+    armed = []
+
+    def run(command, *args, **kwargs):
+        out = real_run(command, *args, **kwargs)
+        outputs.append(out[0])
+        if needle in out[0] and not armed:
+            armed.append(True)
+            phone.set_faults(drop_after_shell_commands=1)
+        return out
+
+    d.conn.run = run
+
+
+def test_connection_dropped_mid_run_keeps_the_methods_already_received(phone, fake_runner, tmp_path):
+    """et_bench prints m0 and m1, then works on m2 when the connection drops: m0 and m1 came back with
+    the polls while it ran, so they are in `partial`; a rerun needs only m2 and m3."""
+    d = open_device(phone.uri)
+    d.runner
+    d.poll_window_s = 0.2
+    _mode(phone, "wait:m2")
+    outputs: list[str] = []
+    _drop_once_seen(d, phone, '"method": "m1"', outputs)
+    with pytest.raises(AdbConnectionLost, match="lost during run of et_bench") as info:
+        d.measure_pte(_pte(tmp_path), ["m0", "m1", "m2", "m3"], CFG)
+    partial = info.value.partial
+    assert sorted(partial) == ["m0", "m1"] and all(s.ok for s in partial.values())
+    assert partial["m0"].samples_ms == (1.001, 1.101, 1.201) and partial["m1"].n == 3
+    # each line was fetched once: later polls ask for the bytes after the ones already consumed
+    assert sum(o.count('"method": "m0"') for o in outputs) == 1
+    assert any("tail -c +" in c.command and "tail -c +1 " not in c.command for c in phone.commands)
+    d.close()
+    phone.phone_path("/data/local/tmp/amc_mobile/go").write_text("")
+    _mode(phone, None)
+    d2 = open_device(phone.uri)
+    res = d2.measure_pte(_pte(tmp_path), ["m2", "m3"], CFG)
+    assert [r.name for r in res] == ["m2", "m3"] and all(r.ok for r in res)
+    d2.close()
+
+
+def test_connection_dropped_with_repeats_keeps_only_complete_methods(phone, fake_runner, tmp_path):
+    """With 2 repeats a method is finished once its 2nd repeat is in: a drop during the 2nd invocation
+    keeps the method it had printed there (m0), not those with only their 1st repeat (m1, m2)."""
+    d = open_device(phone.uri)
+    d.runner
+    d.poll_window_s = 0.2
+    _mode(phone, "wait:m1")
+    gate = phone.phone_path("/data/local/tmp/amc_mobile/go")
+    gate.write_text("")  # the 1st invocation runs through; the 2nd stops before m1
+    real_run = d.conn.run
+    launches = []
+
+    def gated(command, *args, **kwargs):
+        if "et_bench --model_path" in command:
+            launches.append(command)
+            if len(launches) == 2:
+                gate.unlink()
+        return real_run(command, *args, **kwargs)
+
+    d.conn.run = gated
+    outputs: list[str] = []
+    _drop_once_seen(d, phone, '"method": "m0", "iterations_us": [1002', outputs)  # m0 of invocation 2
+    with pytest.raises(AdbConnectionLost) as info:
+        d.measure_pte(_pte(tmp_path), ["m0", "m1", "m2"], MeasureConfig(warmup=1, iterations=3, repeats=2))
+    partial = info.value.partial
+    assert sorted(partial) == ["m0"] and partial["m0"].n == 6  # both repeats, pooled
+    assert len(launches) == 2
+    d.close()
 
 
 def test_connection_dropped_mid_push(phone, fake_runner, tmp_path):

@@ -10,7 +10,9 @@ Output: `<run>/finetuned/` in the same pruned format (same base model, `fine_tun
 same record under "finetune". The training loop is `amc_mobile.train.train` (its SGD is Nesterov).
 
 The defaults are brief on purpose: on a 2-core CPU MobileNet-V2 trains at a few hundred images/s, so
-one epoch over the first 12,000 training images at lr 0.01 is the default; longer runs are options.
+one epoch over the first 24,000 training images is the default; longer runs are options. Batch 64 at
+lr 0.005 (the 128 / 0.01 pair scaled linearly): on this CPU a batch of 64 trains about twice as many
+images per second as a batch of 128 (its activations stay in cache).
 Evaluation folds the BNs into the convs and uses channels-last (the same numbers, about twice as fast).
 """
 
@@ -39,9 +41,9 @@ class FinetuneConfig:
     """AMC's fine-tune recipe, kept brief by default (see module doc)."""
 
     epochs: int = 1
-    lr: float = 0.01
-    train_images: int | None = 12_000  # first N training images; None: all 55,000
-    batch_size: int = 128
+    lr: float = 0.005
+    train_images: int | None = 24_000  # first N training images; None: all 55,000
+    batch_size: int = 64
     weight_decay: float = 4e-5
     augment: bool = True
     seed: int = 0
@@ -196,7 +198,7 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
     return FinetuneResult(model, pruned_dir, out, run_dir, before, after, record)
 
 
-def finetune_run(path: str | Path, epochs: int = FinetuneConfig.epochs, train_images: int | None = 12_000,
+def finetune_run(path: str | Path, epochs: int = FinetuneConfig.epochs, train_images: int | None = FinetuneConfig.train_images,
                  lr: float = FinetuneConfig.lr, data=None, out: str | Path | None = None, **config) -> dict:
     """`finetune` with keyword options, returning a flat JSON-safe dict (the demo and scripts use it):
     {"out", "run_dir", "before": {"val_top1", "test_top1", ...}, "after": {...}, "record": finetune.json}."""

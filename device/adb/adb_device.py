@@ -13,8 +13,11 @@ A batch (`measure`, or `measure_pte` for a `.pte` lowered elsewhere) costs, on t
 
 Failure handling follows `local`: the methods the runner finished keep their samples, the method it
 stopped on gets the runner's reason, and it is restarted for the rest; exit 2 (bad arguments) raises.
-A connection lost mid-batch raises `AdbConnectionLost` (an `AmcError`) whose `partial` holds the
-candidates already complete; earlier batches are the caller's (the table builder persists each one).
+While the runner runs, each poll also brings back the JSON lines it has printed since the last poll,
+so a method is in hand as soon as it is finished. A connection lost mid-batch raises
+`AdbConnectionLost` (an `AmcError`) whose `partial` maps every candidate already complete (all its
+repeats received, or failed for good) to its `LatencyStats`; the table builder persists those and
+re-raises, so a rerun measures only the rest. Earlier batches are the caller's (persisted each).
 
 URI options (after `?`, `&`-separated): `runner=et_bench|executor_runner`, `max_temp_c=45` (`none`
 disables the wait), `thermal_timeout_s=120`, `thermal_poll_s=5`, `timeout_s=` (per runner invocation;
@@ -284,7 +287,11 @@ class AdbDevice(Device):
             for _ in failed:
                 _tick(progress)
             names = [c.name for c in candidates if c.name not in failed]
-            measured = self._measure_remote(pte, names, config, progress) if names else {}
+            try:
+                measured = self._measure_remote(pte, names, config, progress) if names else {}
+            except AdbConnectionLost as exc:
+                exc.partial = {**{n: LatencyStats.failed(n, why) for n, why in failed.items()}, **exc.partial}
+                raise
         return [LatencyStats.failed(c.name, failed[c.name]) if c.name in failed else measured[c.name]
                 for c in candidates]
 
@@ -418,15 +425,22 @@ class AdbDevice(Device):
             timeouts = 0
             while todo:
                 argv = build_argv(self._runner.remote, remote_pte, argv_config, todo, default_threads=threads)
+                taken: set[str] = set()  # methods of this invocation already recorded
+
+                def take(records, todo=todo, taken=taken, last=rep == repeats - 1) -> None:
+                    """Record finished methods as their lines arrive (polls while running, then the end)."""
+                    for rec in records:
+                        if rec.method in todo and rec.method not in taken:
+                            taken.add(rec.method)
+                            state.per_repeat.setdefault(rec.method, []).append(rec.to_stats())
+                            state.runtime_version = state.runtime_version or rec.runtime_version
+                            if last:
+                                state.complete[rec.method] = merge_repeats(rec.method, state.per_repeat[rec.method])
+                                _tick(progress)
+
                 res = self._invoke(bdir, prefix + " ".join(q(a) for a in argv), self.timeout_for(len(todo), config),
-                                   state).result
-                for rec in res.records:
-                    if rec.method in todo:
-                        state.per_repeat.setdefault(rec.method, []).append(rec.to_stats())
-                        state.runtime_version = state.runtime_version or rec.runtime_version
-                        if rep == repeats - 1:
-                            state.complete[rec.method] = merge_repeats(rec.method, state.per_repeat[rec.method])
-                            _tick(progress)
+                                   state, on_records=take).result
+                take(res.records)
                 done = {r.method for r in res.records}
                 if res.error is None:
                     missing = [n for n in todo if n not in done]
@@ -505,10 +519,12 @@ class AdbDevice(Device):
     # ------------------------------------------------------------------ one invocation
 
     def _invoke(self, bdir: str, command: str, timeout_s: float, state: "_BatchState",
-                parse: bool = True) -> "_Invocation":
+                parse: bool = True, on_records=None) -> "_Invocation":
         """Run `command` in the background on the phone; wait for it (phone-side polling) until
         `timeout_s`, then kill it by PID. Never raises for a runner failure; raises
-        AdbConnectionLost when the phone goes away."""
+        AdbConnectionLost when the phone goes away. With `on_records`, every poll while the runner
+        runs also fetches the stdout it printed since the last one, and the complete method lines
+        go to `on_records` at once (so a lost connection loses no finished method)."""
         self._invocation += 1
         state.invocations += 1
         base = f"{bdir}/i{self._invocation:04d}"
@@ -518,13 +534,25 @@ class AdbDevice(Device):
         deadline = time.monotonic() + timeout_s
         what = f"run of {self.runner_kind} (batch {self._batch_no})"
         window = self.poll_window_s
-        text, _ = self.conn.run(launch + self._poll_script(base, min(window, timeout_s)), timeout_s=window + 30,
-                                what=what)
-        status = _parse_poll(text)
-        while status.rc is None and time.monotonic() < deadline:
-            text, _ = self.conn.run(self._poll_script(base, min(window, max(0.05, deadline - time.monotonic()))),
-                                    timeout_s=window + 30, what=what)
+        stream = _OutputTail() if on_records is not None else None
+
+        def poll(script: str) -> _PollStatus:
+            text, _ = self.conn.run(script, timeout_s=window + 30, what=what)
             status = _parse_poll(text)
+            if stream is not None and status.rc is None and status.partial is not None:
+                lines = stream.feed(*status.partial)
+                if lines:
+                    try:
+                        records = parse_output(lines)
+                    except AmcError:  # not a runner's output: the final parse says so
+                        records = []
+                    if records:
+                        on_records(records)
+            return status
+
+        status = poll(launch + self._poll_script(base, min(window, timeout_s), stream))
+        while status.rc is None and time.monotonic() < deadline:
+            status = poll(self._poll_script(base, min(window, max(0.05, deadline - time.monotonic())), stream))
         timed_out = status.rc is None
         if timed_out:
             text, _ = self.conn.run(self._kill_script(base, bdir), timeout_s=30, what=f"killing the hung {self.runner_kind}")
@@ -550,15 +578,16 @@ class AdbDevice(Device):
         return inv
 
     @staticmethod
-    def _poll_script(base: str, window_s: float) -> str:
+    def _poll_script(base: str, window_s: float, stream: "_OutputTail | None" = None) -> str:
         """Wait on the phone until `base.rc` exists (10 ms steps for 0.2 s, then 50 ms) or `window_s`
-        passed; print the state, and the outputs once it is done."""
+        passed; print the state, and the outputs once it is done (with `stream`: while it runs, the
+        stdout printed since `stream.offset`)."""
         rc = q(base + ".rc")
         n_fast = max(1, min(20, int(window_s / 0.01)))
         n_slow = max(0, int((window_s - 0.2) / 0.05 + 0.999))
         return (f"i=0; while [ ! -f {rc} ] && [ $i -lt {n_fast} ]; do sleep 0.01; i=$((i+1)); done; "
                 f"i=0; while [ ! -f {rc} ] && [ $i -lt {n_slow} ]; do sleep 0.05; i=$((i+1)); done; "
-                + _report_script(base))
+                + _report_script(base, None if stream is None else stream.offset))
 
     @staticmethod
     def _kill_script(base: str, bdir: str) -> str:
@@ -589,19 +618,28 @@ class AdbDevice(Device):
 # -- helpers ---------------------------------------------------------------------------------------
 
 _SIGNALS = {int(s) for s in signal.Signals}
-_OUT_MARK, _ERR_MARK, _END_MARK = "@@AMC_OUT@@", "@@AMC_ERR@@", "@@AMC_END@@"
+_OUT_MARK, _ERR_MARK, _END_MARK, _PART_MARK = "@@AMC_OUT@@", "@@AMC_ERR@@", "@@AMC_END@@", "@@AMC_PART"
 
 
-def _report_script(base: str) -> str:
+def _report_script(base: str, offset: int | None = None) -> str:
+    """The runner's state; once it is done its stdout and stderr; with `offset`, while it runs, its
+    stdout from byte `offset` on (`tail -c +N`; where that fails, all of it, saying so)."""
     rc, pid, out, err = (q(base + s) for s in (".rc", ".pid", ".out", ".err"))
+    running = ""
+    if offset is not None:
+        start = int(offset) + 1
+        running = (f"else if tail -c +{start} {out} >/dev/null 2>&1; then echo \"{_PART_MARK} {int(offset)}\"; "
+                   f"tail -c +{start} {out} 2>/dev/null; else echo \"{_PART_MARK} 0\"; cat {out} 2>/dev/null; fi; "
+                   f"printf '\\n{_END_MARK}\\n'; ")
     return (f"echo \"@@AMC_STATE $(cat {rc} 2>/dev/null || echo running) $(cat {pid} 2>/dev/null)\"; "
             f"if [ -f {rc} ]; then echo {_OUT_MARK}; cat {out} 2>/dev/null; printf '\\n{_ERR_MARK}\\n'; "
-            f"cat {err} 2>/dev/null; printf '\\n{_END_MARK}\\n'; fi")
+            f"cat {err} 2>/dev/null; printf '\\n{_END_MARK}\\n'; {running}fi")
 
 
 class _PollStatus:
-    def __init__(self, rc, pid, stdout, stderr):
+    def __init__(self, rc, pid, stdout, stderr, partial=None):
         self.rc, self.pid, self.stdout, self.stderr = rc, pid, stdout, stderr
+        self.partial: tuple[int, str] | None = partial  # (byte offset, stdout from there) while running
 
 
 def _parse_poll(text: str) -> _PollStatus:
@@ -611,11 +649,34 @@ def _parse_poll(text: str) -> _PollStatus:
     rc = int(m.group(1)) if re.fullmatch(r"-?\d+", m.group(1)) else None
     pid = int(m.group(2)) if m.group(2) else None
     stdout = stderr = ""
+    partial = None
     if _OUT_MARK + "\n" in text:
         body = text.split(_OUT_MARK + "\n", 1)[1]
         stdout, _, rest = body.partition("\n" + _ERR_MARK + "\n")
         stderr = rest.rpartition("\n" + _END_MARK)[0]
-    return _PollStatus(rc, pid, stdout, stderr)
+    else:
+        p = re.search(re.escape(_PART_MARK) + r" (\d+)\n", text)
+        if p and "\n" + _END_MARK in text[p.end() - 1:]:
+            partial = (int(p.group(1)), text[p.end():].rpartition("\n" + _END_MARK)[0])
+    return _PollStatus(rc, pid, stdout, stderr, partial)
+
+
+class _OutputTail:
+    """The runner's stdout as it grows, polled in pieces: hands out each complete line once."""
+
+    def __init__(self):
+        self.offset = 0  # bytes of stdout consumed (complete lines only)
+
+    def feed(self, start: int, text: str) -> str:
+        data = text.encode("utf-8", "surrogateescape")
+        if start > self.offset:  # a gap (cannot happen with tail -c +N): wait for a full copy
+            return ""
+        data = data[self.offset - start:]
+        end = data.rfind(b"\n") + 1
+        if end <= 0:
+            return ""
+        self.offset += end
+        return data[:end].decode("utf-8", "replace")
 
 
 class _Invocation:
