@@ -587,6 +587,97 @@ def test_connection_dropped_with_repeats_keeps_only_complete_methods(phone, fake
     d.close()
 
 
+class _DroppingDevice:
+    """A device whose connection drops in its 2nd batch after finishing the first half of it."""
+
+    uri = "stub:dropping"
+
+    def __init__(self):
+        self.calls = 0
+
+    def fingerprint(self, config=None):
+        raise NotImplementedError
+
+    def measure(self, candidates, config=None, progress=None):
+        self.calls += 1
+        names = [c.name for c in candidates]
+        if self.calls == 2:
+            half = names[: len(names) // 2]
+            raise AdbConnectionLost("connection to stub lost during run of et_bench",
+                                    partial={n: LatencyStats(n, 1.0, 1.0, 1.0, 1.0, 1.0, 3, (1.0,) * 3, None, None)
+                                             for n in half})
+        return [LatencyStats(n, 2.0, 2.0, 2.0, 2.0, 2.0, 3, (2.0,) * 3, None, None) for n in names]
+
+
+def test_batches_hand_over_what_a_dropped_device_finished():
+    """BatchRunner, Programs and Companions give `on_batch` the finished methods of the batch that
+    was cut short (no failure rows for the others), then let the error through."""
+    from latency_tables.batching import BatchRunner, Companions, Job, Programs
+    from latency_tables.units import UnitSpec
+
+    spec = UnitSpec("conv", 4, 4, 8, 8, 1)
+    jobs = [Job(f"u{i}", spec=spec) for i in range(8)]
+    got: list[tuple[str, bool]] = []
+
+    def on_batch(results):
+        got.extend((j.name, s.ok) for j, s in results)
+
+    runner = BatchRunner(_DroppingDevice(), CFG, batch_size=4, workers=1)
+    with pytest.raises(AdbConnectionLost):
+        runner.run(jobs, on_batch)
+    assert got == [("u0", True), ("u1", True), ("u2", True), ("u3", True), ("u4", True), ("u5", True)]
+
+    got.clear()
+    programs = Programs(BatchRunner(_DroppingDevice(), CFG, batch_size=4, workers=1), jobs)
+    with pytest.raises(AdbConnectionLost):
+        programs.measure_pass(on_batch)
+    assert [n for n, _ in got] == ["u0", "u1", "u2", "u3", "u4", "u5"]
+
+    got.clear()
+    companions = Companions(BatchRunner(_DroppingDevice(), CFG, batch_size=4, workers=1), jobs, on_batch)
+    with pytest.raises(AdbConnectionLost):  # each program's results are passed on as soon as it is timed
+        companions.measure_once()
+    assert [n for n, _ in got] == ["u0", "u1", "u2", "u3", "u4", "u5"]
+
+
+@pytest.mark.slow
+def test_table_build_dropped_mid_invocation_keeps_finished_rows_and_rerun_measures_only_the_rest(
+        phone, fake_runner, tmp_path):
+    """resnet20 at a 64-channel grid (16 unit configs) in batches of 4 on the fake runner: batch 2's
+    runner prints u0005, then the connection drops while it works on u0006. u0005's row is in the
+    table with batch 1's; the rerun measures the other 11, once each."""
+    from latency_tables.build import build_table
+    from latency_tables.store import TableStore
+
+    kw = dict(grid=64, coarse_step=100, refine=False, calibrate=False, batch_size=4, workers=1, progress=False,
+              config=CFG, table_dir=tmp_path / "table")
+    d = open_device(phone.uri)
+    d.poll_window_s = 0.2
+    _mode(phone, "wait:u0006")
+    outputs: list[str] = []
+    _drop_once_seen(d, phone, '"method": "u0005"', outputs)
+    with pytest.raises(AdbConnectionLost, match="lost during run of et_bench"):
+        build_table("resnet20", d, **kw)
+    d.close()
+    units = TableStore(tmp_path / "table").units()
+    assert len(units) == 5 and not TableStore(tmp_path / "table").failures()
+
+    phone.phone_path("/data/local/tmp/amc_mobile/go").write_text("")
+    _mode(phone, None)
+    n_cmds = len(phone.commands)
+    d2 = open_device(phone.uri)
+    report = build_table("resnet20", d2, **kw)
+    d2.close()
+    assert (report.measured, report.failed, report.present) == (11, 0, 5)
+    runs = [c.command for c in phone.commands[n_cmds:] if "et_bench --model_path" in c.command]
+    asked = [m for c in runs for m in c.split("--methods ")[1].split()[0].split(",")]
+    assert len(asked) == 11  # nothing measured twice
+    units2 = TableStore(tmp_path / "table").units()
+    assert len(units2) == 16 and set(units) <= set(units2)
+    with open(tmp_path / "table" / "units.csv") as f:
+        assert len(f.read().splitlines()) == 1 + 16  # header + one row per configuration
+
+
 def test_connection_dropped_mid_push(phone, fake_runner, tmp_path):
     d = open_device(phone.uri)
     d.runner

@@ -99,7 +99,8 @@ def test_table_build_validate_and_search_mobilenet_v2(x86_phone, tmp_path, runs_
 def test_connection_dropped_mid_build_keeps_rows_and_resume_completes(x86_phone, tmp_path, monkeypatch, capsys):
     """resnet20 at a 64-channel grid: 16 unit configs in batches of 4, lowered in-process (--workers 1:
     `AdbDevice.measure` per batch). The connection drops during the 2nd batch's push (run 1), then
-    during the 2nd batch's runner invocation (run 2); run 3 completes the table."""
+    during the 2nd batch's runner invocation (run 2: the methods it had finished by the poll before
+    the drop, if any, are kept too); run 3 completes the table."""
     uri = x86_phone.uri
     original = AdbDevice.measure
     calls = {"n": 0, "fault_at": None, "fault": None}
@@ -134,7 +135,7 @@ def test_connection_dropped_mid_build_keeps_rows_and_resume_completes(x86_phone,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"connection to {uri} lost during run of et_bench" in err
     keys2 = _unit_keys(folder)
-    assert keys2[:4] == keys1 and len(keys2) == 8 and len(measured) == 4
+    assert keys2[:4] == keys1 and 8 <= len(keys2) < 12 and len(measured) == 4
 
     # run 3 completes the coarse pass, with no duplicates; the runner left by run 2 was cleaned up
     calls.update(n=0, fault_at=None)
@@ -142,8 +143,8 @@ def test_connection_dropped_mid_build_keeps_rows_and_resume_completes(x86_phone,
     out = capsys.readouterr().out
     keys3 = _unit_keys(folder)
     assert len(keys3) == len(set(keys3)) == 16, out
-    assert keys3[:8] == keys2
-    assert "8 measured, 0 failed, 8 already present" in out
+    assert keys3[:len(keys2)] == keys2
+    assert f"{16 - len(keys2)} measured, 0 failed, {len(keys2)} already present" in out
     assert not list(x86_phone.phone_path("/data/local/tmp/amc_mobile/runs").glob("*/*"))
 
 
