@@ -1,8 +1,8 @@
 """Latency-AMC against its baselines at the same measured latency, before and after identical fine-tuning.
 
     .venv/bin/python benchmarks/search_vs_baselines.py [--model mobilenet_v2] [--device local] [--target 0.5]
-        [--episodes 60] [--val-images 500] [--calib-images 500] [--seed 0] [--ft-train-images 12000]
-        [--ft-epochs 1] [--ft-lr 0.01] [--ft-device cpu] [--eval-images N] [--uniform-at amc|target]
+        [--episodes 60] [--val-images 500] [--calib-images 500] [--seed 0] [--ft-train-images 24000]
+        [--ft-epochs 1] [--ft-lr 0.005] [--ft-device cpu] [--eval-images N] [--uniform-at amc|target]
         [--table-dir DIR] [--methods amc-latency,uniform,random,amc-flops] [--out DIR]
 
 One model, one device, one target (0.5x the MEASURED latency of the original by default), one seed, one
@@ -53,9 +53,9 @@ def parse(argv=None):
     p.add_argument("--val-images", type=int, default=500, help="validation images scoring each episode")
     p.add_argument("--calib-images", type=int, default=500, help="calibration images of the reconstruction")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ft-train-images", type=int, default=12000, help="fine-tune on the first N training images")
+    p.add_argument("--ft-train-images", type=int, default=24000, help="fine-tune on the first N training images")
     p.add_argument("--ft-epochs", type=int, default=1)
-    p.add_argument("--ft-lr", type=float, default=0.01)
+    p.add_argument("--ft-lr", type=float, default=0.005)
     p.add_argument("--ft-device", default="cpu", help="where the fine-tunes train (cpu, cuda)")
     p.add_argument("--eval-images", type=int, default=None, help="test images scored after fine-tuning (all)")
     p.add_argument("--uniform-at", choices=("amc", "target"), default="amc",
