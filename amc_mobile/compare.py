@@ -85,6 +85,7 @@ class ModelEntry:
     notes: list[str] = field(default_factory=list)
     top1: float | None = None
     accuracy_note: str | None = None
+    load_error: str | None = None  # could not be loaded: its cells say why, the other models still run
 
     @property
     def is_pte(self) -> bool:
@@ -93,7 +94,7 @@ class ModelEntry:
     def describe(self) -> dict:
         return {"label": self.label, "ref": self.ref, "source": self.loaded.source, "params": self.params,
                 "macs": self.macs, "size_mb": self.size_mb, "top1": self.top1,
-                "accuracy_note": self.accuracy_note, "notes": self.notes}
+                "accuracy_note": self.accuracy_note, "notes": self.notes, "load_error": self.load_error}
 
 
 def count_macs(module) -> tuple[int | None, str | None]:
@@ -117,18 +118,30 @@ def _unique_labels(labels: list[str]) -> list[str]:
 
 
 def load_models(refs: Sequence[str], allow_pickle: bool = False,
-                labels: Sequence[str] | None = None) -> list[ModelEntry]:
-    """Load every model (the first is the original); any unloadable model is an AmcError."""
+                labels: Sequence[str] | None = None, keep_going: bool = False) -> list[ModelEntry]:
+    """Load every model (the first is the original). An unloadable model is an AmcError, or with
+    `keep_going` an entry whose `load_error` says why (an AmcError still when none loads)."""
     if len(refs) < 1:
         raise AmcError("compare needs an original model (and usually compressed ones to compare with it)")
     if labels is not None and len(labels) != len(refs):
         raise AmcError(f"--labels has {len(labels)} names for {len(refs)} models: give one per model")
     entries = []
     for i, ref in enumerate(refs):
-        loaded = load_model(ref, allow_pickle=allow_pickle, label=labels[i] if labels else None)
+        try:
+            loaded = load_model(ref, allow_pickle=allow_pickle, label=labels[i] if labels else None)
+        except AmcError as exc:
+            if not keep_going:
+                raise
+            label = labels[i] if labels else (Path(ref).name or str(ref))
+            loaded = LoadedModel(label, None, None, "unloadable")
+            entries.append(ModelEntry(label, ref, loaded, load_error=one_line(exc)))
+            continue
         if not labels:
             loaded.label = _label_of(ref, loaded)
         entries.append(ModelEntry(loaded.label, ref, loaded))
+    if all(e.load_error for e in entries):
+        raise AmcError(entries[0].load_error if len(entries) == 1 else
+                       f"none of the {len(entries)} models could be loaded; first: {entries[0].load_error}")
     for entry, lbl in zip(entries, _unique_labels([e.label for e in entries])):
         entry.label = lbl
     for e in entries:
@@ -220,7 +233,8 @@ def measure_device(device, models: Sequence[ModelEntry], config, log: Log | None
     else:  # the caller's device: the caller closes it
         dev, uri = device, device.uri
     owned = dev is not device
-    cells: dict[str, Cell] = {}
+    cells: dict[str, Cell] = {m.label: Cell(m.label, uri, "failed", error=f"not loaded: {m.load_error}")
+                              for m in models if m.load_error}
     fp = None
     try:
         with dev if owned else contextlib.nullcontext(dev):
@@ -290,6 +304,9 @@ def add_accuracy(models: Sequence[ModelEntry], data_dir: str | None = None, max_
     data_shape = tuple(test.images.shape[1:])
     for m in models:
         module = m.loaded.module
+        if m.load_error:
+            m.accuracy_note = "skipped: not loaded"
+            continue
         if module is None:
             m.accuracy_note = "skipped: a .pte cannot be evaluated here (pass its pruned-model folder)"
             continue
@@ -616,7 +633,10 @@ def run_compare(
     log = log or (lambda _msg: None)
     config = config or MeasureConfig()
     uris = check_device_uris(devices)
-    models = load_models(refs, allow_pickle=allow_pickle, labels=labels)
+    models = load_models(refs, allow_pickle=allow_pickle, labels=labels, keep_going=True)
+    for m in models:
+        if m.load_error:
+            log(f"{m.label}: {m.load_error}")
     if accuracy:
         from amc_mobile.data import find_data_dir
 

@@ -150,26 +150,33 @@ def test_unreachable_device_cells_show_the_error(tmp_path, capsys):
 # -- bad input: one line, exit 2, nothing measured ------------------------------------------------
 
 
-def test_bad_model_file_fails_before_measuring(tmp_path, capsys):
+def test_bad_model_file_is_an_error_in_its_cells_others_still_run(tmp_path, capsys):
     junk = tmp_path / "model.pte"
     junk.write_bytes(b"this is not a program")
-    out = tmp_path / "run"
-    assert main(["compare", "resnet20", str(junk), "--devices", "local", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("amc-mobile: error:") and "not an ExecuTorch program" in err and "\n" not in err
-    assert not out.exists()  # failed before any run folder or measurement
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    assert main(["compare", "resnet20", str(text), "--out", str(out)]) == 2
-    assert "is not a model" in capsys.readouterr().err
+    out = tmp_path / "run"
+    res = run_compare(["resnet20", str(junk), str(text)], [EagerCpuDevice()], FAST, out=out, log=None, report=False)
+    assert res.exit_code == 1
+    cells = {c.model: c for c in res.devices[0].cells}
+    assert cells["resnet20"].ok  # the loadable model is still measured
+    assert cells["model.pte"].status == "failed" and "not an ExecuTorch program" in cells["model.pte"].error
+    assert cells["notes.txt"].status == "failed" and "is not a model" in cells["notes.txt"].error
+    assert "\n" not in cells["model.pte"].error and (out / "compare.csv").is_file()
+    # nothing loadable at all: a one-line error before any run folder
+    assert main(["compare", str(junk), "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("amc-mobile: error:") and "not an ExecuTorch program" in err and "\n" not in err
+    assert not (tmp_path / "none").exists()
 
 
 def test_mismatched_spec_and_weights(tmp_path, capsys):
     folder = make_pruned(tmp_path / "pruned")
     torch.save(build_model("resnet20").state_dict(), folder / "model.pt")  # unpruned weights, pruned spec
-    assert main(["compare", "resnet20", str(folder), "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
-    assert "does not match architecture.json" in err and err.count("\n") == 1
+    assert main(["compare", "resnet20", str(folder), "--devices", "local",
+                 "--out", str(tmp_path / "run"), "--iterations", "5", "--warmup", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "does not match architecture.json" in out and "not loaded" in out
 
 
 def test_unknown_device_scheme_and_bad_labels(tmp_path, capsys):
@@ -183,8 +190,10 @@ def test_unknown_device_scheme_and_bad_labels(tmp_path, capsys):
 def test_pickled_module_needs_allow_pickle(tmp_path, capsys):
     path = tmp_path / "whole.pt"
     torch.save(build_model("resnet20"), path)
-    assert main(["compare", "resnet20", str(path), "--out", str(tmp_path / "a")]) == 2
-    assert "--allow-pickle" in capsys.readouterr().err
+    with pytest.raises(AmcError, match="--allow-pickle"):
+        load_models(["resnet20", str(path)])
+    res = run_compare(["resnet20", str(path)], [EagerCpuDevice()], FAST, out=tmp_path / "a", log=None, report=False)
+    assert res.cell("resnet20", "eager-cpu").ok and "--allow-pickle" in res.cell("whole.pt", "eager-cpu").error
     models = load_models(["resnet20", str(path)], allow_pickle=True)
     assert models[1].loaded.source == "pickle" and models[1].macs == models[0].macs
 
