@@ -16,8 +16,9 @@ data split, one episode budget for every method:
    scoring), best by validation accuracy;
 4. **amc-flops**: `run_search(cost="flops")` at the same ratio of FLOPs (the paper's setting).
 
-Then the original and the four pruned models are measured in ONE batch on the device (so load on a shared
-machine hits them alike), each pruned model gets the same brief fine-tune (same images, recipe and seed),
+Then the original and the four pruned models are measured in ONE batch on the device, in 5 passes (so load on a shared
+machine hits them alike; ratios are medians of per-pass ratios: a pass's models alternate within
+seconds), each pruned model gets the same brief fine-tune (same images, recipe and seed),
 and ONE table is printed: kept MACs, table-predicted ms, measured ms and ratio, validation top-1 before
 fine-tuning (full 5,000-image split), test top-1 after (full 10,000 unless --eval-images), and the
 differences against uniform. Everything lands in the output folder: one run folder per method (with
@@ -135,7 +136,8 @@ def main(argv=None) -> int:
     from amc_mobile.data import load_fashion_mnist
     from amc_mobile.pruning.graph import DEFAULT_SCOPE, build_graph
     from amc_mobile.runs import new_run_dir, write_manifest
-    from amc_mobile.search.baselines import annotate, measure_batch, run_amc_flops, run_random, run_uniform
+    from amc_mobile.search.baselines import (annotate, measure_batch, paired_ratio, run_amc_flops, run_random,
+                                             run_uniform)
     from amc_mobile.search.config import SearchConfig
     from amc_mobile.search.cost import LatencyCost
     from amc_mobile.search.finetune import FinetuneConfig, finetune
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
             if "error" in m or m["original"].get("error") or m["pruned"].get("error"):
                 print(f"   measuring amc-latency failed ({m.get('error') or m}); uniform aims at --target")
             else:
-                ratio = m["pruned"][f"{args.stat}_ms"] / m["original"][f"{args.stat}_ms"]
+                ratio = paired_ratio(m, "pruned", stat=f"{args.stat}_ms")
                 print(f"   amc-latency measured at {ratio:.3f} of the original ({args.stat}): uniform's target")
         original_ms = setup.info.get("original_measured_ms") if setup else None
         usetup = replace(setup, budget=ratio * original_ms) if original_ms else setup
@@ -244,8 +246,8 @@ def main(argv=None) -> int:
         rows.append({
             "method": name, "kept_mmac": pol["kept_mmac"], "mmac_ratio": pol["mmac_ratio"],
             "predicted_ms": lat_cost.predict(r.channels), "measured_ms": ms,
-            "measured_ratio": ms / orig_ms if ms and orig_ms else None,
-            "p10_ratio": p10 / orig_p10 if p10 and orig_p10 else None,
+            "measured_ratio": paired_ratio(batch, name, stat=stat),  # median of per-pass ratios
+            "p10_ratio": paired_ratio(batch, name, stat="p10_ms"),
             "own_measured_ratio": (r.summary.get("measured") or {}).get("measured_ratio"),
             "val_top1_before": _val_before(r.summary),
             "test_top1_after": fts[name].after["test"]["top1"] if name in fts else None,
@@ -272,7 +274,7 @@ def main(argv=None) -> int:
         f"{args.model} on {args.device}, target {args.target}x measured latency (amc-flops: {args.target}x FLOPs); "
         f"original {_fmt(orig_ms, '.3f')} ms measured, {lat_cost.full_cost:.3f} ms predicted; "
         f"{args.episodes} episodes, {args.val_images} val images per episode, seed {args.seed}",
-        f"measured: one batch with the original ({args.stat} ms; 'p10 ratio' on the 10th percentiles); val top-1 on all {len(data.val)} val images before "
+        f"measured: one batch with the original, {batch.get('passes', 1)} passes; ratios are medians of per-pass ratios ({args.stat} ms; 'p10 ratio' on the 10th percentiles); val top-1 on all {len(data.val)} val images before "
         f"fine-tuning; test top-1 on {n_test} test images after fine-tuning "
         f"({args.ft_epochs} epoch x {args.ft_train_images} images, lr {args.ft_lr}, SGD+cosine, wd 4e-5, on "
         f"{', '.join(ft_devices) or '-'})",

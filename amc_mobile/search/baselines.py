@@ -99,24 +99,75 @@ def _neighbour(graph: PruningGraph, groups: list[int], ratio: float, grid: int, 
     return None
 
 
-def measure_batch(device_uri: str, models: list, input_shape, config=None) -> dict:
+PASSES = 5  # measurement passes of a batch: ratios are taken per pass (paired), then their median
+
+
+def measure_batch(device_uri: str, models: list, input_shape, config=None, passes: int = PASSES) -> dict:
     """Like `loop.measure_models` ({name: LatencyStats dict, "fingerprint": ...} or {"error": why}) with a
-    MeasureConfig; the default is steadier than a search's final measurement: 20 warm-up runs, 100 timed
-    runs, 3 runner invocations pooled (a batch's candidates alternate, so load drift hits them alike)."""
-    from device import Candidate, MeasureConfig, open_device
+    MeasureConfig; steadier than a search's final measurement: 20 warm-up runs, 100 timed runs, 3 runner
+    invocations pooled per pass, `passes` passes over the batch, lowered once where the device can time a
+    prebuilt program. Each model's entry is its stats from its median pass, plus its per-pass medians and
+    p10s (`pass_median_ms`, `pass_p10_ms`) for `paired_ratio`: a shared host's slow stretches last
+    seconds, so a ratio within one pass (the models alternate within seconds) is far steadier than a
+    ratio of medians pooled over a minute."""
+    import statistics
+    import tempfile
+
+    from device import Candidate, open_device
+    from device.lowering import lower_to_pte
+    from device.stats import LatencyStats
 
     config = config or MEASURE
     x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    cands = [Candidate(n, m.eval(), x) for n, m in models]
+    runs: list[dict[str, LatencyStats]] = []
+    failed: dict[str, str] = {}
     try:
         with open_device(device_uri) as dev:
-            stats = dev.measure([Candidate(n, m.eval(), x) for n, m in models], config)
+            if callable(getattr(dev, "measure_pte", None)):
+                with tempfile.TemporaryDirectory(prefix="amc-batch-") as tmp:
+                    pte = Path(tmp) / "batch.pte"
+                    failed = lower_to_pte(cands, pte)
+                    names = [c.name for c in cands if c.name not in failed]
+                    for _ in range(max(1, passes) if names else 0):
+                        runs.append({s.name: s for s in dev.measure_pte(pte, names, config)})
+            else:
+                for _ in range(max(1, passes)):
+                    runs.append({s.name: s for s in dev.measure(cands, config)})
             fp = dev.fingerprint(config)
     except AmcError as exc:
         return {"error": str(exc)}
-    out = {s.name: s.to_dict() for s in stats}
+    out: dict = {}
+    for c in cands:
+        if c.name in failed:
+            out[c.name] = LatencyStats.failed(c.name, failed[c.name]).to_dict()
+            continue
+        per = [r[c.name] for r in runs if c.name in r]
+        ok = [s for s in per if s.ok]
+        if not ok:
+            out[c.name] = (per[0] if per else LatencyStats.failed(c.name, "not measured")).to_dict()
+            continue
+        mid = statistics.median(s.median_ms for s in ok)
+        best = min(ok, key=lambda s: abs(s.median_ms - mid))
+        out[c.name] = {**best.to_dict(), "pass_median_ms": [s.median_ms if s.ok else None for s in per],
+                       "pass_p10_ms": [s.p10_ms if s.ok else None for s in per]}
     out["fingerprint"] = fp.to_dict()
     out["measure_config"] = config.to_dict()
+    out["passes"] = len(runs)
     return out
+
+
+def paired_ratio(batch: dict, name: str, ref: str = "original", stat: str = "median_ms") -> float | None:
+    """Latency of `name` over `ref` from a `measure_batch` result: the median over passes of the per-pass
+    ratio (falls back to the ratio of the entries' `stat` when there are no per-pass figures)."""
+    a, b = batch.get(name) or {}, batch.get(ref) or {}
+    key = f"pass_{stat}"
+    if key in a and key in b:
+        ratios = [x / y for x, y in zip(a[key], b[key]) if x and y]
+        if ratios:
+            return float(np.median(ratios))
+    x, y = a.get(stat), b.get(stat)
+    return x / y if x and y else None
 
 
 def _measure_pair(setup: SearchSetup, channels: dict[int, int], stat: str = "median_ms", config=None) -> dict:
@@ -127,9 +178,9 @@ def _measure_pair(setup: SearchSetup, channels: dict[int, int], stat: str = "med
                       config)
     ok = "error" not in m and all(m.get(n, {}).get("error") is None for n in ("original", "pruned"))
     if ok:
-        o, p = m["original"][stat], m["pruned"][stat]
-        m["speedup"], m["measured_ratio"], m["ratio_stat"] = o / p, p / o, stat
-        m["median_ratio"] = m["pruned"]["median_ms"] / m["original"]["median_ms"]
+        ratio = paired_ratio(m, "pruned", stat=stat)
+        m["speedup"], m["measured_ratio"], m["ratio_stat"] = 1 / ratio, ratio, stat
+        m["median_ratio"] = paired_ratio(m, "pruned")
     return m
 
 
