@@ -243,3 +243,24 @@ def test_latency_budget_relative_to_the_prediction(tiny, tmp_path):
         channels = {int(k): v for k, v in json.loads(row["channels"]).items()}
         assert float(row["cost"]) == pytest.approx(table.predict(channels), rel=1e-5)
         assert float(row["cost"]) <= setup["budget"] * (1 + 1e-6)
+
+
+def test_resume_restores_the_budget_and_session_fit_instead_of_measuring_again():
+    from amc_mobile.search.cost import LatencyCost
+    from amc_mobile.search.loop import _restore_budget
+
+    class Lat:  # the parts of a LatencyModel the cost and the restore use
+        scale, offset, full_latency_ms = 1.0, 0.0, 2.0
+
+        def predict(self, channels):
+            return 2.0 * self.scale + self.offset
+
+        def unit_latencies(self, channels):
+            return [2.0]
+
+    cost, info = LatencyCost(Lat()), {}
+    saved = {"budget": 0.9, "original_measured_ms": 1.8,
+             "recalibration": {"fit": {"scale": 0.9, "offset": -0.1}}}
+    assert _restore_budget(cost, saved, info) == 0.9
+    assert cost.full_cost == pytest.approx(1.7) and cost.model.scale == 0.9
+    assert info["original_measured_ms"] == 1.8 and info["recalibration"] == saved["recalibration"]

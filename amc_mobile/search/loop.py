@@ -220,8 +220,24 @@ def _calibration_images(cfg: SearchConfig, data) -> torch.Tensor:
     return data.train.images[idx]
 
 
-def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latency_model=None) -> SearchSetup:
-    """Load the model and data, analyse the graph, build the cost model, the reconstruction cache and the scorer."""
+def _restore_budget(cost: CostModel, saved: dict, info: dict) -> float | None:
+    """On resume: the interrupted run's budget and session overhead fit, not new measurements (a
+    resumed search continues exactly; a fresh measurement would move the budget)."""
+    rec = saved.get("recalibration")
+    lat = getattr(cost, "model", None)
+    if rec and lat is not None and hasattr(lat, "scale"):
+        lat.scale, lat.offset = float(rec["fit"]["scale"]), float(rec["fit"]["offset"])
+        cost.full_cost = float(lat.predict({}))
+    for k in ("recalibration", "original_measured", "original_measured_ms"):
+        if k in saved:
+            info[k] = saved[k]
+    return saved["budget"]
+
+
+def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latency_model=None,
+            saved_info: dict | None = None) -> SearchSetup:
+    """Load the model and data, analyse the graph, build the cost model, the reconstruction cache and the
+    scorer. `saved_info` (a resumed run's setup.json) restores the budget instead of measuring again."""
     info: dict = {}
     model = (model if model is not None else load_model(cfg.model)).cpu().eval()  # the search runs on the CPU
     graph = build_graph(model)
@@ -236,7 +252,8 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
         data = load_fashion_mnist(cfg.data_dir)
     val = data.val.subset(cfg.val_images)
     cost = make_cost(cfg.cost, model, graph, scope, cfg, latency_model)
-    budget = _budget(cfg, cost, model, info)
+    budget = (_restore_budget(cost, saved_info, info) if saved_info and "budget" in saved_info
+              else _budget(cfg, cost, model, info))
     groups = [l.in_group for l in layers]
     # an unreachable budget is an error now, before minutes of calibration
     ActionWall(graph, groups, cost, budget, cfg.lbound, cfg.rbound, cfg.channel_round, info.get("original_measured_ms"))
@@ -406,7 +423,13 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
         torch.set_num_threads(cfg.threads)
     _write_json(run_dir / CONFIG_FILE, {k: v for k, v in cfg.to_dict().items() if k != "resume"} | {"resume": None})
     write_manifest(run_dir, "search")
-    setup = prepare(cfg, model, data, latency_model)
+    saved = None
+    if resuming and (run_dir / "setup.json").is_file():
+        try:
+            saved = json.loads((run_dir / "setup.json").read_text())
+        except (OSError, ValueError):
+            saved = None  # unreadable: measure again (the budget may move slightly)
+    setup = prepare(cfg, model, data, latency_model, saved_info=saved)
     _write_json(run_dir / "setup.json", setup.info)
 
     _seed_everything(cfg.seed)
