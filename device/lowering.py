@@ -35,6 +35,42 @@ def _cache_cia_op_collection() -> None:
             mod._collect_all_valid_cia_ops = cached
 
 
+def _py_impl_without_runtime_annotations(self, k):
+    """`OperatorBase.py_impl`, check for check, minus one cost: torch's version defines its inner
+    function with `Callable[_P, _T]` annotations, which Python evaluates (two generic aliases) on
+    every call. `_override_composite_implicit_decomp` calls it ~6,000 times per
+    `run_decompositions` (every composite op x 4 dispatch keys, 3 calls per method)."""
+    from torch._C import DispatchKey
+
+    def inner(fn):
+        if type(k) is not DispatchKey:  # modes, tensor subclasses, transforms: torch's own code
+            return _ORIGINAL_PY_IMPL(self, k)(fn)
+        if k == DispatchKey.Python:
+            raise AssertionError("Please register a mode for the DispatchKey.Python key instead.")
+        if k in self.py_kernels:
+            raise RuntimeError(f"Trying to override a python impl for {k} on operator {self.name()}")
+        self.py_kernels[k] = fn
+        self._dispatch_cache.clear()
+        return fn
+
+    return inner
+
+
+_ORIGINAL_PY_IMPL = None
+
+
+def _speed_up_py_impl() -> None:
+    """Install the annotation-free `py_impl` once, only over the exact torch version it copies."""
+    import torch._ops as ops
+
+    global _ORIGINAL_PY_IMPL
+    current = ops.OperatorBase.py_impl
+    if current is _py_impl_without_runtime_annotations or not torch.__version__.startswith("2.13."):
+        return
+    _ORIGINAL_PY_IMPL = current
+    ops.OperatorBase.py_impl = _py_impl_without_runtime_annotations
+
+
 def _short_reason(exc: BaseException) -> str:
     """First meaningful line of an export/lowering error, with the op or layer it names."""
     text = str(exc).strip() or type(exc).__name__
@@ -63,6 +99,7 @@ def _lower(programs: dict[str, torch.export.ExportedProgram]) -> bytes:
     from executorch.exir import to_edge_transform_and_lower
 
     _cache_cia_op_collection()
+    _speed_up_py_impl()
     edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
     return edge.to_executorch().buffer
 

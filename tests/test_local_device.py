@@ -207,3 +207,42 @@ def test_measure_pte(dev, tmp_path):
     res = dev.measure_pte(damaged, ["p", "q"], FAST)
     assert [r.ok for r in res] == [False, False]
     assert all("cannot load program" in r.error and "damaged.pte" in r.error for r in res)
+
+
+def test_lowered_program_computes_what_the_module_computes(tmp_path):
+    """The lowering speed-up (an annotation-free `py_impl`) must not change what is lowered: the
+    .pte, run by ExecuTorch's own runtime, gives the eager module's outputs; and `py_impl` still
+    refuses a second registration for a key, as torch's does."""
+    from executorch.runtime import Runtime
+
+    import device.lowering as lowering
+
+    torch.manual_seed(0)
+    dw = ConvUnit(16, 16)  # named children: ExecuTorch's BN fusion fails on a top-level Sequential
+    dw.conv, dw.relu = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Hardswish()
+    units = [ConvUnit(8, 16).eval(), dw.eval()]
+    for u in units:
+        u.bn.running_mean.uniform_(-1, 1)
+        u.bn.running_var.uniform_(0.5, 2)
+    xs = [torch.randn(1, 8, 12, 12), torch.randn(1, 16, 10, 10)]
+    pte = tmp_path / "two.pte"
+    assert lower_to_pte([Candidate(f"m{i}", u, x) for i, (u, x) in enumerate(zip(units, xs))], pte) == {}
+    assert torch._ops.OperatorBase.py_impl is lowering._py_impl_without_runtime_annotations
+    program = Runtime.get().load_program(pte)
+    for i, (u, x) in enumerate(zip(units, xs)):
+        got = program.load_method(f"m{i}").execute([x])[0]
+        with torch.no_grad():
+            want = u(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    op = torch.ops.aten.hardswish.default
+    key = torch._C.DispatchKey.AutogradCPU
+    had = key in op.py_kernels
+    if not had:
+        op.py_impl(key)(lambda *a, **k: None)
+    try:
+        with pytest.raises(RuntimeError, match="override a python impl"):
+            op.py_impl(key)(lambda *a, **k: None)
+    finally:
+        if not had:
+            del op.py_kernels[key]
+            op._dispatch_cache.clear()
