@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import os
 import re
 import tempfile
@@ -88,10 +90,27 @@ def _short_reason(exc: BaseException) -> str:
 def export_candidate(c: Candidate) -> torch.export.ExportedProgram:
     module = c.module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _collector_paused():
             return torch.export.export(module, (c.example_input,), strict=False)
     except Exception as exc:
         raise AmcError(f"candidate {c.name!r} does not export: {_short_reason(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic collector off while ExecuTorch lowers: lowering allocates hundreds of
+    thousands of short-lived objects, which trigger full collections over torch's huge heap again
+    and again. Paused for a whole batch (export and lowering), so that it resumes once. Measured
+    with the py_impl change: 0.77 -> 0.48-0.54 s per method in a batch of 20 units; the cost is
+    ~65 MB more peak memory per batch of 20, released when collection resumes. (gc.freeze() on top
+    did not help.)"""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _lower(programs: dict[str, torch.export.ExportedProgram]) -> bytes:
@@ -100,8 +119,9 @@ def _lower(programs: dict[str, torch.export.ExportedProgram]) -> bytes:
 
     _cache_cia_op_collection()
     _speed_up_py_impl()
-    edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
-    return edge.to_executorch().buffer
+    with _collector_paused():
+        edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
+        return edge.to_executorch().buffer
 
 
 def lower_to_pte(candidates: Sequence[Candidate], path: Path) -> dict[str, str]:
@@ -113,6 +133,11 @@ def lower_to_pte(candidates: Sequence[Candidate], path: Path) -> dict[str, str]:
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise ValueError("candidate names must be unique within a batch")
+    with _collector_paused():
+        return _lower_candidates(candidates, path)
+
+
+def _lower_candidates(candidates: Sequence[Candidate], path: Path) -> dict[str, str]:
     failed: dict[str, str] = {}
     programs: dict[str, torch.export.ExportedProgram] = {}
     for c in candidates:
