@@ -171,6 +171,14 @@ def main(argv=None) -> int:
                         data_dir=args.data_dir, checkpoint_every=0, progress=not args.quiet, threads=args.threads)
     results, seconds = {}, {}
 
+    def search_cfg(name):
+        """An interrupted search of an earlier invocation (config saved, no summary) is resumed."""
+        run_dir = out / name
+        resume = str(run_dir) if (run_dir / "config.json").exists() else None
+        if resume:
+            print(f"   resuming the interrupted search in {run_dir}", flush=True)
+        return replace(base, out=str(run_dir), resume=resume)
+
     def timed(name, fn):
         t0 = time.perf_counter()
         print(f"\n== {name} ==", flush=True)
@@ -183,7 +191,7 @@ def main(argv=None) -> int:
               f"{_fmt(m.get('measured_ratio'), '.3f')} ({seconds[name]:.0f} s)", flush=True)
 
     if "amc-latency" in args.methods:
-        timed("amc-latency", lambda: annotate(run_search(replace(base, out=str(out / "amc-latency")), model=model,
+        timed("amc-latency", lambda: annotate(run_search(search_cfg("amc-latency"), model=model,
                                                          data=data, latency_model=latency),
                                               {"method": "amc-latency"}, lat_cost))
     setup = None
@@ -208,7 +216,7 @@ def main(argv=None) -> int:
     if "random" in args.methods:
         timed("random", lambda: run_random(replace(base, out=str(out / "random")), model, data, setup=setup))
     if "amc-flops" in args.methods:
-        timed("amc-flops", lambda: run_amc_flops(replace(base, out=str(out / "amc-flops")), model, data,
+        timed("amc-flops", lambda: run_amc_flops(search_cfg("amc-flops"), model, data,
                                                  latency_model=latency))
 
     # One measurement batch for every model: the fair comparison on a machine whose load drifts.
