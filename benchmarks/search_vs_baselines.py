@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/search_vs_baselines.py [--model mobilenet_v2] [--device local] [--target 0.5]
         [--episodes 60] [--val-images 500] [--calib-images 500] [--seed 0] [--ft-train-images 24000]
         [--ft-epochs 1] [--ft-lr 0.005] [--ft-device cpu] [--eval-images N] [--uniform-at amc|target]
-        [--table-dir DIR] [--methods amc-latency,uniform,random,amc-flops] [--out DIR]
+        [--flops-target R] [--table-dir DIR] [--methods amc-latency,uniform,random,amc-flops] [--out DIR]
 
 One model, one device, one target (0.5x the MEASURED latency of the original by default), one seed, one
 data split, one episode budget for every method:
@@ -14,7 +14,8 @@ data split, one episode budget for every method:
    the target (`--uniform-at target`);
 3. **random**: `--episodes` random policies through the same env (action wall, rounding, reconstruction,
    scoring), best by validation accuracy;
-4. **amc-flops**: `run_search(cost="flops")` at the same ratio of FLOPs (the paper's setting).
+4. **amc-flops**: `run_search(cost="flops")` at the same ratio of FLOPs (the paper's setting), or at
+   `--flops-target` (e.g. lower, so that it lands at latency-AMC's measured latency).
 
 Then the original and the four pruned models are measured in ONE batch on the device, in 5 passes (so load on a shared
 machine hits them alike; ratios are medians of per-pass ratios: a pass's models alternate within
@@ -59,6 +60,9 @@ def parse(argv=None):
     p.add_argument("--ft-lr", type=float, default=0.005)
     p.add_argument("--ft-device", default="cpu", help="where the fine-tunes train (cpu, cuda)")
     p.add_argument("--eval-images", type=int, default=None, help="test images scored after fine-tuning (all)")
+    p.add_argument("--flops-target", type=float, default=None,
+                   help="FLOPs-AMC's budget as a fraction of the original's FLOPs (default: --target, the "
+                        "paper's setting); set it lower to bring FLOPs-AMC to latency-AMC's measured latency")
     p.add_argument("--uniform-at", choices=("amc", "target"), default="amc",
                    help="uniform's measured-latency target: latency-AMC's measured ratio, or --target")
     p.add_argument("--stat", choices=("median", "p10"), default="median",
@@ -216,7 +220,8 @@ def main(argv=None) -> int:
     if "random" in args.methods:
         timed("random", lambda: run_random(replace(base, out=str(out / "random")), model, data, setup=setup))
     if "amc-flops" in args.methods:
-        timed("amc-flops", lambda: run_amc_flops(search_cfg("amc-flops"), model, data,
+        flops_cfg = replace(search_cfg("amc-flops"), target=args.flops_target or args.target)
+        timed("amc-flops", lambda: run_amc_flops(flops_cfg, model, data,
                                                  latency_model=latency))
 
     # One measurement batch for every model: the fair comparison on a machine whose load drifts.
@@ -279,7 +284,7 @@ def main(argv=None) -> int:
     n_test = fts[next(iter(fts))].after["test"]["images"] if fts else 0
     ft_devices = sorted({str(f.record.get("recipe", {}).get("device_used", args.ft_device)) for f in fts.values()})
     notes = [
-        f"{args.model} on {args.device}, target {args.target}x measured latency (amc-flops: {args.target}x FLOPs); "
+        f"{args.model} on {args.device}, target {args.target}x measured latency (amc-flops: {args.flops_target or args.target}x FLOPs); "
         f"original {_fmt(orig_ms, '.3f')} ms measured, {lat_cost.full_cost:.3f} ms predicted; "
         f"{args.episodes} episodes, {args.val_images} val images per episode, seed {args.seed}",
         f"measured: one batch with the original, {batch.get('passes', 1)} passes; ratios are medians of per-pass ratios ({args.stat} ms; 'p10 ratio' on the 10th percentiles); val top-1 on all {len(data.val)} val images before "
