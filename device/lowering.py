@@ -40,8 +40,9 @@ def _cache_cia_op_collection() -> None:
 def _py_impl_without_runtime_annotations(self, k):
     """`OperatorBase.py_impl`, check for check, minus one cost: torch's version defines its inner
     function with `Callable[_P, _T]` annotations, which Python evaluates (two generic aliases) on
-    every call. `_override_composite_implicit_decomp` calls it ~6,000 times per
-    `run_decompositions` (every composite op x 4 dispatch keys, 3 calls per method)."""
+    every call. `_override_composite_implicit_decomp` calls it ~12,000 times per
+    `run_decompositions` (~560 composite ops x their dispatch keys; 3 calls per method): 13-17% of
+    the lowering time of small units, measured."""
     from torch._C import DispatchKey
 
     def inner(fn):
