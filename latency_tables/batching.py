@@ -1,6 +1,6 @@
 """Measure many candidates batch by batch: lower, then measure, then hand the results over at once.
 
-Lowering a candidate to ExecuTorch costs ~0.7 s of CPU per method (torch.export's decompositions;
+Lowering a candidate to ExecuTorch costs ~0.5 s of CPU per method (torch.export's decompositions;
 one multi-method program does not amortise it) while timing a small unit takes milliseconds. So
 when the device can time a prebuilt `.pte` (`measure_pte`, as `local` can), each round lowers up to
 `workers` programs of `batch_size` methods in a pool of processes, and only then times them one

@@ -1,7 +1,7 @@
 """Latency tables on the real `local` device (ExecuTorch + XNNPACK through et_bench): a small ResNet-20
 build at a coarse grid that is interrupted and resumed, predictions from it, and a tiny validation.
 
-Slow (lowering costs ~1 s per method): one module-scoped build is shared by the tests.
+Slow (lowering costs ~0.5 s per method): one module-scoped build is shared by the tests.
 """
 
 from __future__ import annotations
