@@ -220,9 +220,8 @@ def main(argv=None) -> int:
     if "random" in args.methods:
         timed("random", lambda: run_random(replace(base, out=str(out / "random")), model, data, setup=setup))
     if "amc-flops" in args.methods:
-        flops_cfg = replace(search_cfg("amc-flops"), target=args.flops_target or args.target)
-        timed("amc-flops", lambda: run_amc_flops(flops_cfg, model, data,
-                                                 latency_model=latency))
+        timed("amc-flops", lambda: run_amc_flops(replace(search_cfg("amc-flops"), target=args.flops_target or args.target),
+                                                 model, data, latency_model=latency))
 
     # One measurement batch for every model: the fair comparison on a machine whose load drifts.
     print("\n== measuring the original and every pruned model in one batch ==", flush=True)

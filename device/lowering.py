@@ -91,7 +91,7 @@ def _short_reason(exc: BaseException) -> str:
 def export_candidate(c: Candidate) -> torch.export.ExportedProgram:
     module = c.module.eval()
     try:
-        with torch.no_grad(), _collector_paused():
+        with torch.no_grad():
             return torch.export.export(module, (c.example_input,), strict=False)
     except Exception as exc:
         raise AmcError(f"candidate {c.name!r} does not export: {_short_reason(exc)}") from exc
@@ -120,9 +120,8 @@ def _lower(programs: dict[str, torch.export.ExportedProgram]) -> bytes:
 
     _cache_cia_op_collection()
     _speed_up_py_impl()
-    with _collector_paused():
-        edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
-        return edge.to_executorch().buffer
+    edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
+    return edge.to_executorch().buffer
 
 
 def lower_to_pte(candidates: Sequence[Candidate], path: Path) -> dict[str, str]:
