@@ -41,8 +41,8 @@ def _py_impl_without_runtime_annotations(self, k):
     """`OperatorBase.py_impl`, check for check, minus one cost: torch's version defines its inner
     function with `Callable[_P, _T]` annotations, which Python evaluates (two generic aliases) on
     every call. `_override_composite_implicit_decomp` calls it ~12,000 times per
-    `run_decompositions` (~560 composite ops x their dispatch keys; 3 calls per method): 13-17% of
-    the lowering time of small units, measured."""
+    `run_decompositions` (~560 composite ops x their dispatch keys; 3 calls per method).
+    benchmarks/lowering_speed.py measures this and `_collector_paused` together against stock."""
     from torch._C import DispatchKey
 
     def inner(fn):
@@ -101,10 +101,9 @@ def export_candidate(c: Candidate) -> torch.export.ExportedProgram:
 def _collector_paused():
     """Python's cyclic collector off while ExecuTorch lowers: lowering allocates hundreds of
     thousands of short-lived objects, which trigger full collections over torch's huge heap again
-    and again. Paused for a whole batch (export and lowering), so that it resumes once. Measured
-    with the py_impl change: 0.77 -> 0.48-0.54 s per method in a batch of 20 units; the cost is
-    ~65 MB more peak memory per batch of 20, released when collection resumes. (gc.freeze() on top
-    did not help.)"""
+    and again. Paused for a whole batch (export and lowering), so that it resumes once. With the
+    py_impl change: 0.85 -> 0.54 s per method for 20 units (benchmarks/lowering_speed.py); the cost
+    is ~65 MB more peak memory per batch of 20, released when collection resumes."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
