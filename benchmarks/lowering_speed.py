@@ -1,11 +1,14 @@
 """Lowering cost per method: this project's lowering against ExecuTorch's as shipped, side by side.
 
-    .venv/bin/python benchmarks/lowering_speed.py [--units 20] [--pairs 3]
+    .venv/bin/python benchmarks/lowering_speed.py [--units 20] [--pairs 3] [--kinds stock,per-method,shared]
 
-Each pair runs two fresh processes, in alternating order of kind: `stock` (torch's own `py_impl` and
-the cyclic GC left running, as before session 3) and `ours` (`device.lowering` as it is). Each
-process lowers one warm-up unit, then the same --units random MobileNet-V2 unit configurations
-(seed = pair index) as one multi-method `.pte`, and prints seconds per method.
+Each round runs one fresh process per kind, the order rotating from round to round:
+- `stock`: ExecuTorch's multi-method lowering as shipped (one program per method, torch's own
+  `py_impl`, the cyclic GC left running), as before session 3;
+- `per-method`: one program per method with session 3's speed-ups (`lower_to_pte(shared=False)`);
+- `shared`: `device.lowering` as it is (the batch lowered once, split into methods).
+Each process lowers one warm-up unit, then the same --units random MobileNet-V2 unit configurations
+(seed = round index) into one multi-method `.pte`, and prints seconds per method.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("stock", "per-method", "shared")
 
 
 def child(kind: str, units: int, seed: int) -> float:
@@ -46,7 +50,7 @@ def child(kind: str, units: int, seed: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         lowering.lower_to_pte(cands[:1], Path(tmp) / "warm.pte")
         t = time.perf_counter()
-        failed = lowering.lower_to_pte(cands[1:], Path(tmp) / "batch.pte")
+        failed = lowering.lower_to_pte(cands[1:], Path(tmp) / "batch.pte", shared=kind == "shared")
         assert not failed, failed
         return (time.perf_counter() - t) / units
 
@@ -54,30 +58,35 @@ def child(kind: str, units: int, seed: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--units", type=int, default=20)
-    ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--child", choices=("stock", "ours"), help=argparse.SUPPRESS)
+    ap.add_argument("--pairs", type=int, default=3, help="rounds (each runs every kind once)")
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(f"RESULT {child(args.child, args.units, args.seed):.4f}")
         return 0
-    res: dict[str, list[float]] = {"stock": [], "ours": []}
-    for pair in range(args.pairs):
-        order = ("stock", "ours") if pair % 2 == 0 else ("ours", "stock")
-        row = {}
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        ap.error(f"--kinds: choose from {', '.join(KINDS)}")
+    res: dict[str, list[float]] = {k: [] for k in kinds}
+    for rnd in range(args.pairs):
+        order = kinds[rnd % len(kinds):] + kinds[:rnd % len(kinds)]
         for kind in order:
             out = subprocess.run([sys.executable, __file__, "--child", kind, "--units", str(args.units),
-                                  "--seed", str(pair)], cwd=ROOT, capture_output=True, text=True, check=True)
-            row[kind] = float(out.stdout.rsplit("RESULT", 1)[1])
-            res[kind].append(row[kind])
-        print(f"pair {pair + 1} (seed {pair}): stock {row['stock']:.3f} s/method, ours {row['ours']:.3f} s/method, "
-              f"stock/ours {row['stock'] / row['ours']:.2f}x", flush=True)
-    ratios = [s / o for s, o in zip(res["stock"], res["ours"])]
-    print(f"median: stock {statistics.median(res['stock']):.3f} s/method, ours {statistics.median(res['ours']):.3f} "
-          f"s/method; paired stock/ours median {statistics.median(ratios):.2f}x")
+                                  "--seed", str(rnd)], cwd=ROOT, capture_output=True, text=True, check=True)
+            res[kind].append(float(out.stdout.rsplit("RESULT", 1)[1]))
+        row = ", ".join(f"{k} {res[k][-1]:.3f}" for k in kinds)
+        print(f"round {rnd + 1} (seed {rnd}, order {'/'.join(order)}): {row} s/method", flush=True)
+    last = kinds[-1]
+    print("median s/method: " + ", ".join(f"{k} {statistics.median(res[k]):.3f}" for k in kinds))
+    for k in kinds[:-1]:
+        ratios = [a / b for a, b in zip(res[k], res[last])]
+        print(f"paired {k}/{last}: median {statistics.median(ratios):.2f}x (rounds: "
+              + ", ".join(f"{r:.2f}" for r in ratios) + ")")
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Table-build throughput: batched multi-method `.pte` (lowered by a process pool) vs one `.pte` per
 configuration, on the same random sample of MobileNet-V2 unit configurations, side by side in one run.
 
-    PYTHONPATH=. python3 benchmarks/table_build_batched_vs_single.py [--configs 40] [--device local]
+    PYTHONPATH=. python3 benchmarks/table_build_batched_vs_single.py [--configs 40] [--batch 32] [--device local]
 
 Modes (each measures every configuration of the sample once, nothing is written to a table):
 - single:  one `.pte` per configuration, lowered in this process, one runner invocation each.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from device.base import Candidate, MeasureConfig  # noqa: E402
-from latency_tables.batching import BatchRunner, Job  # noqa: E402
+from latency_tables.batching import DEFAULT_BATCH, BatchRunner, Job  # noqa: E402
 from latency_tables.build import UNIT_CONFIG  # noqa: E402
 from latency_tables.space import all_specs, unit_plans  # noqa: E402
 from latency_tables.target import resolve_target  # noqa: E402
@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="mobilenet_v2")
     ap.add_argument("--device", default="local")
     ap.add_argument("--configs", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=20, help="methods per .pte in the batched modes")
+    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="methods per .pte in the batched modes "
+                    "(default: the table build's, %(default)s)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", default="batched-pool,single,batched-1")

@@ -6,11 +6,16 @@ URI form (the one way to choose the options; the constructor takes the same ones
     cuda:0?dtype=fp16               GPU 0, module and input cast to half precision
     cuda:1?dtype=fp16&channels_last=1
                                     also NHWC memory layout for the module and a 4-D input
+    cuda:0?batch=50                 the example input repeated to a batch of 50 along dim 0
+                                    (latency is per batch: how a GPU is used for throughput)
+    cuda:0?graph=1                  the forward captured once as a CUDA graph and replayed:
+                                    no per-kernel launch cost, what a deployed GPU model pays
 
     CudaDevice(index=0, dtype="fp16", channels_last=False)   # the same, from Python
 
 The options change what is measured, so they are part of the fingerprint's `backend`:
-"cuda-fp32", "cuda-fp16", and "cuda-fp16-channels_last" when that layout is on.
+"cuda-fp32", "cuda-fp16", "cuda-fp16-channels_last" when that layout is on, then "-b50" for a
+batch other than 1 and "-graph" for graph replay (e.g. "cuda-fp16-b50-graph").
 
 How a candidate is timed (`measure`):
 
@@ -24,6 +29,9 @@ How a candidate is timed (`measure`):
   the forward call; one synchronize at the end; `elapsed_time` of each pair is a sample in ms.
   Small models are launch-bound: the samples then include the GPU waiting for the CPU's kernel
   launches, which is what an eager-mode caller pays too.
+- with `graph=1`: after the warm-up (run on a side stream, as CUDA graph capture requires) the
+  forward is captured into a `torch.cuda.CUDAGraph` and each timed iteration is one `replay()`.
+  A module that cannot be captured (host synchronisation, dynamic shapes) fails with the reason.
 - `config.iterations` samples, more while their sum is under `config.min_time_ms`;
   `config.repeats` times (each a fresh copy on the GPU), samples pooled.
 - `config.threads` and `config.affinity` do not apply (fingerprint threads = 0, affinity None).
@@ -59,19 +67,29 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 # A forward taking ~1 us with min_time_ms=1e4 would want 1e7 events; stop well before that.
 _MAX_SAMPLES = 200_000
+_MAX_BATCH = 65536
 
 
 def _uri_help() -> str:
-    return "expected cuda:N with N a GPU index (e.g. cuda:0), options ?dtype=fp32|fp16&channels_last=0|1"
+    return (
+        "expected cuda:N with N a GPU index (e.g. cuda:0), "
+        "options ?dtype=fp32|fp16&channels_last=0|1&batch=N&graph=0|1"
+    )
+
+
+def _flag(uri: str, key: str, value: str) -> bool:
+    if value.lower() not in _TRUE | _FALSE:
+        raise AmcError(f"bad device URI {uri!r}: {key}={value!r} must be 0 or 1")
+    return value.lower() in _TRUE
 
 
 def parse_uri_rest(rest: str) -> tuple[int, dict]:
-    """`"0?dtype=fp16"` -> `(0, {"dtype": "fp16", "channels_last": False})`; malformed -> AmcError."""
+    """`"0?dtype=fp16"` -> `(0, {"dtype": "fp16", ...defaults})`; malformed -> AmcError."""
     uri = f"cuda:{rest}"
     index_s, _, query = rest.partition("?")
     if not _INDEX_RE.match(index_s):
         raise AmcError(f"bad device URI {uri!r}: {_uri_help()}")
-    options: dict = {"dtype": "fp32", "channels_last": False}
+    options: dict = {"dtype": "fp32", "channels_last": False, "batch": 1, "graph": False}
     for item in filter(None, query.split("&")):
         key, eq, value = item.partition("=")
         if not eq:
@@ -80,10 +98,12 @@ def parse_uri_rest(rest: str) -> tuple[int, dict]:
             if value not in DTYPES:
                 raise AmcError(f"bad device URI {uri!r}: dtype {value!r} is not one of {', '.join(DTYPES)}")
             options["dtype"] = value
-        elif key == "channels_last":
-            if value.lower() not in _TRUE | _FALSE:
-                raise AmcError(f"bad device URI {uri!r}: channels_last={value!r} must be 0 or 1")
-            options["channels_last"] = value.lower() in _TRUE
+        elif key in ("channels_last", "graph"):
+            options[key] = _flag(uri, key, value)
+        elif key == "batch":
+            if not _INDEX_RE.match(value) or not 1 <= int(value) <= _MAX_BATCH:
+                raise AmcError(f"bad device URI {uri!r}: batch={value!r} must be a whole number 1..{_MAX_BATCH}")
+            options["batch"] = int(value)
         else:
             raise AmcError(f"bad device URI {uri!r}: unknown option {key!r}; {_uri_help()}")
     return int(index_s), options
@@ -167,21 +187,31 @@ def _free_gpu_memory() -> None:
 class CudaDevice(Device):
     """One NVIDIA GPU; candidates run as eager PyTorch modules in `dtype` ("fp32" or "fp16")."""
 
-    def __init__(self, index: int = 0, dtype: str = "fp32", channels_last: bool = False):
+    def __init__(
+        self, index: int = 0, dtype: str = "fp32", channels_last: bool = False, batch: int = 1, graph: bool = False
+    ):
         if dtype not in DTYPES:
             raise AmcError(f"cuda dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if not 1 <= int(batch) <= _MAX_BATCH:
+            raise AmcError(f"cuda batch {batch!r} must be a whole number 1..{_MAX_BATCH}")
         if index < 0:
             raise AmcError(f"cuda:{index} is not a GPU index: {_uri_help()}")
         _check_available(index)
         self.index = index
         self.dtype = dtype
         self.channels_last = bool(channels_last)
+        self.batch = int(batch)
+        self.graph = bool(graph)
         self.torch_device = torch.device("cuda", index)
         opts = []
         if dtype != "fp32":
             opts.append(f"dtype={dtype}")
         if self.channels_last:
             opts.append("channels_last=1")
+        if self.batch != 1:
+            opts.append(f"batch={self.batch}")
+        if self.graph:
+            opts.append("graph=1")
         self.uri = f"cuda:{index}" + ("?" + "&".join(opts) if opts else "")
         self._props = torch.cuda.get_device_properties(index)
 
@@ -194,7 +224,12 @@ class CudaDevice(Device):
 
     @property
     def backend(self) -> str:
-        return f"cuda-{self.dtype}" + ("-channels_last" if self.channels_last else "")
+        return (
+            f"cuda-{self.dtype}"
+            + ("-channels_last" if self.channels_last else "")
+            + (f"-b{self.batch}" if self.batch != 1 else "")
+            + ("-graph" if self.graph else "")
+        )
 
     def fingerprint(self, config: MeasureConfig | None = None) -> Fingerprint:
         p = self._props
@@ -264,25 +299,36 @@ class CudaDevice(Device):
         load_ms = (time.perf_counter() - t0) * 1e3
 
         with torch.inference_mode():
-            module(x)  # priming: lazy initialisation, cuDNN autotuning; never timed
-            for _ in range(max(0, config.warmup)):
-                module(x)
-            torch.cuda.synchronize(self.torch_device)
+            if self.graph:
+                forward = self._captured(module, x, config.warmup)
+            else:
+                module(x)  # priming: lazy initialisation, cuDNN autotuning; never timed
+                for _ in range(max(0, config.warmup)):
+                    module(x)
+                torch.cuda.synchronize(self.torch_device)
+                forward = functools.partial(module, x)
 
-            samples = self._timed(module, x, max(1, config.iterations))
+            samples = self._timed(forward, max(1, config.iterations))
             total = sum(samples)
             while config.min_time_ms and total < config.min_time_ms and len(samples) < _MAX_SAMPLES:
                 mean = max(total / len(samples), 1e-4)
                 more = math.ceil((config.min_time_ms - total) / mean)
                 more = max(1, min(more, _MAX_SAMPLES - len(samples)))
-                chunk = self._timed(module, x, more)
+                chunk = self._timed(forward, more)
                 samples.extend(chunk)
                 total += sum(chunk)
         return LatencyStats.from_samples(cand.name, samples, load_ms=load_ms)
 
     def _to_device(self, cand: Candidate) -> tuple[torch.nn.Module, torch.Tensor]:
         module = copy.deepcopy(cand.module).to(self.torch_device)
-        x = cand.example_input.detach().to(self.torch_device)
+        x = cand.example_input.detach()
+        if self.batch != 1:
+            if x.dim() == 0 or x.shape[0] != 1:
+                raise AmcError(
+                    f"batch={self.batch} needs an example input with batch size 1, got shape {tuple(x.shape)}"
+                )
+            x = x.repeat(self.batch, *([1] * (x.dim() - 1)))
+        x = x.to(self.torch_device)
         if self.dtype != "fp32":
             module = module.to(DTYPES[self.dtype])
             if x.is_floating_point():
@@ -294,12 +340,27 @@ class CudaDevice(Device):
         module.eval()
         return module, x
 
-    def _timed(self, module: torch.nn.Module, x: torch.Tensor, n: int) -> list[float]:
+    def _captured(self, module: torch.nn.Module, x: torch.Tensor, warmup: int):
+        """Warm up on a side stream (capture needs it), capture one forward; returns its replay."""
+        side = torch.cuda.Stream(self.torch_device)
+        side.wait_stream(torch.cuda.current_stream(self.torch_device))
+        with torch.cuda.stream(side):
+            for _ in range(max(3, warmup + 1)):  # >= 3: cuDNN autotuning must be over before capture
+                module(x)
+        torch.cuda.current_stream(self.torch_device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            module(x)  # the output stays in the graph's private pool; only the time matters here
+        graph.replay()
+        torch.cuda.synchronize(self.torch_device)
+        return graph.replay
+
+    def _timed(self, forward, n: int) -> list[float]:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         for start, end in zip(starts, ends):
             start.record()
-            module(x)
+            forward()
             end.record()
         torch.cuda.synchronize(self.torch_device)
         return [start.elapsed_time(end) for start, end in zip(starts, ends)]

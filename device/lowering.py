@@ -117,26 +117,50 @@ def _lower(programs: dict[str, torch.export.ExportedProgram]) -> bytes:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    _cache_cia_op_collection()
-    _speed_up_py_impl()
+    _prepare_exporter()
     edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
     return edge.to_executorch().buffer
 
 
-def lower_to_pte(candidates: Sequence[Candidate], path: Path) -> dict[str, str]:
+def lower_to_pte(candidates: Sequence[Candidate], path: Path, *, shared: bool = True) -> dict[str, str]:
     """Write one `.pte` holding a method per candidate; returns {name: why} for those left out.
 
     A candidate that fails to export or lower is left out with its reason rather
     than failing the batch: in a table build one odd shape must not lose the rest.
+    `shared`: lower a batch once for all its methods where it can (device/shared_lowering.py);
+    False lowers one program per method, as ExecuTorch's multi-method API does.
     """
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise ValueError("candidate names must be unique within a batch")
     with _collector_paused():
-        return _lower_candidates(candidates, path)
+        return _lower_candidates(candidates, path, shared)
 
 
-def _lower_candidates(candidates: Sequence[Candidate], path: Path) -> dict[str, str]:
+def _prepare_exporter() -> None:
+    _cache_cia_op_collection()
+    _speed_up_py_impl()
+
+
+def _lower_shared(candidates: Sequence[Candidate]) -> bytes | None:
+    """The batch lowered once per chunk (device/shared_lowering.py), or None: then one by one."""
+    from .shared_lowering import lower_shared, worth_sharing
+
+    if not worth_sharing(candidates):
+        return None
+    _prepare_exporter()
+    try:
+        return lower_shared(candidates)
+    except Exception:  # one candidate that will not export or lower: the per-method path names it
+        return None
+
+
+def _lower_candidates(candidates: Sequence[Candidate], path: Path, shared: bool) -> dict[str, str]:
+    if shared:
+        buffer = _lower_shared(candidates)
+        if buffer is not None:
+            _atomic_write(path, buffer)
+            return {}
     failed: dict[str, str] = {}
     programs: dict[str, torch.export.ExportedProgram] = {}
     for c in candidates:

@@ -24,15 +24,20 @@ gpu_only = pytest.mark.skipif(
 @pytest.mark.parametrize(
     "rest, expected",
     [
-        ("0", (0, {"dtype": "fp32", "channels_last": False})),
-        ("3", (3, {"dtype": "fp32", "channels_last": False})),
-        ("0?dtype=fp16", (0, {"dtype": "fp16", "channels_last": False})),
+        ("0", (0, {})),
+        ("3", (3, {})),
+        ("0?dtype=fp16", (0, {"dtype": "fp16"})),
         ("1?dtype=fp16&channels_last=1", (1, {"dtype": "fp16", "channels_last": True})),
-        ("0?dtype=fp32&channels_last=0", (0, {"dtype": "fp32", "channels_last": False})),
+        ("0?dtype=fp32&channels_last=0", (0, {})),
+        ("0?batch=50", (0, {"batch": 50})),
+        ("0?graph=1&batch=8&dtype=fp16", (0, {"graph": True, "batch": 8, "dtype": "fp16"})),
+        ("0?graph=off", (0, {})),
     ],
 )
 def test_parse_uri(rest, expected):
-    assert parse_uri_rest(rest) == expected
+    defaults = {"dtype": "fp32", "channels_last": False, "batch": 1, "graph": False}
+    index, options = expected
+    assert parse_uri_rest(rest) == (index, {**defaults, **options})
 
 
 @pytest.mark.parametrize(
@@ -46,6 +51,10 @@ def test_parse_uri(rest, expected):
         ("cuda:0?bogus=1", "unknown option 'bogus'"),
         ("cuda:0?dtype", "needs a value"),
         ("cuda:0?channels_last=maybe", "must be 0 or 1"),
+        ("cuda:0?graph=2", "graph='2' must be 0 or 1"),
+        ("cuda:0?batch=0", "batch='0' must be a whole number"),
+        ("cuda:0?batch=-4", "batch='-4' must be a whole number"),
+        ("cuda:0?batch=2.5", "batch='2.5' must be a whole number"),
     ],
 )
 def test_bad_uri_forms(uri, says):
@@ -164,6 +173,9 @@ def test_fingerprint(gpu):
     assert fp16cl.fingerprint().backend == "cuda-fp16-channels_last"
     assert fp16cl.uri == "cuda:0?dtype=fp16&channels_last=1"
     assert fp.digest() != fp16cl.fingerprint().digest()
+    b50g = open_device("cuda:0?graph=1&batch=50&dtype=fp16")
+    assert b50g.fingerprint().backend == "cuda-fp16-b50-graph"
+    assert b50g.uri == "cuda:0?dtype=fp16&batch=50&graph=1"  # canonical order, whatever was typed
 
 
 @pytest.mark.cuda
@@ -224,3 +236,45 @@ def test_min_time_and_repeats(gpu):
     assert r.ok and r.n > 5 and sum(r.samples_ms) >= 20.0
     r = gpu.measure([small], MeasureConfig(warmup=2, iterations=7, repeats=3))[0]
     assert r.ok and r.n == 21
+
+
+@pytest.mark.cuda
+@gpu_only
+def test_graph_replay_removes_launch_cost(gpu):
+    # a deep stack of tiny convs is pure launch overhead in eager mode; a graph replays it in one go
+    torch.manual_seed(0)
+    tiny = Candidate("tiny", _conv_stack(8, 12), torch.randn(1, 8, 8, 8))
+    cfg = MeasureConfig(warmup=5, iterations=50)
+    eager = gpu.measure([tiny], cfg)[0]
+    graphed = open_device("cuda:0?graph=1").measure([tiny], cfg)[0]
+    assert eager.ok and graphed.ok, (eager.error, graphed.error)
+    assert graphed.n == 50
+    assert graphed.median_ms < eager.median_ms * 0.8, (graphed.median_ms, eager.median_ms)
+
+
+class _HostSync(nn.Module):
+    def forward(self, x):
+        return x * float(x.sum())  # .item()-style host read: not capturable
+
+
+@pytest.mark.cuda
+@gpu_only
+def test_graph_capture_failure_is_that_candidates_error():
+    small = _candidates()[0]
+    bad = Candidate("host-sync", _HostSync(), torch.randn(1, 8, 16, 16))
+    res = open_device("cuda:0?graph=1").measure([bad, small], CFG)
+    assert not res[0].ok and "\n" not in res[0].error and res[0].error
+    assert res[1].ok and res[1].n == CFG.iterations  # the capture failure left the GPU usable
+
+
+@pytest.mark.cuda
+@gpu_only
+def test_batch_option():
+    small, medium, big = _candidates()
+    cfg = MeasureConfig(warmup=3, iterations=20)
+    one = open_device("cuda:0").measure([medium], cfg)[0]
+    many = open_device("cuda:0?batch=32").measure([medium, big], cfg)
+    assert one.ok and many[0].ok, (one.error, many[0].error)
+    assert many[0].median_ms > one.median_ms  # 32 images of 64x56x56 cost more than one
+    assert not many[1].ok and "batch size 1" in many[1].error  # big's example has batch 8
+    assert medium.example_input.shape[0] == 1  # the caller's input is untouched
