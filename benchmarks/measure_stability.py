@@ -1,12 +1,14 @@
 """Repeatability of `local`: N separate measurements of the default model, median-to-median spread.
 
-Each measurement is what `amc-mobile bench --repeats K` takes: K separate runner invocations (fresh
-processes loading the .pte), samples pooled. Pooling over invocations spread across ~2 s matters on a
-shared VM, where one 0.4 s invocation can land in a slow stretch of the host (measured here: single
-invocations of the same .pte vary 1.64-2.14 ms with the guest idle). The bar: spread (max - min) /
-median of the medians <= 3%. `--trials T` repeats the whole check T times, to show its own variation.
+Each measurement is what `amc-mobile bench --repeats K --iterations I` takes: K separate runner
+invocations (fresh processes loading the .pte), samples pooled. Pooling over invocations spread
+across seconds matters on a shared VM, where one invocation can land in a slow stretch of the host.
+The default, 10 invocations x 400 iterations (~4 s per measurement at 0.8 ms), is what worked
+best here: 5 x 200 (~1 s) leaves the spread at ~3.7%, and 20 x 400 (~8 s) is worse again because
+the host drifts over tens of seconds (docs/BENCHMARKS.md). The bar: spread (max - min) / median of
+the medians <= 3%. `--trials T` repeats the whole check T times, to show its own variation.
 
-    .venv/bin/python benchmarks/measure_stability.py [--model mobilenet_v2] [--repeats 5] [--invocations 5] [--trials 1]
+    .venv/bin/python benchmarks/measure_stability.py [--model mobilenet_v2] [--repeats 5] [--invocations 10] [--iterations 400] [--trials 1]
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--iterations", type=int, default=400)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--invocations", type=int, default=5, help="runner invocations pooled per measurement")
+    ap.add_argument("--invocations", type=int, default=10, help="runner invocations pooled per measurement")
     ap.add_argument("--affinity", default=None, help="hex CPU mask to pin the runner to (default: none)")
     ap.add_argument("--trials", type=int, default=1, help="repeat the whole check")
     args = ap.parse_args()
