@@ -139,10 +139,10 @@ def _method_program(lowered: nn.Module, x, call, out, example: torch.Tensor):
                            module_call_graph=call_graph, constants={})
 
 
-# Lowering the combined program grows faster than linearly with its size (ExecuTorch's partitioning
-# and to_backend walk the whole graph per partition): per method, 16-48 units cost about the same,
-# 64 at once ~15% more, two whole MobileNet-V2s ~40% more than lowering them apart. So only small
-# candidates are combined, at most CHUNK per lowering; the methods of all chunks share one `.pte`.
+# Lowering a combined program costs more than linearly in its size (measured: per method, 16-48
+# units cost about the same, 64 at once ~15% more, two whole MobileNet-V2s ~40% more than lowered
+# apart). So only small candidates are combined, at most CHUNK per lowering, and the methods of all
+# chunks go into one `.pte`.
 MAX_LEAF_MODULES = 8  # a fused unit has 1-3 (conv, BN, activation); a whole model has dozens
 CHUNK = 32
 
