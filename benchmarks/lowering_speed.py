@@ -1,12 +1,15 @@
 """Lowering cost per method: this project's lowering against ExecuTorch's as shipped, side by side.
 
-    .venv/bin/python benchmarks/lowering_speed.py [--units 20] [--pairs 3] [--kinds stock,per-method,shared]
+    .venv/bin/python benchmarks/lowering_speed.py [--units 20] [--pairs 3] [--kinds stock,per-method,shared-per-partition,shared]
 
 Each round runs one fresh process per kind, the order rotating from round to round:
 - `stock`: ExecuTorch's multi-method lowering as shipped (one program per method, torch's own
   `py_impl`, the cyclic GC left running), as before session 3;
 - `per-method`: one program per method with session 3's speed-ups (`lower_to_pte(shared=False)`);
-- `shared`: `device.lowering` as it is (the batch lowered once, split into methods).
+- `shared-per-partition`: the batch lowered once, split into methods, but XNNPACK's delegate passes
+  run once per unit (session 4's lowering);
+- `shared`: `device.lowering` as it is (the batch lowered once, XNNPACK's passes run once per
+  chunk: device/merged_preprocess.py, then split into methods).
 Each process lowers one warm-up unit, then the same --units random MobileNet-V2 unit configurations
 (seed = round index) into one multi-method `.pte`, and prints seconds per method.
 """
@@ -21,7 +24,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("stock", "per-method", "shared")
+KINDS = ("stock", "per-method", "shared-per-partition", "shared")
 
 
 def child(kind: str, units: int, seed: int) -> float:
@@ -42,6 +45,10 @@ def child(kind: str, units: int, seed: int) -> float:
     if kind == "stock":
         lowering._speed_up_py_impl = lambda: None
         lowering._collector_paused = contextlib.nullcontext
+    if kind == "shared-per-partition":
+        import device.shared_lowering as shared_lowering
+
+        shared_lowering.merged_passes = contextlib.nullcontext
     target = resolve_target("mobilenet_v2")
     specs = list(all_specs(unit_plans(target.graph, target.scope, 8)).values())
     rng = np.random.default_rng(seed)
@@ -50,7 +57,7 @@ def child(kind: str, units: int, seed: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         lowering.lower_to_pte(cands[:1], Path(tmp) / "warm.pte")
         t = time.perf_counter()
-        failed = lowering.lower_to_pte(cands[1:], Path(tmp) / "batch.pte", shared=kind == "shared")
+        failed = lowering.lower_to_pte(cands[1:], Path(tmp) / "batch.pte", shared=kind.startswith("shared"))
         assert not failed, failed
         return (time.perf_counter() - t) / units
 

@@ -249,12 +249,10 @@ def main(argv=None) -> int:
 
     stat = f"{args.stat}_ms"
     orig_ms = (batch.get("original") or {}).get(stat)
-    orig_p10 = (batch.get("original") or {}).get("p10_ms")
     rows = []
     for name, r in results.items():
         pol = r.summary["policy"]
         ms = (batch.get(name) or {}).get(stat)
-        p10 = (batch.get(name) or {}).get("p10_ms")
         rows.append({
             "method": name, "kept_mmac": pol["kept_mmac"], "mmac_ratio": pol["mmac_ratio"],
             "predicted_ms": lat_cost.predict(r.channels), "measured_ms": ms,

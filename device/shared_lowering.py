@@ -17,6 +17,7 @@ otherwise (an op XNNPACK does not take, modules sharing parameters, anything unu
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import Sequence
 
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from .base import Candidate
+from .graph_components import connected_components
+from .merged_preprocess import merged_passes
 
 
 class _Branches(nn.Module):
@@ -37,27 +40,6 @@ class _Branches(nn.Module):
         return tuple(branch(x) for branch, x in zip(self.branches, inputs))
 
 
-def _components(graph: torch.fx.Graph) -> dict[torch.fx.Node, torch.fx.Node]:
-    """Each node's connected component (a representative node), ignoring the output node that
-    joins all branches: union-find over the graph's edges."""
-    parent: dict[torch.fx.Node, torch.fx.Node] = {n: n for n in graph.nodes}
-
-    def find(node):
-        while parent[node] is not node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
-    for node in graph.nodes:
-        if node.op == "output":
-            continue
-        for src in node.all_input_nodes:
-            a, b = find(node), find(src)
-            if a is not b:
-                parent[a] = b
-    return {n: find(n) for n in graph.nodes}
-
-
 def _per_branch_partitioner():
     """XnnpackPartitioner whose partitions never span two branches (it merges disjoint subgraphs
     into one partition when it can; one delegate per branch is what lets a branch be a method)."""
@@ -66,7 +48,7 @@ def _per_branch_partitioner():
 
     class PerBranchXnnpackPartitioner(XnnpackPartitioner):
         def generate_partitions(self, ep):
-            component = _components(ep.graph_module.graph)
+            component = connected_components(ep.graph_module.graph)
             split = []
             for partition in super().generate_partitions(ep):
                 groups: dict[torch.fx.Node, list] = {}
@@ -87,7 +69,7 @@ def _branch_delegates(edge_program, n_branches: int) -> list[tuple] | None:
     if len(user_inputs) != n_branches or len(outputs) != n_branches:
         return None
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
-    component = _components(gm.graph)
+    component = connected_components(gm.graph)
     members: dict[torch.fx.Node, set[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op != "output":
@@ -156,7 +138,7 @@ def worth_sharing(candidates: Sequence[Candidate]) -> bool:
     return len(candidates) > 1 and all(_leaf_modules(c.module) <= MAX_LEAF_MODULES for c in candidates)
 
 
-def _chunk_methods(candidates: Sequence[Candidate]) -> dict | None:
+def _chunk_methods(candidates: Sequence[Candidate], merge_passes: bool = True) -> dict | None:
     """{name: method program} for one chunk lowered as one program, or None (see lower_shared)."""
     from executorch.exir import to_edge_transform_and_lower
 
@@ -164,7 +146,8 @@ def _chunk_methods(candidates: Sequence[Candidate]) -> dict | None:
     inputs = tuple(c.example_input for c in candidates)
     with torch.no_grad():
         program = torch.export.export(branches, inputs, strict=False)
-    edge = to_edge_transform_and_lower(program, partitioner=[_per_branch_partitioner()])
+    with merged_passes() if merge_passes else contextlib.nullcontext():
+        edge = to_edge_transform_and_lower(program, partitioner=[_per_branch_partitioner()])
     lowered_program = edge.exported_program()
     found = _branch_delegates(lowered_program, len(candidates))
     if found is None:
@@ -176,15 +159,17 @@ def _chunk_methods(candidates: Sequence[Candidate]) -> dict | None:
     }
 
 
-def lower_shared(candidates: Sequence[Candidate], chunk: int = CHUNK) -> bytes | None:
+def lower_shared(candidates: Sequence[Candidate], chunk: int = CHUNK, merge_passes: bool = True) -> bytes | None:
     """The `.pte` bytes with one method per candidate (named after it), or None when a chunk does
     not lower as one delegate per candidate (the caller then lowers them one by one).
+    `merge_passes`: XNNPACK's delegate passes run once per chunk (device/merged_preprocess.py),
+    not once per candidate; the bytes are the same either way.
     Exceptions from export or lowering propagate: the caller's fallback finds the culprit."""
     from executorch.exir import EdgeCompileConfig, EdgeProgramManager
 
     methods: dict = {}
     for start in range(0, len(candidates), max(1, chunk)):
-        part = _chunk_methods(candidates[start:start + chunk])
+        part = _chunk_methods(candidates[start:start + chunk], merge_passes)
         if part is None:
             return None
         methods.update(part)
