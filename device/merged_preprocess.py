@@ -7,10 +7,12 @@ partition and those passes were ~30% of the lowering (measured: 77 ms of 253 ms 
 while `merged_passes()` is active, XNNPACK's `preprocess_multimethod` merges a method's partitions
 into one program (a disjoint union: their nodes keep their names, which are already unique), runs
 the passes over it once, splits the result back into one program per partition, and serialises each
-with XNNPACK's own `preprocess`, passes skipped. XNNPACK's passes are local to a connected component
-(fusions, constant folding, layout copies around inputs and outputs), and constant data is keyed by
-content, so the blobs are byte for byte what per-partition preprocessing makes
-(tests/test_merged_preprocess.py). Anything unexpected (a partition with its own compile specs, a
+with XNNPACK's own `preprocess`, passes skipped. Passes that only act on ops the merged graph does
+not hold (attention, cat, 1-d convolutions, quantisation, ...: `_ONLY_WITH_OPS`) are left out.
+XNNPACK's passes are local to a connected component (fusions, constant folding, layout copies
+around inputs and outputs), and constant data is keyed by content, so the blobs are byte for byte
+what per-partition preprocessing makes (tests/test_merged_preprocess.py). Measured
+(benchmarks/lowering_speed.py, 32 units): 0.186 -> 0.134 s of lowering per unit. Anything unexpected (a partition with its own compile specs, a
 component that does not map back to exactly one partition, an exception) falls back to XNNPACK's
 per-partition preprocessing for that method.
 """
@@ -136,6 +138,43 @@ def _split(merged, programs: Sequence, verifier) -> list | None:
     return parts
 
 
+# XNNPACK passes that act only on graphs holding certain ops, and the op-name fragments that let
+# them act (from their sources in executorch 1.4.1). Over a graph without any of them the pass only
+# retraces it (a few ms per pass per batch, for nothing), so it is left out. Passes not named here
+# always run.
+_ONLY_WITH_OPS = {
+    "ConvertToSDPAPass": ("softmax", "matmul", "bmm"),  # SDPA patterns
+    "ConvertToUpsampleBilinear2d": ("index", "upsample"),  # bilinear interpolation patterns
+    "DecomposeConcatenate": ("aten.cat",),
+    "Conv1dUnsqueezePass": ("convolution",),  # and only 1-d ones: checked below
+    "PReLUReshapePass": ("prelu",),
+    "RemoveGetItemPass": ("max_pool2d_with_indices", "aten.max."),
+    "PropagateCustomMetaPass": ("quantize",),
+    "InsertPadQDQPass": ("constant_pad_nd",),
+    "DimOrderOpsRevertPass": ("dim_order",),
+}
+
+
+def _passes_for(graph: torch.fx.Graph, passes: Sequence[type]) -> list[type]:
+    """`passes` minus those that cannot act on `graph` (see _ONLY_WITH_OPS)."""
+    ops = set()
+    conv1d = False
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        ops.add(name)
+        if "convolution" in name and len(node.args) > 3 and len(node.args[3]) == 1:
+            conv1d = True
+    kept = []
+    for p in passes:
+        needs = _ONLY_WITH_OPS.get(p.__name__)
+        if needs is None or any(n in op for op in ops for n in needs):
+            if p.__name__ != "Conv1dUnsqueezePass" or conv1d:
+                kept.append(p)
+    return kept
+
+
 class _PassesAlreadyRun:
     """Stands in for XNNPACKPassManager inside `preprocess` for programs whose passes already ran."""
 
@@ -158,7 +197,8 @@ def _preprocess_merged(backend, programs: list, specs: list) -> list | None:
     merged = _merge(programs, verifier)
     if merged is None:
         return None
-    transformed = XNNPACKPassManager(merged).transform()
+    passes = _passes_for(merged.graph, XNNPACKPassManager(merged).passes)
+    transformed = XNNPACKPassManager(merged, passes=passes).transform()
     parts = _split(transformed, programs, verifier)
     if parts is None:
         return None

@@ -92,3 +92,41 @@ def test_context_restores_xnnpack_backend_even_on_error():
             assert "preprocess_multimethod" in XnnpackBackend.__dict__
             raise RuntimeError("boom")
     assert "preprocess_multimethod" not in XnnpackBackend.__dict__
+
+
+def test_passes_are_left_out_only_over_graphs_without_their_ops():
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+    from executorch.exir import to_edge
+
+    from device.merged_preprocess import _passes_for
+
+    class CatConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 4, 3)
+
+        def forward(self, x):
+            return torch.cat([self.conv(x), x[..., 2:]], dim=1)
+
+    x = torch.randn(1, 4, 8)
+    edge = to_edge(torch.export.export(CatConv().eval(), (x,), strict=False)).exported_program()
+    every = XNNPACKPassManager(edge).passes
+    names = {p.__name__ for p in _passes_for(edge.graph, every)}
+    # cat and a 1-d convolution: their passes run
+    assert {"DecomposeConcatenate", "Conv1dUnsqueezePass"} <= names
+    unit = _merge_input_program(SPECS[0])
+    names = {p.__name__ for p in _passes_for(unit.graph, every)}
+    assert not names & {"DecomposeConcatenate", "Conv1dUnsqueezePass", "PReLUReshapePass", "ConvertToSDPAPass"}
+    assert {"FuseBatchNormPass", "ChannelsLastTaggedReshapePass", "ConvertToLinearPass"} <= names  # always run
+
+    class NewPass:  # a pass this module does not know about is never left out
+        pass
+
+    assert NewPass in _passes_for(unit.graph, [NewPass])
+
+
+def _merge_input_program(spec):
+    from executorch.exir import to_edge
+
+    module, x = spec.build()
+    return to_edge(torch.export.export(module, (x,), strict=False)).exported_program()
