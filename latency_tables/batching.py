@@ -1,8 +1,8 @@
 """Measure many candidates batch by batch: lower, then measure, then hand the results over at once.
 
-Lowering a candidate to ExecuTorch costs ~0.2 s of CPU per method even with a whole batch lowered
-at once (device/shared_lowering.py; ~0.35 s one program per method), while timing a small unit
-takes tens of milliseconds. So
+Lowering a candidate to ExecuTorch costs ~0.13 s of CPU per method even with a whole batch lowered
+at once (device/shared_lowering.py, device/merged_preprocess.py; ~0.33 s one program per method),
+while timing a small unit takes tens of milliseconds. So
 when the device can time a prebuilt `.pte` (`measure_pte`, as `local` can), each round lowers up to
 `workers` programs of `batch_size` methods in a pool of processes, and only then times them one
 program after the other: lowering and timing never overlap, so a measurement never shares the CPU
