@@ -85,6 +85,24 @@ class ValidationResult:
     metrics: dict
     plot: Path | None
     table: Path
+    model: str = ""
+    device: str = ""
+
+    def stale_calibration_hint(self) -> str | None:
+        """A line saying the table's stored overhead fit no longer matches the device, when the
+        session's fit predicts well and the stored one is off by more than 10% on average."""
+        s = self.metrics.get("session_calibration")
+        stored = self.metrics.get("mean_error_pct")
+        if not s or stored is None or not np.isfinite(stored) or abs(stored) <= 10:
+            return None
+        fresh = s["metrics"]["mean_error_pct"]
+        if not np.isfinite(fresh) or abs(fresh) > abs(stored) / 2:
+            return None
+        cmd = "amc-mobile table calibrate" + (f" --model {self.model}" if self.model else "") + \
+            (f" --device {self.device}" if self.device else "")
+        return (f"note: the table's stored calibration is off by {stored:+.0f}% on this device now (it drifted or "
+                f"changed since the fit; this session's fit: {fresh:+.1f}%). `{cmd}` refits it; searches re-time "
+                f"it themselves before setting a budget")
 
     def summary(self) -> str:
         def line(stat: str, which: str, fit: dict, m: dict) -> str:
@@ -101,6 +119,9 @@ class ValidationResult:
             if p["session_calibration"]:
                 lines.append(line("p10", "session's", p["session_calibration"]["fit"],
                                   p["session_calibration"]["metrics"]))
+        hint = self.stale_calibration_hint()
+        if hint:
+            lines.append(hint)
         lines.append(f"samples: {self.out_dir / SAMPLES_FILE}" + (f"  plot: {self.plot}" if self.plot else ""))
         return "\n".join(lines)
 
@@ -252,7 +273,7 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
         (out / "summary.json").write_text(json.dumps({"model": target.label, "device": label, "table":
                                                      str(store.folder), "metrics": metrics, "created": now_iso()},
                                                     indent=2, sort_keys=True, default=str) + "\n")
-        return ValidationResult(out, df.reset_index(drop=True), metrics, png, store.folder)
+        return ValidationResult(out, df.reset_index(drop=True), metrics, png, store.folder, target.label, label)
     finally:
         if owned:
             dev.close()

@@ -479,3 +479,18 @@ def test_validate_on_the_formula_device(tmp_path):
     again = validate_table("resnet20", FormulaDevice(), samples=6, seed=3, out_dir=out, tables_dir=tmp_path,
                            config=FAST, progress=False, plot=False)
     assert (out / "samples.csv").read_text().splitlines() == lines and len(again.samples) == 6  # nothing re-measured
+
+
+def test_validate_says_when_the_stored_calibration_is_stale(tmp_path):
+    from latency_tables.validate import ValidationResult
+
+    def result(stored: float, fresh: float) -> ValidationResult:
+        metrics = {"mean_error_pct": stored, "session_calibration": {"metrics": {"mean_error_pct": fresh}}}
+        return ValidationResult(tmp_path, None, metrics, None, tmp_path, "resnet20", "local")
+
+    # measured on a 2x faster host than the table's fit: the session's fit is right, the stored one not
+    hint = result(85.7, -0.1).stale_calibration_hint()
+    assert hint and "+86%" in hint and "amc-mobile table calibrate --model resnet20 --device local" in hint
+    assert result(4.0, -0.1).stale_calibration_hint() is None  # within 10%: nothing to say
+    assert result(30.0, 25.0).stale_calibration_hint() is None  # the fresh fit is no better: not drift
+    assert result(float("nan"), 0.0).stale_calibration_hint() is None
