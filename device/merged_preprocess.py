@@ -12,14 +12,17 @@ not hold (attention, cat, 1-d convolutions, quantisation, ...: `_ONLY_WITH_OPS`)
 XNNPACK's passes are local to a connected component (fusions, constant folding, layout copies
 around inputs and outputs), and constant data is keyed by content, so the blobs are byte for byte
 what per-partition preprocessing makes (tests/test_merged_preprocess.py). Measured
-(benchmarks/lowering_speed.py, 32 units): 0.186 -> 0.134 s of lowering per unit. Anything unexpected (a partition with its own compile specs, a
-component that does not map back to exactly one partition, an exception) falls back to XNNPACK's
-per-partition preprocessing for that method.
+(benchmarks/lowering_speed.py, 32 units): 0.186 -> 0.134 s of lowering per unit.
+
+Anything unexpected (a partition with its own compile specs, a component that does not map back to
+exactly one partition, an exception) falls back to XNNPACK's per-partition preprocessing for that
+method.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Sequence
 
 import torch
@@ -139,9 +142,10 @@ def _split(merged, programs: Sequence, verifier) -> list | None:
 
 
 # XNNPACK passes that act only on graphs holding certain ops, and the op-name fragments that let
-# them act (from their sources in executorch 1.4.1). Over a graph without any of them the pass only
-# retraces it (a few ms per pass per batch, for nothing), so it is left out. Passes not named here
-# always run.
+# them act (read from their sources in executorch 1.4.1, the only version they are left out on).
+# Over a graph without any of them the pass only retraces it (a few ms per pass per batch, for
+# nothing). Passes not named here always run.
+_PASSES_READ_IN = "1.4.1"
 _ONLY_WITH_OPS = {
     "ConvertToSDPAPass": ("softmax", "matmul", "bmm"),  # SDPA patterns
     "ConvertToUpsampleBilinear2d": ("index", "upsample"),  # bilinear interpolation patterns
@@ -157,6 +161,8 @@ _ONLY_WITH_OPS = {
 
 def _passes_for(graph: torch.fx.Graph, passes: Sequence[type]) -> list[type]:
     """`passes` minus those that cannot act on `graph` (see _ONLY_WITH_OPS)."""
+    if _executorch_version() != _PASSES_READ_IN:
+        return list(passes)
     ops = set()
     conv1d = False
     for node in graph.nodes:
@@ -173,6 +179,16 @@ def _passes_for(graph: torch.fx.Graph, passes: Sequence[type]) -> list[type]:
             if p.__name__ != "Conv1dUnsqueezePass" or conv1d:
                 kept.append(p)
     return kept
+
+
+@functools.lru_cache(maxsize=None)
+def _executorch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("executorch")
+    except PackageNotFoundError:
+        return ""
 
 
 class _PassesAlreadyRun:

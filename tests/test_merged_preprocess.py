@@ -125,6 +125,19 @@ def test_passes_are_left_out_only_over_graphs_without_their_ops():
     assert NewPass in _passes_for(unit.graph, [NewPass])
 
 
+def test_no_pass_is_left_out_on_another_executorch(monkeypatch):
+    """The op lists were read from one ExecuTorch's passes; another version runs every pass."""
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+    import device.merged_preprocess as mp
+
+    unit = _merge_input_program(SPECS[0])
+    every = XNNPACKPassManager(unit).passes
+    assert len(mp._passes_for(unit.graph, every)) < len(every)
+    monkeypatch.setattr(mp, "_executorch_version", lambda: "9.9.9")
+    assert mp._passes_for(unit.graph, every) == list(every)
+
+
 def _merge_input_program(spec):
     from executorch.exir import to_edge
 
