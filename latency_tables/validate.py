@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,8 +99,8 @@ class ValidationResult:
         fresh = s["metrics"]["mean_error_pct"]
         if not np.isfinite(fresh) or abs(fresh) > abs(stored) / 2:
             return None
-        cmd = "amc-mobile table calibrate" + (f" --model {self.model}" if self.model else "") + \
-            (f" --device {self.device}" if self.device else "")
+        cmd = "amc-mobile table calibrate" + (f" --model {shlex.quote(self.model)}" if self.model else "") + \
+            (f" --device {shlex.quote(self.device)}" if self.device else "")
         return (f"note: the table's stored calibration is off by {stored:+.0f}% on this device now (it drifted or "
                 f"changed since the fit; this session's fit: {fresh:+.1f}%). `{cmd}` refits it; searches re-time "
                 f"it themselves before setting a budget")

@@ -494,3 +494,6 @@ def test_validate_says_when_the_stored_calibration_is_stale(tmp_path):
     assert result(4.0, -0.1).stale_calibration_hint() is None  # within 10%: nothing to say
     assert result(30.0, 25.0).stale_calibration_hint() is None  # the fresh fit is no better: not drift
     assert result(float("nan"), 0.0).stale_calibration_hint() is None
+    odd = ValidationResult(tmp_path, None, {"mean_error_pct": -40.0, "session_calibration": {"metrics": {
+        "mean_error_pct": 1.0}}}, None, tmp_path, "resnet20", "cuda:0?batch=8&graph=1")
+    assert "--device 'cuda:0?batch=8&graph=1'" in odd.stale_calibration_hint()  # pastes into a shell as is
