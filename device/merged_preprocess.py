@@ -150,7 +150,7 @@ _ONLY_WITH_OPS = {
     "ConvertToSDPAPass": ("softmax", "matmul", "bmm"),  # SDPA patterns
     "ConvertToUpsampleBilinear2d": ("index", "upsample"),  # bilinear interpolation patterns
     "DecomposeConcatenate": ("aten.cat",),
-    "Conv1dUnsqueezePass": ("convolution",),  # and only 1-d ones: checked below
+    "Conv1dUnsqueezePass": ("conv1d",),  # a 1-d convolution: named so by _passes_for
     "PReLUReshapePass": ("prelu",),
     "RemoveGetItemPass": ("max_pool2d_with_indices", "aten.max."),
     "PropagateCustomMetaPass": ("quantize",),
@@ -164,20 +164,17 @@ def _passes_for(graph: torch.fx.Graph, passes: Sequence[type]) -> list[type]:
     if _executorch_version() != _PASSES_READ_IN:
         return list(passes)
     ops = set()
-    conv1d = False
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         name = getattr(node.target, "__name__", str(node.target))
-        ops.add(name)
-        if "convolution" in name and len(node.args) > 3 and len(node.args[3]) == 1:
-            conv1d = True
+        # edge graphs name every convolution alike; a 1-d one is told by its 1-element stride
+        ops.add("conv1d" if "convolution" in name and len(node.args) > 3 and len(node.args[3]) == 1 else name)
     kept = []
     for p in passes:
         needs = _ONLY_WITH_OPS.get(p.__name__)
         if needs is None or any(n in op for op in ops for n in needs):
-            if p.__name__ != "Conv1dUnsqueezePass" or conv1d:
-                kept.append(p)
+            kept.append(p)
     return kept
 
 
