@@ -81,10 +81,53 @@ def load_model(ref: str, allow_pickle: bool = False, label: str | None = None) -
             return LoadedModel(label, module.eval(), _example(module), "pickle")
         raise AmcError(f"{path} is not a model: expected a pruned-model folder, a checkpoint folder, "
                        f"a .pte, or a .pt with --allow-pickle")
+    if _is_factory_ref(ref):
+        module = load_factory(ref)
+        return LoadedModel(label or ref, module, _example(module), "factory")
     if ref in MODEL_NAMES or ref.startswith(TORCHVISION_PREFIX):
         module = build_model(ref).eval()
         return LoadedModel(label or ref, module, _example(module), "registry")
     raise AmcError(f"model {ref!r} not found: not a file or folder, and not one of {', '.join(MODEL_NAMES)}")
+
+
+def _is_factory_ref(ref: str) -> bool:
+    head, sep, tail = ref.rpartition(":")
+    return bool(sep and head and tail.isidentifier() and not ref.startswith("torchvision:"))
+
+
+def load_factory(ref: str, kwargs: dict | None = None) -> nn.Module:
+    """`path/to/file.py:factory` or `package.module:factory`: call the factory, which returns an nn.Module."""
+    import importlib
+    import importlib.util
+    import sys
+
+    where, _, name = ref.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise AmcError(f"model file {where} does not exist")
+            spec = importlib.util.spec_from_file_location(f"amc_user_model_{abs(hash(str(path.resolve())))}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses and pickling look their module up by name
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except AmcError:
+        raise
+    except Exception as exc:
+        raise AmcError(f"cannot import {where}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}") \
+            from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise AmcError(f"{where} has no callable {name!r}")
+    try:
+        model = factory(**(kwargs or {}))
+    except Exception as exc:
+        raise AmcError(f"{ref} raised {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}") from exc
+    if not isinstance(model, nn.Module):
+        raise AmcError(f"{ref} returned a {type(model).__name__}, not an nn.Module")
+    return model.eval()
 
 
 def _check_pte(path: Path) -> None:

@@ -59,7 +59,7 @@ def plan_points(plan: UnitPlan, by_shape: Mapping[tuple, list[TableRow]], statis
     out: Points = {}
     for r in by_shape.get(full.shape_key(), ()):
         values = tuple(plan.coordinate(r.spec, a) for a in plan.axes)
-        if plan.spec_at(values) == r.spec:
+        if min(values) >= 1 and plan.spec_at(values) == r.spec:
             out[values] = getattr(r.stats, statistic)
     return out
 

@@ -90,7 +90,9 @@ class UnitPlan:
         return [tuple(int(v) for v in vals) for vals in zip(*(g.ravel() for g in grids))]
 
     def coordinate(self, spec: UnitSpec, axis: Axis) -> int:
-        return spec.c_out if axis.role == "out" else spec.c_in
+        """The axis value (kept count of its group) at which this unit is `spec`; -1 when none is."""
+        count = self.template.count_of(spec, "out" if axis.role == "out" else "in")
+        return -1 if count is None else count
 
     def describe(self) -> str:
         if not self.axes:

@@ -1,4 +1,5 @@
-"""Fused units: the things a latency table is keyed by (conv+BN+activation, depthwise, linear, add, pool).
+"""Fused units: the things a latency table is keyed by (conv+BN+activation, depthwise, grouped conv,
+linear, add, pools, squeeze-excite gate, element-wise mul, standalone activation, copy).
 
 A unit is what XNNPACK runs as one fused kernel; nn-Meter showed that predicting per
 fused kernel is what makes a sum over layers accurate (99% within ±10% vs 91% per op).
@@ -13,8 +14,12 @@ from torch import nn
 
 from amc_mobile.errors import AmcError
 
-UNIT_KINDS = ("conv", "dwconv", "linear", "add", "pool")
-ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish}
+UNIT_KINDS = ("conv", "dwconv", "linear", "add", "pool", "avgpool", "gate", "mul", "act", "copy")
+ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish,
+               "hardsigmoid": nn.Hardsigmoid, "silu": nn.SiLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid,
+               "tanh": nn.Tanh}
+# kinds whose output has the input's channels
+_CHANNEL_KEEPING = ("dwconv", "add", "pool", "avgpool", "gate", "mul", "act", "copy")
 
 
 @dataclass(frozen=True, order=True)
@@ -55,14 +60,21 @@ class UnitSpec:
                 self.groups == self.c_in and self.kind == "dwconv")
 
     def with_channels(self, c_in: int, c_out: int) -> "UnitSpec":
-        if self.kind in ("dwconv", "add", "pool"):
+        if self.kind in _CHANNEL_KEEPING:
             c_out = c_in  # these keep their channel count
-        groups = c_in if self.kind == "dwconv" else self.groups
+        if self.kind == "dwconv":
+            groups = c_in
+        elif self.groups > 1:  # a grouped conv is pruned by whole groups: the group width stays
+            groups = max(1, c_in // (self.c_in // self.groups))
+        else:
+            groups = 1
         return replace(self, c_in=c_in, c_out=c_out, groups=groups)
 
     def output_hw(self) -> tuple[int, int]:
         if self.kind == "linear" or (self.kind == "pool" and self.kernel == 0):
             return 1, 1
+        if self.kind in ("add", "gate", "mul", "act", "copy"):
+            return self.h, self.w
         return ((self.h + 2 * self.padding - self.kernel) // self.stride + 1,
                 (self.w + 2 * self.padding - self.kernel) // self.stride + 1)
 
@@ -150,4 +162,57 @@ class _PoolUnit(nn.Module):
         return self.pool(x)
 
 
-_UNIT_BUILDERS = {"conv": _ConvUnit, "dwconv": _ConvUnit, "linear": _LinearUnit, "add": _AddUnit, "pool": _PoolUnit}
+class _AvgPoolUnit(nn.Module):
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+        self.pool = nn.AvgPool2d(s.kernel, s.stride, s.padding)
+
+    def forward(self, x):
+        return self.pool(x)
+
+
+class _GateUnit(nn.Module):
+    """Squeeze-excite's gate: the map times a per-channel [1, C, 1, 1] factor."""
+
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+        self.gate = nn.Parameter(torch.ones(1, s.c_in, 1, 1))
+
+    def forward(self, x):
+        return x * self.gate
+
+
+class _MulUnit(nn.Module):
+    """An element-wise product of two maps of one shape (x * sigmoid(x) and the like): one mul kernel."""
+
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+
+    def forward(self, x):
+        return x * x
+
+
+class _ActUnit(nn.Module):
+    """An activation that no conv, linear or add absorbs."""
+
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+        self.act = ACTIVATIONS[s.act]()
+
+    def forward(self, x):
+        return self.act(x)
+
+
+class _CopyUnit(nn.Module):
+    """Data movement of every element (a concatenation, a channel shuffle's transpose): measured as the
+    transpose of a map's two spatial axes, a copy of the same size the runtime cannot elide."""
+
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+
+    def forward(self, x):
+        return x.transpose(2, 3).contiguous()
+
+
+_UNIT_BUILDERS = {"conv": _ConvUnit, "dwconv": _ConvUnit, "linear": _LinearUnit, "add": _AddUnit, "pool": _PoolUnit,
+                  "avgpool": _AvgPoolUnit, "gate": _GateUnit, "mul": _MulUnit, "act": _ActUnit, "copy": _CopyUnit}

@@ -99,11 +99,16 @@ class _NoPrunable(nn.Module):
         return self.fc(x)
 
 
-def test_unsupported_patterns_name_the_node():
-    with pytest.raises(AmcError, match="cat"):
-        build_graph(_Cat())
-    with pytest.raises(AmcError, match="permute"):
-        build_graph(_Lstm())
+def test_unfollowable_patterns_fix_their_channels_with_the_reason():
+    # a concatenation straight into the output: both convs' channels are the network's output
+    graph = build_graph(_Cat())
+    assert [g.fixed_reason for g in graph.groups.values() if ("a", "conv_out") in g.members] == ["network output"]
+    # an op never seen (a GRU) fixes the conv before it and says why; nothing is left to prune
+    graph = build_graph(_Lstm())
+    conv = next(g for g in graph.groups.values() if ("conv", "conv_out") in g.members)
+    assert "GRU" in conv.fixed_reason and any("GRU" in u for u in graph.unfollowed)
+    with pytest.raises(AmcError, match="no prunable layers"):
+        require_prunable(graph)
 
 
 def test_no_prunable_layers_is_a_clear_error():

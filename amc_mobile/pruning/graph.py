@@ -9,39 +9,34 @@ After Torch-Pruning's dependency graph, with few nouns:
   **input** group is prunable: the agent's action for such a layer is the preserve ratio of its
   input channels, which also shrinks the producing conv, any depthwise conv and the BNs between.
 - a **unit** is a fused kernel as the runtime executes it (conv+BN+activation, depthwise+BN+act,
-  linear, add(+act), pool); latency tables are keyed by units.
+  linear, add(+act), pool, squeeze-excite gate, copy for a cat or a shuffle); latency tables are
+  keyed by units.
 
-The analysis runs on a torch.fx trace, so any model built from the supported ops works, not only
-the built-in families; an unsupported pattern is an AmcError naming the node.
+The channels are followed op by op on a torch.fx trace (`channel_flow.py`): concatenations,
+splits, channel shuffles, flattens into a linear, grouped convs and squeeze-excite gates included.
+An op the flow cannot follow fixes (never prunes) the channels it touches, with the reason; the
+rest stays prunable. A group is a set of channels that appear together everywhere (the same
+modules slice them), so a unit's channel count is affine in its group's kept count:
+`c = base + coef * kept` (coef = H*W for a linear reading a flattened map, the group width for a
+grouped conv).
 """
 
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from amc_mobile.errors import AmcError
-from latency_tables.units import UnitSpec
+from latency_tables.units import ACTIVATIONS, UnitSpec
+
+from .channel_flow import ACT_OF_FUNCTION, ACT_OF_METHOD, ACT_OF_MODULE, Flow, UnitRecord, channel_vector, follow
 
 SCOPES = ("all", "decoupled")
 # Per-family default scope: where "all" would make the latency table impractically large.
 DEFAULT_SCOPE = {"mobilenet_v2": "decoupled"}
-
-_PASSTHROUGH_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Identity, nn.Dropout, nn.AdaptiveAvgPool2d,
-    nn.AvgPool2d, nn.MaxPool2d, nn.Sigmoid, nn.Hardtanh,
-)
-_PASSTHROUGH_FUNCTIONS = {F.relu, F.relu6, torch.relu, F.hardswish, F.silu, F.dropout, F.adaptive_avg_pool2d,
-                          F.avg_pool2d, F.max_pool2d, torch.sigmoid, torch.nn.functional.hardtanh}
-_PASSTHROUGH_METHODS = {"relu", "relu_", "contiguous", "clone", "sigmoid"}
-_ACT_OF_MODULE = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}
-_ACT_OF_FUNCTION = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardswish: "hardswish"}
-
 
 @dataclass
 class ChannelGroup:
@@ -75,17 +70,66 @@ class Layer:
 
 @dataclass(frozen=True)
 class UnitTemplate:
-    """A fused unit at full width, with the groups its channel counts follow."""
+    """A fused unit at full width, with the groups its channel counts follow:
+    c_in = in_base + in_coef * kept[in_group] (and the same for c_out). A side that follows no
+    group keeps the spec's count."""
 
     name: str
     spec: UnitSpec
     in_group: int | None
     out_group: int | None
+    in_coef: int = 1
+    out_coef: int = 1
+    in_base: int = 0
+    out_base: int = 0
 
     def at(self, channels: dict[int, int]) -> UnitSpec:
-        c_in = channels.get(self.in_group, self.spec.c_in) if self.in_group is not None else self.spec.c_in
-        c_out = channels.get(self.out_group, self.spec.c_out) if self.out_group is not None else self.spec.c_out
+        c_in = self.spec.c_in if self.in_group not in channels else self.in_base + self.in_coef * channels[self.in_group]
+        c_out = self.spec.c_out if self.out_group not in channels else \
+            self.out_base + self.out_coef * channels[self.out_group]
         return self.spec.with_channels(c_in, c_out)
+
+    def at_counts(self, kept_in: int, kept_out: int) -> UnitSpec:
+        """The unit when its input group keeps `kept_in` and its output group `kept_out` (a unit whose
+        two sides follow one group still gets two independent counts: what a bilinear fit needs)."""
+        c_in = self.spec.c_in if self.in_group is None else self.in_base + self.in_coef * kept_in
+        c_out = self.spec.c_out if self.out_group is None else self.out_base + self.out_coef * kept_out
+        return self.spec.with_channels(c_in, c_out)
+
+    def count_of(self, spec: UnitSpec, side: str) -> int | None:
+        """The kept count of the group followed on `side` ("in"/"out") that gives `spec`, or None."""
+        group, base, coef, c = ((self.in_group, self.in_base, self.in_coef, spec.c_in) if side == "in" else
+                                (self.out_group, self.out_base, self.out_coef, spec.c_out))
+        if group is None or (c - base) % coef:
+            return None
+        return (c - base) // coef
+
+
+@dataclass
+class SiteMap:
+    """One module dimension that pruning slices: position i holds channel `index[i]` of group `group[i]`."""
+
+    module: str
+    role: str
+    group: np.ndarray
+    index: np.ndarray
+
+    def kept_positions(self, keep: dict[int, torch.Tensor], sizes: dict[int, int]) -> torch.Tensor | None:
+        """Positions kept when group g keeps channels keep[g]; None when nothing here is pruned."""
+        touched = [g for g in keep if g in self._groups]
+        if not touched:
+            return None
+        mask = np.ones(len(self.group), dtype=bool)
+        for g in touched:
+            kept = np.zeros(sizes[g], dtype=bool)
+            kept[np.asarray(keep[g], dtype=np.int64)] = True
+            sel = self.group == g
+            mask[sel] = kept[self.index[sel]]
+        return torch.from_numpy(np.flatnonzero(mask)).long()
+
+    @property
+    def _groups(self) -> set[int]:
+        return set(np.unique(self.group).tolist())
 
 
 @dataclass
@@ -94,6 +138,18 @@ class PruningGraph:
     groups: dict[int, ChannelGroup]
     layers: list[Layer]  # every conv/linear, forward order
     units: list[UnitTemplate]  # every fused unit, forward order
+    sites: list[SiteMap] = field(default_factory=list)  # every sliced module dimension, forward order
+    unfollowed: list[str] = field(default_factory=list)  # ops the analysis could not follow (their channels fixed)
+
+    def site_positions(self, keep: dict[int, torch.Tensor]) -> list[tuple[SiteMap, torch.Tensor]]:
+        """(site, kept positions) of every module dimension that `keep` (group -> kept indices) prunes."""
+        sizes = {g: grp.size for g, grp in self.groups.items()}
+        out = []
+        for s in self.sites:
+            pos = s.kept_positions(keep, sizes)
+            if pos is not None:
+                out.append((s, pos))
+        return out
 
     @property
     def prunable_layers(self) -> list[Layer]:
@@ -164,31 +220,6 @@ class PruningGraph:
         return "\n".join(lines)
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[int, int] = {}
-
-    def add(self, x: int) -> None:
-        self.parent.setdefault(x, x)
-
-    def find(self, x: int) -> int:
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> int:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-        return min(ra, rb)
-
-
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
 def _example_input(model: nn.Module, input_shape: tuple[int, ...] | None) -> torch.Tensor:
     shape = input_shape or getattr(model, "input_shape", None)
     if shape is None:
@@ -196,176 +227,208 @@ def _example_input(model: nn.Module, input_shape: tuple[int, ...] | None) -> tor
     return torch.zeros((1, *shape))
 
 
-def trace(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
+def trace(model: nn.Module) -> fx.GraphModule:
     try:
-        gm = fx.symbolic_trace(model)
+        return fx.symbolic_trace(model)
     except Exception as exc:
-        raise AmcError(f"the model cannot be traced with torch.fx: {str(exc).splitlines()[0]}") from exc
-    was_training = model.training
-    gm.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(_example_input(model, input_shape))
-    gm.train(was_training)
-    return gm
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise AmcError(f"the model cannot be traced with torch.fx ({type(exc).__name__}: {first[:200]}): "
+                       f"data-dependent control flow (an `if` or loop on tensor values) is the usual cause; "
+                       f"write it with tensor ops or move it out of forward()") from exc
 
 
 def build_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> PruningGraph:
     """Analyse `model` (eval semantics) into channel groups, layers and fused units."""
     x = _example_input(model, input_shape)
-    gm = trace(model, tuple(x.shape[1:]))
-    modules = dict(gm.named_modules())
-    uf = _UnionFind()
-    sizes: dict[int, int] = {}
-    fixed: dict[int, str] = {}
-    members: dict[int, list[tuple[str, str]]] = {}
-    node_group: dict[fx.Node, int] = {}
-    layers: list[Layer] = []
-    raw_units: list[tuple[str, UnitSpec, int | None, int | None, fx.Node]] = []
-    residual_groups: set[int] = set()
+    gm = trace(model)
+    was_training = model.training
+    gm.eval()
+    try:
+        flow = follow(gm, x)
+    except AmcError:
+        raise
+    except Exception as exc:
+        raise AmcError(f"the model does not run on a {tuple(x.shape)} input: {type(exc).__name__}: "
+                       f"{(str(exc).splitlines() or [''])[0][:200]}") from exc
+    finally:
+        model.train(was_training)
+    return _assemble(flow, gm, tuple(x.shape[1:]))
 
-    def new_group(size: int, reason: str | None = None) -> int:
-        gid = len(sizes)
-        uf.add(gid)
-        sizes[gid] = size
-        members[gid] = []
-        if reason:
-            fixed[gid] = reason
-        return gid
 
-    def group_of(arg, node: fx.Node) -> int:
-        if not isinstance(arg, fx.Node) or arg not in node_group:
-            raise AmcError(f"node {node.name!r} ({node.target}) reads a tensor whose channels could not be followed")
-        return uf.find(node_group[arg])
-
-    for node in gm.graph.nodes:
-        shape = _shape(node)
-        if node.op == "placeholder":
-            node_group[node] = new_group(shape[1], "network input")
-        elif node.op == "get_attr":
+def _assemble(flow: Flow, gm: fx.GraphModule, input_shape: tuple[int, ...]) -> PruningGraph:
+    fused, specs = _fuse_activations(flow, gm)
+    for rec in _standalone_activations(gm, fused):
+        flow.units.append(rec)
+        specs.append(rec.spec)
+    n_atoms = len(flow.events)
+    uf = flow.uf
+    root = np.array([uf.find(a) for a in range(n_atoms)], dtype=np.int64)
+    events = np.asarray(flow.events, dtype=np.int64)
+    # where each root appears: the sliced module dimensions and the units' two sides
+    places: list[np.ndarray] = [root[s.atoms.numpy()] for s in flow.sites]
+    unit_in = [root[u.in_atoms.numpy()] if u.in_atoms is not None else None for u in flow.units]
+    unit_out = [root[u.out_atoms.numpy()] if u.out_atoms is not None else None for u in flow.units]
+    places += [p for p in unit_in + unit_out if p is not None]
+    signature: dict[int, list[tuple[int, int]]] = {}
+    for i, p in enumerate(places):
+        r, counts = np.unique(p, return_counts=True)
+        for rr, cc in zip(r.tolist(), counts.tolist()):
+            signature.setdefault(rr, []).append((i, cc))
+    by_sig: dict[tuple, list[int]] = {}
+    for r in sorted(signature):  # a root is its smallest atom: producer order, channel order
+        by_sig.setdefault(tuple(signature[r]), []).append(r)
+    # group ids: the producing event of the group's first channels (stable for the built-in families)
+    first_event = {}
+    for a in range(n_atoms):
+        first_event.setdefault(int(root[a]), int(events[a]))
+    used: set[int] = set()
+    pending = []
+    gid_of_root: dict[int, int] = {}
+    raw_groups: dict[int, list[int]] = {}
+    for roots in sorted(by_sig.values(), key=lambda rs: rs[0]):
+        gid = min(first_event[r] for r in roots)
+        if gid in used:
+            pending.append(roots)
             continue
-        elif node.op == "call_module":
-            mod = modules[node.target]
-            src = node.args[0]
-            name = str(node.target)
-            if isinstance(mod, nn.Conv2d):
-                g_in = group_of(src, node)
-                in_shape = _shape(src)
-                k, s, p = mod.kernel_size[0], mod.stride[0], mod.padding[0] if isinstance(mod.padding, tuple) else 0
-                if mod.kernel_size[0] != mod.kernel_size[1] or mod.stride[0] != mod.stride[1]:
-                    raise AmcError(f"conv {name!r} has a non-square kernel or stride: not supported")
-                if mod.groups == 1:
-                    g_out = new_group(mod.out_channels)
-                    members[g_in].append((name, "conv_in"))
-                    members[g_out].append((name, "conv_out"))
-                    node_group[node] = g_out
-                    spec = UnitSpec("conv", in_shape[2], in_shape[3], mod.in_channels, mod.out_channels, k, s, p, 1)
-                    flops = spec.flops()
-                    layers.append(Layer(name, "conv", g_in, g_out, mod.in_channels, mod.out_channels, k, s,
-                                        in_shape[2], in_shape[3], flops, mod.weight.numel()))
-                    raw_units.append((name, spec, g_in, g_out, node))
-                elif mod.groups == mod.in_channels == mod.out_channels:
-                    members[g_in].append((name, "dw"))
-                    node_group[node] = g_in
-                    spec = UnitSpec("dwconv", in_shape[2], in_shape[3], mod.in_channels, mod.out_channels, k, s, p,
-                                    mod.groups)
-                    raw_units.append((name, spec, g_in, g_in, node))
-                else:
-                    raise AmcError(f"conv {name!r} uses groups={mod.groups} (not 1 and not depthwise): not supported")
-            elif isinstance(mod, nn.Linear):
-                g_in = group_of(src, node)
-                in_shape = _shape(src)
-                if len(in_shape) != 2:
-                    raise AmcError(f"linear {name!r} gets a {len(in_shape)}-D input: only (N, features) is supported")
-                g_out = new_group(mod.out_features)
-                members[g_in].append((name, "linear_in"))
-                members[g_out].append((name, "linear_out"))
-                node_group[node] = g_out
-                spec = UnitSpec("linear", 1, 1, mod.in_features, mod.out_features)
-                layers.append(Layer(name, "linear", g_in, g_out, mod.in_features, mod.out_features, 1, 1, 1, 1,
-                                    spec.flops(), mod.weight.numel()))
-                raw_units.append((name, spec, g_in, g_out, node))
-            elif isinstance(mod, nn.BatchNorm2d):
-                g = group_of(src, node)
-                members[g].append((name, "bn"))
-                node_group[node] = g
-            elif isinstance(mod, _PASSTHROUGH_MODULES):
-                g = group_of(src, node)
-                node_group[node] = g
-                if isinstance(mod, (nn.AdaptiveAvgPool2d, nn.MaxPool2d)):
-                    in_shape = _shape(src)
-                    if isinstance(mod, nn.AdaptiveAvgPool2d):
-                        spec = UnitSpec("pool", in_shape[2], in_shape[3], in_shape[1], in_shape[1], kernel=0)
-                    else:
-                        ks = mod.kernel_size if isinstance(mod.kernel_size, int) else mod.kernel_size[0]
-                        st = mod.stride if isinstance(mod.stride, int) else mod.stride[0]
-                        pd = mod.padding if isinstance(mod.padding, int) else mod.padding[0]
-                        spec = UnitSpec("pool", in_shape[2], in_shape[3], in_shape[1], in_shape[1], ks, st, pd)
-                    raw_units.append((name, spec, g, g, node))
-            else:
-                raise AmcError(
-                    f"unsupported layer {name!r} ({type(mod).__name__}) at node {node.name!r}: the pruning graph "
-                    f"knows Conv2d, Linear, BatchNorm2d, activations, pooling, add and flatten")
-        elif node.op in ("call_function", "call_method"):
-            fn = node.target
-            tensor_args = [a for a in node.all_input_nodes if a in node_group]
-            if fn in (operator.add, torch.add, operator.iadd) or fn in ("add", "add_"):
-                if len(tensor_args) == 2:
-                    a, b = (group_of(t, node) for t in tensor_args)
-                    if sizes[a] != sizes[b]:
-                        raise AmcError(f"residual add {node.name!r} joins {sizes[a]} and {sizes[b]} channels")
-                    g = uf.union(a, b)
-                    residual_groups.add(g)
-                    node_group[node] = g
-                    in_shape = _shape(tensor_args[0])
-                    raw_units.append((node.name, UnitSpec("add", in_shape[2], in_shape[3], in_shape[1], in_shape[1]),
-                                      g, g, node))
-                elif len(tensor_args) == 1:
-                    node_group[node] = group_of(tensor_args[0], node)
-                else:
+        used.add(gid)
+        raw_groups[gid] = roots
+    nxt = max(used, default=-1) + 1
+    for roots in pending:
+        raw_groups[nxt] = roots
+        nxt += 1
+    index_of_root: dict[int, int] = {}
+    for gid, roots in raw_groups.items():
+        for i, r in enumerate(roots):
+            gid_of_root[r] = gid
+            index_of_root[r] = i
+    reason_of_root: dict[int, tuple[int, str]] = {}
+    for a, why in flow.reasons.items():
+        r = int(root[a])
+        cand = (int(events[a]), why)
+        if r not in reason_of_root or cand < reason_of_root[r]:
+            reason_of_root[r] = cand
+    residual_roots = {int(root[a]) for a in flow.residual}
+    groups: dict[int, ChannelGroup] = {}
+    for gid in sorted(raw_groups):
+        roots = raw_groups[gid]
+        reasons = sorted(reason_of_root[r] for r in roots if r in reason_of_root)
+        why = reasons[0][1] if reasons else ("tied by a residual add" if residual_roots & set(roots) else None)
+        groups[gid] = ChannelGroup(gid, len(roots), why)
+
+    to_gid = np.vectorize(lambda r: gid_of_root[int(r)], otypes=[np.int64])
+    to_idx = np.vectorize(lambda r: index_of_root[int(r)], otypes=[np.int64])
+    sites = []
+    for s, p in zip(flow.sites, places):
+        sm = SiteMap(s.module, s.role, to_gid(p), to_idx(p))
+        sites.append(sm)
+        for g in dict.fromkeys(sm.group.tolist()):
+            groups[g].members.append((s.module, s.role))
+
+    # a unit follows at most one prunable group per side (its latency is a 1-D or 2-D surface)
+    def side_groups(p):
+        return list(dict.fromkeys(to_gid(p).tolist())) if p is not None and len(p) else []
+
+    for u, pin, pout in zip(flow.units, unit_in, unit_out):
+        for p in (pin, pout):
+            prunable = [g for g in side_groups(p) if groups[g].prunable]
+            for g in prunable[1:]:
+                groups[g].fixed_reason = (f"shares the channels of {u.name!r} with group {prunable[0]} "
+                                          f"(a unit follows one pruned group per side)")
+
+    def follow_side(p) -> tuple[int | None, int, int]:
+        gs = side_groups(p)
+        if not gs:
+            return None, 1, 0
+        prunable = [g for g in gs if groups[g].prunable]
+        g = prunable[0] if prunable else gs[0]
+        coef = int(np.count_nonzero(to_gid(p) == g)) // groups[g].size
+        return g, max(1, coef), groups[g].size
+
+    templates: list[UnitTemplate] = []
+    order: list[int] = []
+    for u, rec in enumerate(flow.units):
+        gi, ci, si = follow_side(unit_in[u])
+        go, co, so = follow_side(unit_out[u])
+        spec = specs[u]
+        templates.append(UnitTemplate(rec.name, spec, gi, go, ci, co, spec.c_in - ci * si if gi is not None else 0,
+                                      spec.c_out - co * so if go is not None else 0))
+        order.append(u)
+    node_index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    units = [templates[u] for u in sorted(order, key=lambda u: (node_index[flow.units[u].node], u))]
+
+    layers = []
+    for rec in flow.layers:
+        t = templates[rec.unit]
+        in_group = t.in_group if t.in_group is not None else _any_group(unit_in[rec.unit], to_gid)
+        out_group = t.out_group if t.out_group is not None else _any_group(unit_out[rec.unit], to_gid)
+        layers.append(Layer(rec.name, rec.kind, in_group, out_group, t.spec.c_in, t.spec.c_out, rec.kernel,
+                            rec.stride, rec.h_in, rec.w_in, t.spec.flops(), rec.params))
+    return PruningGraph(input_shape, groups, layers, units, sites, list(dict.fromkeys(flow.unfollowed)))
+
+
+def _any_group(p, to_gid) -> int:
+    return int(to_gid(p)[0])
+
+
+def _act_name(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    if node.op == "call_module":
+        return ACT_OF_MODULE.get(type(modules[node.target]))
+    if node.op == "call_function":
+        return ACT_OF_FUNCTION.get(node.target)
+    if node.op == "call_method":
+        return ACT_OF_METHOD.get(node.target)
+    return None
+
+
+_FUSING_KINDS = ("conv", "dwconv", "linear", "add")
+
+
+def _fuse_activations(flow: Flow, gm: fx.GraphModule) -> tuple[set[fx.Node], list[UnitSpec]]:
+    """Follow conv -> BN -> activation (each the only user of the previous) to name the fused activation."""
+    modules = dict(gm.named_modules())
+    fused: set[fx.Node] = set()
+    specs = []
+    for rec in flow.units:
+        spec = rec.spec
+        if spec.kind in _FUSING_KINDS:
+            cur, bn_seen = rec.node, spec.kind == "add"
+            for _ in range(4):
+                users = list(cur.users)
+                if len(users) != 1:
+                    break
+                nxt = users[0]
+                mod = modules.get(nxt.target) if nxt.op == "call_module" else None
+                if isinstance(mod, nn.BatchNorm2d) and not bn_seen:
+                    cur, bn_seen = nxt, True
                     continue
-            elif fn in _PASSTHROUGH_FUNCTIONS or fn in _PASSTHROUGH_METHODS:
-                node_group[node] = group_of(node.args[0], node)
-            elif fn in (torch.flatten, "flatten", "view", "reshape", torch.reshape):
-                src = node.args[0]
-                g = group_of(src, node)
-                in_shape = _shape(src)
-                if len(in_shape) == 4 and in_shape[2] * in_shape[3] != 1:
-                    fixed.setdefault(g, f"flattened over a {in_shape[2]}x{in_shape[3]} map at {node.name!r}")
-                    node_group[node] = new_group(shape[1], "flattened spatial features")
-                else:
-                    node_group[node] = g
-            elif fn in ("size", "dim") or fn is getattr:
-                continue
-            elif tensor_args:
-                raise AmcError(
-                    f"unsupported operation {getattr(fn, '__name__', fn)!r} at node {node.name!r}: the pruning graph "
-                    f"cannot follow channels through it")
-        elif node.op == "output":
-            outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
-            for o in outs:
-                if isinstance(o, fx.Node) and o in node_group:
-                    fixed.setdefault(uf.find(node_group[o]), "network output")
+                if isinstance(mod, (nn.Identity, nn.Dropout)):  # gone in the exported program
+                    cur = nxt
+                    continue
+                act = _act_name(nxt, modules)
+                if act in ACTIVATIONS:
+                    spec = replace(spec, act=act)
+                    fused.add(nxt)
+                break
+        specs.append(spec)
+    return fused, specs
 
-    # Merge what the adds tied together; a merged group is fixed (kept whole) by default.
-    roots: dict[int, ChannelGroup] = {}
-    for gid in sizes:
-        r = uf.find(gid)
-        grp = roots.setdefault(r, ChannelGroup(r, sizes[r]))
-        grp.members.extend(members[gid])
-        reason = fixed.get(gid)
-        if reason and grp.fixed_reason is None:
-            grp.fixed_reason = reason
-    for g in residual_groups:
-        r = uf.find(g)
-        if roots[r].fixed_reason is None:
-            roots[r].fixed_reason = "tied by a residual add"
 
-    find = uf.find
-    layers = [Layer(l.name, l.kind, find(l.in_group), find(l.out_group), l.c_in, l.c_out, l.kernel, l.stride,
-                    l.h_in, l.w_in, l.flops, l.params) for l in layers]
-    units = [UnitTemplate(name, _fuse_activation(spec, node, modules), find(gi) if gi is not None else None,
-                          find(go) if go is not None else None) for name, spec, gi, go, node in raw_units]
-    return PruningGraph(tuple(x.shape[1:]), roots, layers, units)
+def _standalone_activations(gm: fx.GraphModule, fused: set[fx.Node]) -> list[UnitRecord]:
+    """Activations that no conv, linear or add absorbs run as kernels of their own: one `act` unit each."""
+    modules = dict(gm.named_modules())
+    out = []
+    for node in gm.graph.nodes:
+        act = _act_name(node, modules)
+        ids = node.meta.get("amc_ids")
+        if act is None or act not in ACTIVATIONS or node in fused or ids is None or ids.dim() not in (2, 4):
+            continue
+        vec = channel_vector(ids)
+        if vec is None:
+            continue
+        h, w = (ids.shape[2], ids.shape[3]) if ids.dim() == 4 else (1, 1)
+        name = str(node.target) if node.op == "call_module" else node.name
+        out.append(UnitRecord(name, UnitSpec("act", h, w, len(vec), len(vec), act=act), vec, vec, node))
+    return out
 
 
 def require_prunable(graph: PruningGraph) -> list[Layer]:
@@ -374,30 +437,3 @@ def require_prunable(graph: PruningGraph) -> list[Layer]:
         raise AmcError("the model has no prunable layers: no conv/linear input channels are free to prune "
                        "(all are tied to the network input, its output or residual adds)")
     return layers
-
-
-def _fuse_activation(spec: UnitSpec, node: fx.Node, modules: dict[str, nn.Module]) -> UnitSpec:
-    """Follow conv -> BN -> activation (each the only user of the previous) to name the fused activation."""
-    from dataclasses import replace
-
-    cur = node
-    for _ in range(2):
-        users = list(cur.users)
-        if len(users) != 1:
-            return spec
-        nxt = users[0]
-        if nxt.op == "call_module":
-            mod = modules[nxt.target]
-            if isinstance(mod, nn.BatchNorm2d):
-                cur = nxt
-                continue
-            act = _ACT_OF_MODULE.get(type(mod))
-            if act:
-                return replace(spec, act=act)
-            return spec
-        if nxt.op == "call_function" and nxt.target in _ACT_OF_FUNCTION:
-            return replace(spec, act=_ACT_OF_FUNCTION[nxt.target])
-        if nxt.op == "call_method" and nxt.target in ("relu", "relu_"):
-            return replace(spec, act="relu")
-        return spec
-    return spec

@@ -12,6 +12,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,14 +24,39 @@ SPEC_FILE = "architecture.json"
 WEIGHTS_FILE = "model.pt"
 
 
+CONSUMER_ROLES = ("conv_in", "linear_in", "gconv_in")
+PRODUCER_ROLES = ("conv_out", "linear_out", "gconv_out")
+
+
+def _per_position_magnitude(module: nn.Module, role: str) -> torch.Tensor:
+    """|W| summed over everything but the sliced dimension, one value per position of that dimension."""
+    w = module.weight.detach().abs().float()
+    if role in ("conv_in", "linear_in"):
+        return w.sum(dim=tuple(d for d in range(w.dim()) if d != 1))
+    if role == "gconv_in":  # position p of the input feeds only its own group's outputs
+        g = module.groups
+        cout_g, cin_g = w.shape[0] // g, w.shape[1]
+        per = w.reshape(g, cout_g, cin_g, -1).sum(dim=(1, 3))  # (g, cin_g)
+        return per.reshape(-1)
+    return w.sum(dim=tuple(range(1, w.dim())))  # producers: per output channel
+
+
 def input_channel_importance(model: nn.Module, graph: PruningGraph, group: int) -> torch.Tensor:
-    """AMC's criterion: |W| of the consuming layers summed over output channels and kernel, per channel."""
+    """AMC's criterion: |W| of the consuming layers summed over output channels and kernel, per channel
+    (for a group no layer consumes, the producing layers' output-channel magnitudes)."""
     modules = dict(model.named_modules())
     score = torch.zeros(graph.groups[group].size)
-    for name, role in graph.groups[group].members:
-        if role in ("conv_in", "linear_in"):
-            w = modules[name].weight.detach().abs()
-            score += w.sum(dim=tuple(d for d in range(w.dim()) if d != 1)).float()
+    for roles in (CONSUMER_ROLES, PRODUCER_ROLES):
+        for site in graph.sites:
+            if site.role not in roles:
+                continue
+            sel = np.flatnonzero(site.group == group)
+            if not len(sel):
+                continue
+            mag = _per_position_magnitude(modules[site.module], site.role)
+            score.index_add_(0, torch.from_numpy(site.index[sel]), mag[torch.from_numpy(sel)])
+        if bool(score.any()):
+            break
     return score
 
 
@@ -65,6 +91,13 @@ def _apply(module: nn.Module, role: str, idx: torch.Tensor) -> None:
         module.running_mean = module.running_mean.index_select(0, idx).clone()
         module.running_var = module.running_var.index_select(0, idx).clone()
         module.num_features = n
+    elif role == "gconv_in":  # whole groups go: the per-group width (weight dim 1) stays
+        module.in_channels = n
+        module.groups = n // module.weight.shape[1]
+    elif role == "gconv_out":
+        module.weight = _slice_param(module.weight, idx, 0)
+        module.bias = _slice_param(module.bias, idx, 0)
+        module.out_channels = n
     elif role == "linear_in":
         module.weight = _slice_param(module.weight, idx, 1)
         module.in_features = n
@@ -76,10 +109,9 @@ def _apply(module: nn.Module, role: str, idx: torch.Tensor) -> None:
         raise ValueError(f"unknown member role {role!r}")
 
 
-def prune_model(model: nn.Module, graph: PruningGraph, keep: dict[int, torch.Tensor]) -> nn.Module:
-    """A pruned copy of `model`: group g keeps channels `keep[g]` (indices). The original is untouched."""
-    pruned = copy.deepcopy(model)
-    modules = dict(pruned.named_modules())
+def checked_keep(graph: PruningGraph, keep: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """The groups `keep` really prunes (fewer than all channels), refused when one may not be pruned."""
+    out = {}
     for gid, idx in keep.items():
         group = graph.groups[gid]
         idx = torch.as_tensor(idx, dtype=torch.long)
@@ -89,8 +121,23 @@ def prune_model(model: nn.Module, graph: PruningGraph, keep: dict[int, torch.Ten
             raise AmcError(f"channel group {gid} may not be pruned: {group.fixed_reason}")
         if idx.numel() < 1:
             raise AmcError(f"channel group {gid} would keep no channel: a layer needs at least one")
-        for name, role in group.members:
-            _apply(modules[name], role, idx)
+        out[gid] = idx
+    return out
+
+
+def apply_keep(modules: dict[str, nn.Module], graph: PruningGraph, keep: dict[int, torch.Tensor]) -> list:
+    """Slice every module dimension that `keep` prunes; returns the (site, kept positions) pairs."""
+    positions = graph.site_positions(keep)
+    for site, pos in positions:
+        _apply(modules[site.module], site.role, pos)
+    return positions
+
+
+def prune_model(model: nn.Module, graph: PruningGraph, keep: dict[int, torch.Tensor]) -> nn.Module:
+    """A pruned copy of `model`: group g keeps channels `keep[g]` (indices). The original is untouched."""
+    keep = checked_keep(graph, keep)
+    pruned = copy.deepcopy(model)
+    apply_keep(dict(pruned.named_modules()), graph, keep)
     return pruned
 
 

@@ -36,10 +36,12 @@ class CostModel(Protocol):
 
 
 class _GraphCost:
-    """A cost that is a sum over fused units of a closed form in (c_in, c_out).
+    """A cost that is a sum over fused units of a closed form in their groups' kept counts.
 
-    Each unit's cost is bilinear in its channel counts, so it is fitted exactly once from four
-    evaluations of `_one` (e + b*c_in + d*c_out + a*c_in*c_out) and `predict` is a few numpy ops.
+    A unit's channel counts are affine in the kept counts of the groups it follows (c = base + coef *
+    kept), so its cost, bilinear in (c_in, c_out), is bilinear in (kept_in, kept_out): it is fitted
+    exactly once from four evaluations of `_one` and `predict` is a few numpy ops. A side that
+    follows no group reads a constant 1 (the fit does not depend on it).
     """
 
     unit = ""
@@ -50,18 +52,14 @@ class _GraphCost:
         units = graph.units
         groups = sorted(graph.groups)
         self._pos = {g: i for i, g in enumerate(groups)}
-        self._full = np.array([graph.groups[g].size for g in groups] + [0], dtype=np.int64)
+        self._full = np.array([graph.groups[g].size for g in groups] + [1], dtype=np.int64)
         dummy = len(groups)
         self._in = np.array([self._pos[u.in_group] if u.in_group is not None else dummy for u in units], dtype=np.int64)
         self._out = np.array([self._pos[u.out_group] if u.out_group is not None else dummy for u in units],
                              dtype=np.int64)
-        self._ci0 = np.array([u.spec.c_in for u in units], dtype=float)
-        self._co0 = np.array([u.spec.c_out for u in units], dtype=float)
-        self._has_in = np.array([u.in_group is not None for u in units])
-        self._has_out = np.array([u.out_group is not None for u in units])
         coef = []
         for u in units:
-            f = {(i, o): self._one(u.spec.with_channels(i, o)) for i in (1, 2) for o in (1, 2)}
+            f = {(i, o): self._one(u.at_counts(i, o)) for i in (1, 2) for o in (1, 2)}
             a = f[2, 2] - f[2, 1] - f[1, 2] + f[1, 1]
             b = f[2, 1] - f[1, 1] - a
             d = f[1, 2] - f[1, 1] - a
@@ -76,9 +74,7 @@ class _GraphCost:
         v = self._full.astype(float)
         for g, c in channels.items():
             v[self._pos[g]] = c
-        ci = np.where(self._has_in, v[self._in], self._ci0)
-        co = np.where(self._has_out, v[self._out], self._co0)
-        return ci, co
+        return v[self._in], v[self._out]
 
     def unit_costs(self, channels: dict[int, int]) -> np.ndarray:
         ci, co = self._counts(channels)

@@ -31,12 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from amc_mobile.pruning.graph import PruningGraph
-from amc_mobile.pruning.slicing import input_channel_importance, top_channels
-from amc_mobile.pruning.slicing import _apply as _apply_role  # the one place a member role is sliced
+from amc_mobile.pruning.slicing import apply_keep, checked_keep, input_channel_importance, top_channels
 
 from .config import SearchWarning
 
-CONSUMER_ROLES = ("conv_in", "linear_in")
+CONSUMER_ROLES = ("conv_in", "linear_in")  # the layers reconstruction refits (grouped convs are sliced only)
 
 
 class ChannelSelector:
@@ -75,7 +74,15 @@ class LayerStats:
 
 
 def _consumers(graph: PruningGraph, groups: list[int]) -> list[tuple[str, int]]:
-    return [(name, g) for g in groups for name, role in graph.groups[g].members if role in CONSUMER_ROLES]
+    """(layer, the first of `groups` it reads) for every conv/linear reading one of `groups`, forward order."""
+    wanted = set(groups)
+    out = []
+    for site in graph.sites:
+        if site.role in CONSUMER_ROLES:
+            hit = [g for g in dict.fromkeys(site.group.tolist()) if g in wanted]
+            if hit:
+                out.append((site.module, hit[0]))
+    return out
 
 
 def _conv_points(mod: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, points: int,
@@ -181,12 +188,22 @@ class Reconstructor:
     def __contains__(self, name: str) -> bool:
         return name in self.stats
 
-    def weight(self, name: str, kept: int) -> torch.Tensor | None:
+    def weight(self, name: str, kept: int | torch.Tensor) -> torch.Tensor | None:
         """Weights (C_out, kept, k, k) [conv] or (C_out, kept) [linear], float32, from the original features;
-        None when the solve was not finite (the caller keeps the plainly sliced weights)."""
-        key = (name, int(kept))
+        None when the solve was not finite (the caller keeps the plainly sliced weights).
+
+        `kept`: the kept input positions, or a count of the layer's group (when the layer reads that group
+        alone, channel for channel)."""
+        if isinstance(kept, torch.Tensor):
+            idx = kept.long()
+            key = (name, idx.numpy().tobytes())
+        else:
+            key = (name, int(kept))
+            idx = None
         if key not in self._cache:
-            self._cache[key] = self._solve(name, self.selector.indices(self.stats[name].group, kept))
+            if idx is None:
+                idx = self.selector.indices(self.stats[name].group, int(kept))
+            self._cache[key] = self._solve(name, idx)
         return self._cache[key]
 
     def _solve(self, name: str, idx: torch.Tensor) -> torch.Tensor | None:
@@ -245,30 +262,21 @@ class PrunedModelBuilder:
     def build(self, channels: dict[int, int], fast: bool = False) -> nn.Module:
         """The pruned model. `fast`: fold every BN into its conv and make activations in-place (same
         outputs, ~1.5x faster on CPU; for scoring only: it is no longer what `save_pruned` describes)."""
-        keep = self.keep(channels)
-        for g in keep:
-            if not self.graph.groups[g].prunable:
-                from amc_mobile.errors import AmcError
-
-                raise AmcError(f"channel group {g} may not be pruned: {self.graph.groups[g].fixed_reason}")
+        keep = checked_keep(self.graph, self.keep(channels))
         pruned = shallow_copy(self.model)
         modules = dict(pruned.named_modules())
-        for g, idx in keep.items():
-            for name, role in self.graph.groups[g].members:
-                _apply_role(modules[name], role, idx)
+        positions = apply_keep(modules, self.graph, keep)
         if self.reconstructor is not None:
-            out_group = {l.name: l.out_group for l in self.graph.layers}
-            for g, idx in keep.items():
-                for name, role in self.graph.groups[g].members:
-                    if role not in CONSUMER_ROLES or name not in self.reconstructor:
-                        continue
-                    w = self.reconstructor.weight(name, len(idx))
-                    if w is None:
-                        continue
-                    og = out_group.get(name)
-                    if og in keep:
-                        w = w.index_select(0, keep[og])
-                    modules[name].weight = nn.Parameter(w)
+            out_pos = {site.module: pos for site, pos in positions if site.role in ("conv_out", "linear_out")}
+            for site, pos in positions:
+                if site.role not in CONSUMER_ROLES or site.module not in self.reconstructor:
+                    continue
+                w = self.reconstructor.weight(site.module, pos)
+                if w is None:
+                    continue
+                if site.module in out_pos:
+                    w = w.index_select(0, out_pos[site.module])
+                modules[site.module].weight = nn.Parameter(w)
         if fast:
             pairs, inplace = self.fast_plan
             fold_batchnorms(pruned, pairs)

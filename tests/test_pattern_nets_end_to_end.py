@@ -1,0 +1,61 @@
+"""Networks of the shapes users bring, end to end on the real `local` device: latency table built for
+what the search can reach, validated on random pruned variants, a short latency-constrained search,
+and the pruned result exported to .pte and measured. Figures (validation shares, speed) live in
+benchmarks/pattern_nets.py; these tests check that every step runs and hands the next one what it needs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amc_mobile.pruning import build_graph
+from amc_mobile.search import SearchConfig, run_search
+from device.base import MeasureConfig
+from device.base import Candidate
+from latency_tables.build import ensure_table
+from latency_tables.validate import validate_table
+from pattern_nets import PATTERN_NETS, randomise_bn
+
+from _search_helpers import fashion
+
+pytestmark = pytest.mark.slow
+
+QUICK = MeasureConfig(warmup=3, iterations=10, min_time_ms=2.0, repeats=1)
+NETS = ["mobilenet_v3_small", "shufflenet_v2", "resnext_block"]
+
+
+@pytest.fixture(scope="module")
+def local():
+    from device.local import LocalDevice
+    from device.runner import find_runner
+
+    find_runner()  # after `make`, a missing runner is a failure, not a skip
+    with LocalDevice() as dev:
+        yield dev
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_table_validate_search_export_measure(name, local, tmp_path):
+    torch.manual_seed(0)
+    model = randomise_bn(PATTERN_NETS[name](in_ch=1, size=28))
+    graph = build_graph(model)
+    tables = tmp_path / "tables"
+    lat = ensure_table(model, graph, device_uri=local, tables_dir=tables, grid=16, config=QUICK, model_config=QUICK,
+                       calibration_count=2, batch_size=16, progress=False)
+    assert lat.full_latency_ms > 0
+    assert set(lat.groups) == set(graph.decision_groups("all"))
+    val = validate_table(model, local, samples=3, graph=graph, grid=16, tables_dir=tables, config=QUICK,
+                         table_config=QUICK, out_dir=tmp_path / "validate", progress=False, plot=False, passes=1)
+    assert val.metrics["samples"] == 3
+    data = fashion()
+    cfg = SearchConfig(model=name, device="local", cost="latency", target=0.7, episodes=4, warmup=2, val_images=200,
+                       calib_images=100, channel_round=16, out=str(tmp_path / "search"), checkpoint_every=0,
+                       measure_final=True, recalibrate=False, latency_reference="predicted", progress=False, seed=0)
+    result = run_search(cfg, model=model, data=data, latency_model=lat)
+    pruned = result.model
+    x = torch.randn(1, *model.input_shape)
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+    stats = local.measure([Candidate("pruned", pruned.eval(), x)], QUICK)
+    assert stats[0].ok, stats[0].error

@@ -1,0 +1,234 @@
+"""The pruning graph on networks of the shapes users bring: squeeze-excite, hard-swish / SiLU, `mean`
+heads, flatten into a linear, concatenation, split and channel shuffle, grouped convs, channels-last
+LayerNorm + MLP. For each: the groups the analysis finds, and physical pruning that computes what
+the masked original computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from amc_mobile.errors import AmcError
+from amc_mobile.pruning import build_graph, prune_model, require_prunable
+from amc_mobile.pruning.slicing import checked_keep, input_channel_importance, top_channels
+from amc_mobile.search.cost import FlopsCost, ParamsCost
+from pattern_nets import PATTERN_NETS, randomise_bn
+
+NAMES = sorted(PATTERN_NETS)
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomise_bn(PATTERN_NETS[name]())
+
+
+def _random_keep(graph, rng) -> dict[int, torch.Tensor]:
+    keep = {}
+    for g in graph.groups.values():
+        if g.prunable and g.size > 1:
+            k = int(rng.integers(1, g.size))
+            keep[g.id] = torch.from_numpy(np.sort(rng.choice(g.size, k, replace=False))).long()
+    return keep
+
+
+def _masked(model: nn.Module, graph, keep) -> nn.Module:
+    """The original with every pruned channel's consumer weights zeroed: what the pruned model must equal."""
+    import copy
+
+    masked = copy.deepcopy(model)
+    modules = dict(masked.named_modules())
+    sizes = {g: grp.size for g, grp in graph.groups.items()}
+    with torch.no_grad():
+        for site in graph.sites:
+            if site.role not in ("conv_in", "linear_in"):  # a grouped conv's dropped groups are dropped downstream
+                continue
+            pos = site.kept_positions(keep, sizes)
+            if pos is None:
+                continue
+            drop = torch.ones(len(site.group), dtype=torch.bool)
+            drop[pos] = False
+            modules[site.module].weight[:, drop] = 0.0
+    return masked.eval()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_pattern_network_has_prunable_groups_and_a_full_unit_list(name):
+    model = _model(name)
+    graph = build_graph(model)
+    layers = require_prunable(graph)
+    assert layers, name
+    assert not graph.unfollowed, graph.unfollowed
+    # the graph's FLOPs are the convs' and linears' MACs of the model at full width
+    macs = 0
+    hooks = []
+
+    def count(mod, inp, out):
+        nonlocal macs
+        if isinstance(mod, nn.Conv2d):
+            macs += out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        else:
+            macs += out.numel() * mod.in_features
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(count))
+    model(torch.zeros(1, *model.input_shape))
+    for h in hooks:
+        h.remove()
+    unit_macs = sum(u.spec.flops() for u in graph.units if u.spec.kind in ("conv", "dwconv", "linear"))
+    assert unit_macs == macs
+    # every unit's channel counts follow its groups exactly at full width
+    full = graph.full_channels()
+    for u in graph.units:
+        assert u.at(full) == u.spec
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pruned_model_computes_what_the_masked_original_computes(name, seed):
+    model = _model(name)
+    graph = build_graph(model)
+    rng = np.random.default_rng(seed)
+    keep = _random_keep(graph, rng)
+    assert keep, "nothing to prune"
+    pruned = prune_model(model, graph, keep).eval()
+    x = torch.randn(2, *model.input_shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        want = _masked(model, graph, keep)(x)
+        got = pruned(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # and the pruned model is smaller exactly as the graph's cost model says
+    channels = {g: len(idx) for g, idx in keep.items()}
+    n_params = sum(p.numel() for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                   for p in [m.weight])
+    assert n_params < sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    flops = FlopsCost(graph)
+    assert flops.predict(channels) == pytest.approx(
+        float(np.sum(flops.reference_unit_costs(channels))), rel=1e-9)
+    assert ParamsCost(graph).predict(channels) < ParamsCost(graph).full_cost
+
+
+def test_squeeze_excite_ties_the_gate_to_the_gated_channels():
+    graph = build_graph(_model("mobilenet_v3_small"))
+    exp = next(g for g in graph.groups.values() if ("blocks.0.dw.0", "dw") in g.members)
+    assert exp.prunable and exp.size == 32
+    roles = {(m, r) for m, r in exp.members}
+    assert ("blocks.0.se.reduce", "conv_in") in roles and ("blocks.0.se.expand", "conv_out") in roles
+    hidden = next(g for g in graph.groups.values() if ("blocks.0.se.reduce", "conv_out") in g.members)
+    assert hidden.prunable and hidden.id != exp.id and hidden.size == 8
+    kinds = [u.spec.kind for u in graph.units]
+    assert "gate" in kinds and "pool" in kinds
+    assert {u.spec.act for u in graph.units} >= {"hardswish", "hardsigmoid"}
+
+
+def test_grouped_conv_prunes_whole_groups():
+    model = _model("resnext_block")
+    graph = build_graph(model)
+    g = next(g for g in graph.groups.values() if ("grouped.0", "gconv_in") in g.members)
+    assert g.prunable and g.size == 4  # cardinality 4: a whole group of 16 channels per atom
+    unit = next(u for u in graph.units if u.name == "grouped.0")
+    assert (unit.in_coef, unit.out_coef) == (16, 16)
+    pruned = prune_model(model, graph, {g.id: torch.tensor([0, 2])})
+    conv = dict(pruned.named_modules())["grouped.0"]
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (32, 32, 2)
+    assert unit.at({g.id: 2}).groups == 2 and unit.at({g.id: 2}).c_in == 32
+
+
+def test_flatten_into_a_linear_follows_each_channel_over_its_map():
+    model = _model("resnet_mean_head")
+    graph = build_graph(model)
+    aux = next(u for u in graph.units if u.name == "aux")
+    assert aux.in_coef == 16 and graph.groups[aux.in_group].prunable
+    pruned = prune_model(model, graph, {aux.in_group: torch.arange(10)})
+    assert dict(pruned.named_modules())["aux"].in_features == 160
+
+
+def test_layernorm_over_channels_fixes_them_but_the_mlp_hidden_width_is_prunable():
+    graph = build_graph(_model("channels_last_mlp"))
+    reasons = [g.fixed_reason or "" for g in graph.groups.values()]
+    assert any("LayerNorm" in r for r in reasons)
+    hidden = next(g for g in graph.groups.values() if ("pw1", "linear_out") in g.members)
+    assert hidden.prunable and hidden.size == 96
+    assert next(u for u in graph.units if u.name == "pw1").spec.batch == 16  # 4x4 positions
+
+
+def test_shuffle_split_and_cat_are_followed_exactly():
+    model = _model("shufflenet_v2")
+    graph = build_graph(model)
+    kinds = [u.spec.kind for u in graph.units]
+    assert kinds.count("copy") == 6  # three cats and three shuffles
+    # the branch widths are free; what crosses a shuffle is tied exactly, never guessed
+    branch = [g for g in graph.groups.values() if g.prunable and any(m.endswith("right.1.0") for m, _ in g.members)]
+    assert len(branch) == 3
+
+
+def test_importance_is_per_channel_of_the_group():
+    model = _model("densenet")
+    graph = build_graph(model)
+    for g in graph.groups.values():
+        if g.prunable:
+            s = input_channel_importance(model, graph, g.id)
+            assert s.shape == (g.size,) and bool((s > 0).all())
+            assert len(top_channels(s, max(1, g.size // 2))) == max(1, g.size // 2)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.input_shape = (3, 8, 8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:
+            return y
+        return -y
+
+
+class _Unknown(nn.Module):
+    """An op the graph has never seen (a GRU) after a conv, and a prunable part before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+        self.rnn = nn.GRU(8, 8)
+        self.input_shape = (3, 8, 8)
+
+    def forward(self, x):
+        return self.rnn(self.b(self.a(x)).flatten(2).permute(2, 0, 1))[0]
+
+
+class _AllFixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.input_shape = (3, 8, 8)
+
+    def forward(self, x):
+        return self.conv(x).softmax(1)
+
+
+def test_untraceable_model_is_a_one_line_error():
+    with pytest.raises(AmcError, match="cannot be traced.*control flow"):
+        build_graph(_DataDependent())
+
+
+def test_unknown_op_fixes_what_it_touches_and_says_why():
+    graph = build_graph(_Unknown())
+    assert any("GRU" in u for u in graph.unfollowed)
+    a = next(g for g in graph.groups.values() if ("a", "conv_out") in g.members)
+    b = next(g for g in graph.groups.values() if ("b", "conv_out") in g.members)
+    assert a.prunable
+    assert not b.prunable and "GRU" in b.fixed_reason
+    with pytest.raises(AmcError, match="may not be pruned.*GRU"):
+        checked_keep(graph, {b.id: torch.arange(4)})
+
+
+def test_a_model_with_every_group_fixed_says_so():
+    graph = build_graph(_AllFixed())
+    with pytest.raises(AmcError, match="no prunable layers"):
+        require_prunable(graph)
