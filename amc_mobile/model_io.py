@@ -81,7 +81,7 @@ def load_model(ref: str, allow_pickle: bool = False, label: str | None = None) -
             return LoadedModel(label, module.eval(), _example(module), "pickle")
         raise AmcError(f"{path} is not a model: expected a pruned-model folder, a checkpoint folder, "
                        f"a .pte, or a .pt with --allow-pickle")
-    if _is_factory_ref(ref):
+    if is_factory_ref(ref):
         module = load_factory(ref)
         return LoadedModel(label or ref, module, _example(module), "factory")
     if ref in MODEL_NAMES or ref.startswith(TORCHVISION_PREFIX):
@@ -90,7 +90,7 @@ def load_model(ref: str, allow_pickle: bool = False, label: str | None = None) -
     raise AmcError(f"model {ref!r} not found: not a file or folder, and not one of {', '.join(MODEL_NAMES)}")
 
 
-def _is_factory_ref(ref: str) -> bool:
+def is_factory_ref(ref: str) -> bool:
     head, sep, tail = ref.rpartition(":")
     return bool(sep and head and tail.isidentifier() and not ref.startswith("torchvision:"))
 
@@ -127,7 +127,35 @@ def load_factory(ref: str, kwargs: dict | None = None) -> nn.Module:
         raise AmcError(f"{ref} raised {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}") from exc
     if not isinstance(model, nn.Module):
         raise AmcError(f"{ref} returned a {type(model).__name__}, not an nn.Module")
+    # how to build it again: a pruned result records this instead of a registry config
+    model.amc_reference = factory_reference(ref, kwargs)
     return model.eval()
+
+
+def factory_reference(ref: str, kwargs: dict | None = None) -> dict:
+    """{"factory": ref with an absolute file path, "kwargs", "sha256" of the file (None for a package module)}."""
+    import hashlib
+
+    where, _, name = ref.rpartition(":")
+    digest = None
+    if where.endswith(".py"):
+        where = str(Path(where).resolve())
+        digest = hashlib.sha256(Path(where).read_bytes()).hexdigest()
+    return {"factory": f"{where}:{name}", "kwargs": dict(kwargs or {}), "sha256": digest}
+
+
+def rebuild_reference(base: dict) -> nn.Module:
+    """The model a `factory_reference` names, refusing a file that changed since it was recorded."""
+    import hashlib
+
+    ref = base["factory"]
+    where = ref.rpartition(":")[0]
+    if base.get("sha256") and where.endswith(".py") and Path(where).is_file():
+        now = hashlib.sha256(Path(where).read_bytes()).hexdigest()
+        if now != base["sha256"]:
+            raise AmcError(f"{where} changed since this model was saved (sha256 {base['sha256'][:12]} -> {now[:12]}): "
+                           f"restore that file, or rerun on the new one")
+    return load_factory(ref, base.get("kwargs"))
 
 
 def _check_pte(path: Path) -> None:

@@ -232,3 +232,56 @@ def test_a_model_with_every_group_fixed_says_so():
     graph = build_graph(_AllFixed())
     with pytest.raises(AmcError, match="no prunable layers"):
         require_prunable(graph)
+
+
+def test_inspect_cli_on_a_user_model_file(tmp_path, capsys):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from amc_mobile.cli import main
+
+    src = tmp_path / "my_nets.py"  # a file outside the package, as a user has it
+    shutil.copy(Path(__file__).with_name("pattern_nets.py"), src)
+    assert main(["inspect", f"{src}:MobileNetV3Small"]) == 0
+    out = capsys.readouterr().out
+    assert "prunable channel groups (8;" in out and "tied by a residual add" in out
+    assert "gate1x1-s1-p0-g1-in32-out32-hw16x16-none-fp32-b1" in out
+    assert main(["inspect", f"{src}:ResNeXtBlockNet", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    grouped = next(u for u in rep["units"] if u["unit"] == "grouped.0")
+    assert grouped["c_in"] == "16*g2"
+    assert main(["inspect", f"{src}:Missing"]) == 2
+    assert "has no callable 'Missing'" in capsys.readouterr().err
+    assert main(["inspect", f"{tmp_path / 'nope.py'}:f"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.py").write_text("def f():\n    return 3\n\ndef g():\n    raise ValueError('no weights here')\n")
+    assert main(["inspect", f"{tmp_path / 'bad.py'}:f"]) == 2
+    assert "returned a int, not an nn.Module" in capsys.readouterr().err
+    assert main(["inspect", f"{tmp_path / 'bad.py'}:g"]) == 2
+    assert "raised ValueError: no weights here" in capsys.readouterr().err
+
+
+def test_pruned_user_model_is_saved_and_rebuilt_without_pickle(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from amc_mobile.model_io import load_factory
+    from amc_mobile.models import model_config
+    from amc_mobile.pruning import load_pruned, prune_by_counts, save_pruned
+
+    src = tmp_path / "user_nets.py"
+    shutil.copy(Path(__file__).with_name("pattern_nets.py"), src)
+    model = randomise_bn(load_factory(f"{src}:ResNeXtBlockNet"))
+    graph = build_graph(model)
+    channels = {g.id: max(1, g.size // 2) for g in graph.groups.values() if g.prunable}
+    pruned = prune_by_counts(model, graph, channels).eval()
+    save_pruned(pruned, tmp_path / "pruned", model_config(model), channels)
+    assert "factory" in (tmp_path / "pruned" / "architecture.json").read_text()
+    again, spec = load_pruned(tmp_path / "pruned")
+    x = torch.randn(2, *model.input_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), pruned(x))
+    src.write_text(src.read_text() + "\n# edited\n")
+    with pytest.raises(AmcError, match="changed since this model was saved"):
+        load_pruned(tmp_path / "pruned")

@@ -86,7 +86,10 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     """The JSON-safe kwargs (with "name") that rebuild `model`'s architecture via `build_model(**cfg)`."""
     cfg = getattr(model, "amc_config", None)
     if cfg is None:
-        raise ValueError(f"{type(model).__name__} was not built by amc_mobile.models.build_model")
+        cfg = getattr(model, "amc_reference", None)  # a user factory (FILE.py:FACTORY), see model_io
+    if cfg is None:
+        raise ValueError(f"{type(model).__name__} was not built by amc_mobile.models.build_model nor by a "
+                         f"FILE.py:FACTORY reference")
     return copy.deepcopy(cfg)
 
 

@@ -211,11 +211,24 @@ def load_pruned(path: Path) -> tuple[nn.Module, dict]:
         shapes = spec["modules"]
     except (ValueError, KeyError, TypeError) as exc:
         raise AmcError(f"{spec_path} is not a valid architecture spec: {exc}") from exc
-    model = build_model(**base)
+    if "factory" in base:  # a user model: rebuild it, then prune it to the recorded group sizes
+        from amc_mobile.model_io import rebuild_reference
+
+        from .graph import build_graph
+
+        model = rebuild_reference(base)
+        graph = build_graph(model)
+        try:
+            channels = {int(g): int(c) for g, c in spec.get("group_channels", {}).items()}
+            model = prune_model(model, graph, {g: torch.arange(c) for g, c in channels.items()})
+        except (ValueError, KeyError, AmcError) as exc:
+            raise AmcError(f"{spec_path}: its channel groups do not fit {base['factory']}: {exc}") from exc
+    else:
+        model = build_model(**base)
     modules = dict(model.named_modules())
     for name, shape in shapes.items():
         if name not in modules:
-            raise AmcError(f"{spec_path}: module {name!r} does not exist in {base.get('name')}")
+            raise AmcError(f"{spec_path}: module {name!r} does not exist in {base.get('name') or base.get('factory')}")
         _shrink(modules[name], shape)
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)

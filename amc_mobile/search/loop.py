@@ -95,7 +95,11 @@ def load_model(ref: str) -> nn.Module:
     """A checkpoint folder (config.json + model.pt) or a registry name (trained via get_or_train)."""
     from amc_mobile import train
 
+    from amc_mobile.model_io import is_factory_ref, load_factory
+
     path = Path(ref)
+    if not path.exists() and is_factory_ref(ref):
+        return load_factory(ref)  # the user's own network, with the weights its factory gives it
     if path.exists():
         if not path.is_dir():
             raise AmcError(f"--model {ref}: expected a checkpoint folder (config.json + model.pt) or a model name")
@@ -531,8 +535,8 @@ def _finish(setup: SearchSetup, run_dir: Path, best: dict) -> SearchResult:
         base_config = model_config(setup.model)
     except ValueError:
         base_config = None
-        warnings.warn("the model was not built by amc_mobile.models.build_model: the pruned model is returned "
-                      "but not saved (load_pruned rebuilds registry models only)", SearchWarning, stacklevel=2)
+        warnings.warn("the model was built neither by amc_mobile.models.build_model nor from a FILE.py:FACTORY "
+                      "reference: the pruned model is returned but not saved", SearchWarning, stacklevel=2)
     if base_config is not None:
         save_pruned(pruned, run_dir / PRUNED_DIR, base_config, channels,
                     extra={"policy": best, "reconstructed": bool(cfg.reconstruct), "fine_tuned": False})
