@@ -14,12 +14,12 @@ from torch import nn
 
 from amc_mobile.errors import AmcError
 
-UNIT_KINDS = ("conv", "dwconv", "linear", "add", "pool", "avgpool", "gate", "mul", "act", "copy")
+UNIT_KINDS = ("conv", "dwconv", "linear", "add", "pool", "avgpool", "gate", "mul", "act", "copy", "bn")
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish,
                "hardsigmoid": nn.Hardsigmoid, "silu": nn.SiLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid,
                "tanh": nn.Tanh}
 # kinds whose output has the input's channels
-_CHANNEL_KEEPING = ("dwconv", "add", "pool", "avgpool", "gate", "mul", "act", "copy")
+_CHANNEL_KEEPING = ("dwconv", "add", "pool", "avgpool", "gate", "mul", "act", "copy", "bn")
 
 
 @dataclass(frozen=True, order=True)
@@ -73,7 +73,7 @@ class UnitSpec:
     def output_hw(self) -> tuple[int, int]:
         if self.kind == "linear" or (self.kind == "pool" and self.kernel == 0):
             return 1, 1
-        if self.kind in ("add", "gate", "mul", "act", "copy"):
+        if self.kind in ("add", "gate", "mul", "act", "copy", "bn"):
             return self.h, self.w
         return ((self.h + 2 * self.padding - self.kernel) // self.stride + 1,
                 (self.w + 2 * self.padding - self.kernel) // self.stride + 1)
@@ -214,5 +214,17 @@ class _CopyUnit(nn.Module):
         return x.transpose(2, 3).contiguous()
 
 
+class _BatchNormUnit(nn.Module):
+    """A batch norm that follows no conv (e.g. after a concatenation): scale and shift per channel."""
+
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(s.c_in)
+
+    def forward(self, x):
+        return self.bn(x)
+
+
 _UNIT_BUILDERS = {"conv": _ConvUnit, "dwconv": _ConvUnit, "linear": _LinearUnit, "add": _AddUnit, "pool": _PoolUnit,
-                  "avgpool": _AvgPoolUnit, "gate": _GateUnit, "mul": _MulUnit, "act": _ActUnit, "copy": _CopyUnit}
+                  "avgpool": _AvgPoolUnit, "gate": _GateUnit, "mul": _MulUnit, "act": _ActUnit, "copy": _CopyUnit,
+                  "bn": _BatchNormUnit}

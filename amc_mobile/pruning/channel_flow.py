@@ -524,6 +524,11 @@ def _batchnorm(flow: ChannelFlow, node, value, env):
         flow.fix(ids, f"batch norm {node.target!r} over channels mixed with positions")
         return ids
     flow.site(str(node.target), "bn", vec)
+    src = node.args[0]
+    folded = (src.op == "call_module" and isinstance(flow.modules.get(src.target), nn.Conv2d) and len(src.users) == 1)
+    if not folded and ids.dim() == 4:  # a BN the runtime cannot fold into a conv runs as a kernel of its own
+        h, w = _hw(ids.shape)
+        flow.unit(str(node.target), UnitSpec("bn", h, w, vec.numel(), vec.numel()), vec, vec, node)
     return ids
 
 

@@ -434,6 +434,11 @@ def _standalone_activations(gm: fx.GraphModule, fused: set[fx.Node]) -> list[Uni
 def require_prunable(graph: PruningGraph) -> list[Layer]:
     layers = graph.prunable_layers
     if not layers:
-        raise AmcError("the model has no prunable layers: no conv/linear input channels are free to prune "
-                       "(all are tied to the network input, its output or residual adds)")
+        from collections import Counter
+
+        why = Counter((g.fixed_reason or "consumed by no conv or linear").split(" at ")[0].split(":")[0]
+                      for g in graph.groups.values())
+        summary = "; ".join(f"{n}x {r}" for r, n in why.most_common(4))
+        raise AmcError(f"the model has no prunable layers: every channel group is fixed ({summary}); "
+                       f"`amc-mobile inspect MODEL` lists each with its reason")
     return layers
