@@ -177,6 +177,7 @@ class FashionMNIST:
     val: Split
     test: Split
     source: Path
+    note: str = ""  # how the splits were made, for the run folder (e.g. "1000 held out of train/ (seed 0)")
 
     def split(self, name: str) -> Split:
         if name not in ("train", "val", "test"):

@@ -95,8 +95,8 @@ def is_factory_ref(ref: str) -> bool:
     return bool(sep and head and tail.isidentifier() and not ref.startswith("torchvision:"))
 
 
-def load_factory(ref: str, kwargs: dict | None = None) -> nn.Module:
-    """`path/to/file.py:factory` or `package.module:factory`: call the factory, which returns an nn.Module."""
+def import_ref(ref: str):
+    """The callable `path/to/file.py:NAME` or `package.module:NAME` names."""
     import importlib
     import importlib.util
     import sys
@@ -106,8 +106,8 @@ def load_factory(ref: str, kwargs: dict | None = None) -> nn.Module:
         if where.endswith(".py"):
             path = Path(where)
             if not path.is_file():
-                raise AmcError(f"model file {where} does not exist")
-            spec = importlib.util.spec_from_file_location(f"amc_user_model_{abs(hash(str(path.resolve())))}", path)
+                raise AmcError(f"file {where} does not exist")
+            spec = importlib.util.spec_from_file_location(f"amc_user_{abs(hash(str(path.resolve())))}", path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module  # dataclasses and pickling look their module up by name
             spec.loader.exec_module(module)
@@ -118,9 +118,15 @@ def load_factory(ref: str, kwargs: dict | None = None) -> nn.Module:
     except Exception as exc:
         raise AmcError(f"cannot import {where}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}") \
             from exc
-    factory = getattr(module, name, None)
-    if not callable(factory):
+    fn = getattr(module, name, None)
+    if not callable(fn):
         raise AmcError(f"{where} has no callable {name!r}")
+    return fn
+
+
+def load_factory(ref: str, kwargs: dict | None = None) -> nn.Module:
+    """`path/to/file.py:factory` or `package.module:factory`: call the factory, which returns an nn.Module."""
+    factory = import_ref(ref)
     try:
         model = factory(**(kwargs or {}))
     except Exception as exc:

@@ -89,6 +89,12 @@ class SearchConfig:
     out: str | None = _f(None, "run folder; default runs/search-<timestamp>")
     resume: str | None = _f(None, "continue the search in this run folder from its newest checkpoint")
     checkpoint_every: int = _f(10, "episodes between checkpoints (0: only at the end)")
+    data: str | None = _f(None, "images: fashion-mnist (default), imagefolder:DIR (train/<class>/..., optional "
+                                "val/) or FILE.py:FUNCTION returning (train, val)")
+    input_size: int | None = _f(None, "imagefolder: resize / center-crop images to this size (default: as stored)")
+    mean: str | None = _f(None, "imagefolder: per-channel mean for normalisation, e.g. 0.485,0.456,0.406 "
+                                "(default 0.5)")
+    std: str | None = _f(None, "imagefolder: per-channel std, e.g. 0.229,0.224,0.225 (default 0.5)")
     data_dir: str | None = _f(None, "folder with the Fashion-MNIST IDX files")
     table_dir: str | None = _f(None, "folder with latency tables (latency cost)")
     measure_final: bool = _f(True, "measure the pruned and original models on the device at the end")

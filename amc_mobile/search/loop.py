@@ -251,9 +251,14 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
     if not layers:
         raise AmcError(f"no prunable layers in scope {scope!r}: try --scope all")
     if data is None:
-        from amc_mobile.data import load_fashion_mnist
+        from amc_mobile.data_sources import load_data
 
-        data = load_fashion_mnist(cfg.data_dir)
+        data = load_data(cfg.data, data_dir=cfg.data_dir, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std,
+                         channels=int(model.input_shape[0]), split_seed=cfg.seed)
+    if tuple(data.val.images.shape[1:]) != tuple(model.input_shape):
+        raise AmcError(f"the data's images are {tuple(data.val.images.shape[1:])} but the model takes "
+                       f"{tuple(model.input_shape)}: pass --input-size (and matching channels) or another model")
+    info["data"] = data.note or str(data.source)
     val = data.val.subset(cfg.val_images)
     cost = make_cost(cfg.cost, model, graph, scope, cfg, latency_model)
     budget = (_restore_budget(cost, saved_info, info) if saved_info and "budget" in saved_info
