@@ -118,9 +118,11 @@ def _unique_labels(labels: list[str]) -> list[str]:
 
 
 def load_models(refs: Sequence[str], allow_pickle: bool = False,
-                labels: Sequence[str] | None = None, keep_going: bool = False) -> list[ModelEntry]:
-    """Load every model (the first is the original). An unloadable model is an AmcError, or with
-    `keep_going` an entry whose `load_error` says why (an AmcError still when none loads)."""
+                labels: Sequence[str] | None = None, keep_going: bool = False,
+                original_options=None) -> list[ModelEntry]:
+    """Load every model (the first is the original; `original_options`, a model_io.ModelOptions, apply to
+    it). An unloadable model is an AmcError, or with `keep_going` an entry whose `load_error` says why
+    (an AmcError still when none loads)."""
     if len(refs) < 1:
         raise AmcError("compare needs an original model (and usually compressed ones to compare with it)")
     if labels is not None and len(labels) != len(refs):
@@ -128,7 +130,8 @@ def load_models(refs: Sequence[str], allow_pickle: bool = False,
     entries = []
     for i, ref in enumerate(refs):
         try:
-            loaded = load_model(ref, allow_pickle=allow_pickle, label=labels[i] if labels else None)
+            loaded = load_model(ref, allow_pickle=allow_pickle, label=labels[i] if labels else None,
+                                options=original_options if i == 0 else None)
         except AmcError as exc:
             if not keep_going:
                 raise
@@ -626,6 +629,7 @@ def run_compare(
     argv: list[str] | None = None,
     report: bool = True,
     log: Log | None = _stderr,
+    original_options=None,
 ) -> CompareResult:
     """Load, measure every model on every device, write the run folder. Bad models raise AmcError."""
     from device import MeasureConfig
@@ -633,7 +637,8 @@ def run_compare(
     log = log or (lambda _msg: None)
     config = config or MeasureConfig()
     uris = check_device_uris(devices)
-    models = load_models(refs, allow_pickle=allow_pickle, labels=labels, keep_going=True)
+    models = load_models(refs, allow_pickle=allow_pickle, labels=labels, keep_going=True,
+                         original_options=original_options)
     for m in models:
         if m.load_error:
             log(f"{m.label}: {m.load_error}")

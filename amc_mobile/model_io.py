@@ -43,8 +43,98 @@ def _example(module: nn.Module) -> torch.Tensor:
     return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
 
 
-def load_model(ref: str, allow_pickle: bool = False, label: str | None = None) -> LoadedModel:
-    """Resolve `ref` to a model. Order: existing path (folder/.pte/.pt), then registry name."""
+@dataclass(frozen=True)
+class ModelOptions:
+    """What every command accepts next to a model reference."""
+
+    kwargs: dict | None = None  # keyword arguments of a FILE.py:FACTORY (or registry) builder
+    weights: str | None = None  # a state_dict file, loaded with weights_only=True
+    input_shape: tuple[int, ...] | None = None  # C,H,W when the model has no `input_shape`
+
+    @property
+    def empty(self) -> bool:
+        return not (self.kwargs or self.weights or self.input_shape)
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in str(text).replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise AmcError(f"--input-shape {text!r}: expected positive integers C,H,W (e.g. 3,224,224)")
+    return shape
+
+
+def parse_kwargs(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        kw = json.loads(text)
+    except ValueError as exc:
+        raise AmcError(f"--model-kwargs {text!r} is not JSON: {exc}") from exc
+    if not isinstance(kw, dict):
+        raise AmcError(f"--model-kwargs must be a JSON object like '{{\"width\": 0.5}}', not {type(kw).__name__}")
+    return kw
+
+
+def apply_options(module: nn.Module, options: ModelOptions | None) -> nn.Module:
+    if options is None:
+        return module
+    if options.input_shape is not None:
+        module.input_shape = tuple(options.input_shape)
+    if options.weights:
+        load_weights(module, options.weights)
+    return module
+
+
+def load_weights(module: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state_dict (also inside {"state_dict": ...} / {"model": ...}) without pickle; every missing,
+    unexpected or mis-shaped key is named in one error."""
+    path = Path(path)
+    if not path.is_file():
+        raise AmcError(f"--weights {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AmcError(f"--weights {path} is not a state_dict that loads without pickle: "
+                       f"{(str(exc).splitlines() or [''])[0][:160]}") from exc
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AmcError(f"--weights {path} holds a {type(state).__name__}, not a state_dict (name -> tensor)")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", shapes)):
+            if keys:
+                parts.append(f"{len(keys)} {what}: {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}")
+        raise AmcError(f"--weights {path} does not match {type(module).__name__}: {'; '.join(parts)}")
+    module.load_state_dict(state)
+    return module
+
+
+def load_model(ref: str, allow_pickle: bool = False, label: str | None = None,
+               options: ModelOptions | None = None) -> LoadedModel:
+    """Resolve `ref` to a model (with `options` applied). Order: existing path (folder/.pte/.pt),
+    FILE.py:FACTORY / package.module:FACTORY, then registry name."""
+    loaded = _load_model(ref, allow_pickle, label, options)
+    if loaded.module is not None and options is not None and not options.empty:
+        apply_options(loaded.module, options)
+        loaded = LoadedModel(loaded.label, loaded.module, _example(loaded.module), loaded.source, meta=loaded.meta)
+    elif loaded.module is None and options is not None and not options.empty:
+        raise AmcError(f"{ref} is a compiled .pte: --weights, --model-kwargs and --input-shape do not apply to it")
+    return loaded
+
+
+def _load_model(ref: str, allow_pickle: bool, label: str | None, options: ModelOptions | None) -> LoadedModel:
     from amc_mobile.models import MODEL_NAMES, TORCHVISION_PREFIX, build_model
 
     path = Path(ref)
@@ -81,11 +171,14 @@ def load_model(ref: str, allow_pickle: bool = False, label: str | None = None) -
             return LoadedModel(label, module.eval(), _example(module), "pickle")
         raise AmcError(f"{path} is not a model: expected a pruned-model folder, a checkpoint folder, "
                        f"a .pte, or a .pt with --allow-pickle")
+    kwargs = (options.kwargs if options else None) or {}
     if is_factory_ref(ref):
-        module = load_factory(ref)
+        module = load_factory(ref, kwargs)
+        if options is not None and options.input_shape is not None:
+            module.input_shape = tuple(options.input_shape)
         return LoadedModel(label or ref, module, _example(module), "factory")
     if ref in MODEL_NAMES or ref.startswith(TORCHVISION_PREFIX):
-        module = build_model(ref).eval()
+        module = build_model(ref, **kwargs).eval()
         return LoadedModel(label or ref, module, _example(module), "registry")
     raise AmcError(f"model {ref!r} not found: not a file or folder, and not one of {', '.join(MODEL_NAMES)}")
 
@@ -135,6 +228,7 @@ def load_factory(ref: str, kwargs: dict | None = None) -> nn.Module:
         raise AmcError(f"{ref} returned a {type(model).__name__}, not an nn.Module")
     # how to build it again: a pruned result records this instead of a registry config
     model.amc_reference = factory_reference(ref, kwargs)
+    model.amc_label = ref
     return model.eval()
 
 

@@ -285,3 +285,46 @@ def test_pruned_user_model_is_saved_and_rebuilt_without_pickle(tmp_path):
     src.write_text(src.read_text() + "\n# edited\n")
     with pytest.raises(AmcError, match="changed since this model was saved"):
         load_pruned(tmp_path / "pruned")
+
+
+def test_model_options_weights_kwargs_and_input_shape(tmp_path, capsys):
+    from amc_mobile.cli import main
+    from amc_mobile.model_io import ModelOptions, load_model
+
+    src = tmp_path / "nets.py"
+    src.write_text("from torch import nn\n"
+                   "class Net(nn.Module):\n"
+                   "    def __init__(self, width=8):\n"
+                   "        super().__init__()\n"
+                   "        self.a = nn.Conv2d(3, width, 3)\n"
+                   "        self.b = nn.Conv2d(width, 4, 1)\n"
+                   "    def forward(self, x):\n"
+                   "        return self.b(self.a(x)).mean((2, 3))\n")
+    ref = f"{src}:Net"
+    m = load_model(ref, options=ModelOptions({"width": 6}, None, (3, 8, 8))).module
+    assert m.a.out_channels == 6 and m.input_shape == (3, 8, 8)
+    good = tmp_path / "w.pt"
+    torch.save(m.state_dict(), good)
+    again = load_model(ref, options=ModelOptions({"width": 6}, str(good), (3, 8, 8))).module
+    torch.testing.assert_close(again.a.weight, m.a.weight)
+    assert main(["inspect", ref, "--input-shape", "3,8,8", "--model-kwargs", '{"width": 6}', "--weights",
+                 str(good)]) == 0
+    capsys.readouterr()
+    # weights of another width: every mismatch named, in one line
+    assert main(["inspect", ref, "--input-shape", "3,8,8", "--weights", str(good)]) == 2
+    err = capsys.readouterr().err
+    assert "mis-shaped" in err and "a.weight (6, 3, 3, 3) vs (8, 3, 3, 3)" in err and err.count("\n") == 1
+    torch.save({"state_dict": {"a.weight": m.a.weight}}, tmp_path / "partial.pt")
+    assert main(["inspect", ref, "--input-shape", "3,8,8", "--model-kwargs", '{"width": 6}', "--weights",
+                 str(tmp_path / "partial.pt")]) == 2
+    assert "3 missing: a.bias, b.weight, b.bias" in capsys.readouterr().err
+    assert main(["inspect", ref]) == 2
+    assert "no `input_shape`" in capsys.readouterr().err
+    for bad, msg in ((["--input-shape", "3,x"], "positive integers"), (["--model-kwargs", "[1]"], "JSON object"),
+                     (["--model-kwargs", "{"], "is not JSON"), (["--weights", str(tmp_path / "none.pt")], "no such file")):
+        assert main(["inspect", ref, "--input-shape", "3,8,8", *bad] if bad[0] != "--input-shape" else
+                    ["inspect", ref, *bad]) == 2
+        assert msg in capsys.readouterr().err
+    (tmp_path / "pickled.pt").write_bytes(b"\x80\x04junk")
+    assert main(["inspect", ref, "--input-shape", "3,8,8", "--weights", str(tmp_path / "pickled.pt")]) == 2
+    assert "without pickle" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from amc_mobile.cli.common import add_measure_options, dump_json, measure_config, stats_table
+from amc_mobile.cli.model_options import add_model_options, model_options
 from amc_mobile.errors import AmcError
 
 
@@ -17,6 +18,7 @@ def register(sub) -> None:
     p.add_argument("--device", "-d", default="local", help="device URI (default: local)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a fully pickled module (.pt)")
     p.add_argument("--json", action="store_true", help="print JSON (with raw samples) instead of a table")
+    add_model_options(p)
     add_measure_options(p, iterations=100, warmup=20)
     p.set_defaults(func=run)
 
@@ -28,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = measure_config(args)
     refs = args.model or [DEFAULT_MODEL]
-    models = [load_model(r, allow_pickle=args.allow_pickle) for r in refs]
+    options = model_options(args)
+    models = [load_model(r, allow_pickle=args.allow_pickle, options=options) for r in refs]
     with open_device(args.device) as dev:
         results = []
         modules = [(i, m) for i, m in enumerate(models) if m.module is not None]

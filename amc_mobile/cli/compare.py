@@ -11,6 +11,9 @@ from pathlib import Path
 from amc_mobile.cli.common import add_measure_options, measure_config
 
 
+from amc_mobile.cli.model_options import add_model_options, model_options
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "compare", help="measure an original and compressed models on several devices; speedup table + report",
@@ -33,6 +36,7 @@ def register(sub) -> None:
     p.add_argument("--out", "-o", default=None, help="run folder (default: runs/compare-<UTC time>)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a fully pickled module (.pt)")
     p.add_argument("--no-report", action="store_true", help="skip report.html / report.md")
+    add_model_options(p)  # for ORIGINAL: a user factory's kwargs, its weights, its input shape
     add_measure_options(p, iterations=50, warmup=10)
     p.set_defaults(func=run)
 
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         [args.original, *args.compressed], args.devices, config,
         out=args.out, allow_pickle=args.allow_pickle, labels=args.labels, accuracy=args.accuracy,
         data_dir=args.data_dir, accuracy_images=args.accuracy_images, argv=command_line(args),
-        report=not args.no_report,
+        report=not args.no_report, original_options=model_options(args),
     )
     rows = result.rows()
     print(f"compare: warmup {config.warmup}, iterations {config.iterations}, repeats {config.repeats}, "

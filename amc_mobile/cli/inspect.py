@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from amc_mobile.cli.common import dump_json
+from amc_mobile.cli.model_options import MODEL_HELP, add_model_options, model_options
 from amc_mobile.errors import AmcError
 
 
@@ -18,26 +19,12 @@ def register(sub) -> None:
     p = sub.add_parser("inspect", help="show the prunable groups, fixed ones with reasons, and fused units of a model",
                        description="Analyse MODEL into channel groups and fused units, as the search and the "
                                    "latency tables see it.")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help="registry name, pruned-model folder, or FILE.py:FACTORY / package.module:FACTORY "
-                        "(default: %(default)s)")
-    p.add_argument("--input-shape", default=None, help="C,H,W when the model has no `input_shape` attribute")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: %(default)s)")
+    add_model_options(p)
     p.add_argument("--scope", choices=("all", "decoupled"), default=None,
                    help="channel scope of the decision layers (default: the model family's)")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON")
     p.set_defaults(func=run)
-
-
-def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        shape = ()
-    if not shape or min(shape) < 1:
-        raise AmcError(f"--input-shape {text!r}: expected positive integers C,H,W (e.g. 3,224,224)")
-    return shape
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,14 +32,11 @@ def run(args: argparse.Namespace) -> int:
     from amc_mobile.pruning.graph import build_graph
     from latency_tables.target import default_scope
 
-    shape = parse_shape(args.input_shape)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, options=model_options(args))
     if loaded.module is None:
         raise AmcError(f"{args.model} is a compiled .pte: inspect needs the model's layers")
     module = loaded.module
-    if shape is not None:
-        module.input_shape = shape
-    graph = build_graph(module, shape)
+    graph = build_graph(module)
     family = getattr(module, "amc_config", {}).get("name", "")
     scope = args.scope or default_scope(family)
     decision = graph.decision_layers(scope)

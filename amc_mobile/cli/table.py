@@ -7,14 +7,15 @@ import collections
 from pathlib import Path
 
 from amc_mobile.cli.common import add_measure_options, dump_json, measure_config
+from amc_mobile.cli.model_options import MODEL_HELP, add_model_options, model_options
 from amc_mobile.errors import AmcError
 
 
 def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
     from amc_mobile.models import DEFAULT_MODEL
 
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help="registry name or pruned-model folder (default: %(default)s)")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: %(default)s)")
+    add_model_options(p)
     if device:
         p.add_argument("--device", "-d", default="local", help="device URI (default: local)")
     p.add_argument("--scope", choices=("all", "decoupled"), default=None,
@@ -132,7 +133,7 @@ def run_build(args: argparse.Namespace) -> int:
     from latency_tables.target import resolve_target
 
     config = measure_config(args)
-    target = resolve_target(args.model, scope=args.scope)
+    target = resolve_target(args.model, scope=args.scope, options=model_options(args))
     if args.dry_run:
         return _dry_run(args, target, config)
     report = build_table(target, args.device, grid=args.grid, tolerance=args.tolerance, coarse_step=args.coarse_step,
@@ -172,7 +173,7 @@ def _target_and_model(args, need_model: bool = True, check_table_dir: bool = Tru
     from latency_tables.loading import compile_for, open_table
     from latency_tables.target import build_command, resolve_target
 
-    target = resolve_target(args.model, scope=args.scope) if need_model else None
+    target = resolve_target(args.model, scope=args.scope, options=model_options(args)) if need_model else None
     hint = build_command(target, args.device) if target else ""
     device = args.device if (check_table_dir or not args.table_dir) else None
     store = open_table(device, args.table_dir, args.tables_dir, args.allow_fingerprint_mismatch,
@@ -198,7 +199,7 @@ def run_show(args: argparse.Namespace) -> int:
         from latency_tables.loading import compile_for
         from latency_tables.target import resolve_target
 
-        target = resolve_target(args.model, scope=args.scope)
+        target = resolve_target(args.model, scope=args.scope, options=model_options(args))
         try:
             lat = compile_for(target, store, args.device)
             coverage = {"model": target.label, "scope": target.scope, "calibration": lat.calibration,
@@ -279,10 +280,13 @@ def _fingerprint(device: str, config):
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from latency_tables.target import resolve_target
     from latency_tables.validate import validate_table
 
     config = measure_config(args)
-    res = validate_table(args.model, args.device, samples=args.samples, seed=args.seed, scope=args.scope,
+    options = model_options(args)
+    model = args.model if options.empty else resolve_target(args.model, scope=args.scope, options=options).module
+    res = validate_table(model, args.device, samples=args.samples, seed=args.seed, scope=args.scope,
                          grid=args.grid, out_dir=args.out, tables_dir=args.tables_dir, table_dir=args.table_dir,
                          allow_mismatch=args.allow_fingerprint_mismatch, config=config,
                          batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,

@@ -60,6 +60,9 @@ class SearchConfig:
     """Everything that decides a search run (saved as config.json next to its log and checkpoints)."""
 
     model: str = _f("mobilenet_v2", "model name (trained weights via get_or_train) or a checkpoint folder")
+    model_kwargs: str | None = _f(None, "JSON keyword arguments of a FILE.py:FACTORY model, e.g. '{\"width\": 0.5}'")
+    weights: str | None = _f(None, "a state_dict file for the model (loaded with weights_only=True)")
+    input_shape: str | None = _f(None, "C,H,W when the model has no `input_shape` attribute")
     device: str = _f("local", "device URI for the latency table and the final measurement")
     cost: str = _f("latency", "resource the budget constrains", choices=COSTS)
     target: float = _f(0.5, "budget as a fraction of the original model's cost (latency: measured)")

@@ -91,15 +91,19 @@ class SearchSetup:
 # ----------------------------------------------------------------------------------- preparation
 
 
-def load_model(ref: str) -> nn.Module:
-    """A checkpoint folder (config.json + model.pt) or a registry name (trained via get_or_train)."""
+def load_model(ref: str, cfg: SearchConfig | None = None) -> nn.Module:
+    """A checkpoint folder (config.json + model.pt), FILE.py:FACTORY (with cfg's --model-kwargs,
+    --weights, --input-shape) or a registry name (trained via get_or_train)."""
     from amc_mobile import train
+    from amc_mobile.model_io import (ModelOptions, apply_options, is_factory_ref, load_factory, parse_input_shape,
+                                     parse_kwargs)
 
-    from amc_mobile.model_io import is_factory_ref, load_factory
-
+    options = ModelOptions(parse_kwargs(cfg.model_kwargs), cfg.weights, parse_input_shape(cfg.input_shape)) \
+        if cfg is not None else None
     path = Path(ref)
     if not path.exists() and is_factory_ref(ref):
-        return load_factory(ref)  # the user's own network, with the weights its factory gives it
+        # the user's own network, with the weights its factory (or --weights) gives it
+        return apply_options(load_factory(ref, options.kwargs if options else None), options)
     if path.exists():
         if not path.is_dir():
             raise AmcError(f"--model {ref}: expected a checkpoint folder (config.json + model.pt) or a model name")
@@ -107,6 +111,14 @@ def load_model(ref: str) -> nn.Module:
         return model
     model, _ = train.get_or_train(ref, device="cpu")
     return model
+
+
+def _check_same_model(saved_info: dict | None, reference: dict) -> None:
+    before = (saved_info or {}).get("model_reference")
+    if before and before.get("sha256") and before.get("sha256") != reference.get("sha256"):
+        raise AmcError(f"{reference['factory'].rpartition(':')[0]} changed since this run started (sha256 "
+                       f"{before['sha256'][:12]} -> {reference['sha256'][:12]}): --resume continues the same model "
+                       f"only; restore the file or start a new run")
 
 
 def family_of(model: nn.Module) -> str | None:
@@ -243,7 +255,10 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
     """Load the model and data, analyse the graph, build the cost model, the reconstruction cache and the
     scorer. `saved_info` (a resumed run's setup.json) restores the budget instead of measuring again."""
     info: dict = {}
-    model = (model if model is not None else load_model(cfg.model)).cpu().eval()  # the search runs on the CPU
+    model = (model if model is not None else load_model(cfg.model, cfg)).cpu().eval()  # the search runs on the CPU
+    if getattr(model, "amc_reference", None):
+        info["model_reference"] = model.amc_reference  # file + sha256: a resume refuses a changed file
+        _check_same_model(saved_info, model.amc_reference)
     graph = build_graph(model)
     require_prunable(graph)
     scope = cfg.scope or DEFAULT_SCOPE.get(family_of(model) or "", "all")

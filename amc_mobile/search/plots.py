@@ -184,7 +184,7 @@ def _cost_from_config(config: dict):
     from .loop import family_of, load_model
 
     cfg = SearchConfig.from_dict(config)
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, cfg)
     graph = build_graph(model)
     if cfg.cost == "flops":
         return FlopsCost(graph), graph
