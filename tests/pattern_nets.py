@@ -178,16 +178,17 @@ class EfficientNetB0(nn.Module):
 class ResNetMeanHead(nn.Module):
     """Basic residual blocks, a `mean` head and a second head that flattens a 4x4 map into a linear."""
 
-    def __init__(self, num_classes=10, in_ch=3):
+    def __init__(self, num_classes=10, in_ch=3, size=16):
         super().__init__()
-        self.input_shape = (in_ch, 16, 16)
+        self.input_shape = (in_ch, size, size)
         self.stem = conv_bn(in_ch, 16, 3, act=nn.ReLU)
         self.a1 = conv_bn(16, 24, 3, act=nn.ReLU)
         self.a2 = conv_bn(24, 16, 3)
         self.down = conv_bn(16, 32, 3, 2, act=nn.ReLU)
         self.b1 = conv_bn(32, 40, 3, 2, act=nn.ReLU)
         self.fc = nn.Linear(40, num_classes)
-        self.aux = nn.Linear(40 * 4 * 4, num_classes)
+        side = (size + 3) // 4  # two stride-2 convs
+        self.aux = nn.Linear(40 * side * side, num_classes)
 
     def forward(self, x):
         x = self.stem(x)
@@ -219,9 +220,9 @@ class ResNeXtBlockNet(nn.Module):
 class ChannelsLastMLP(nn.Module):
     """A ConvNeXt-style block: depthwise conv, permute to channels-last, LayerNorm, Linear-GELU-Linear."""
 
-    def __init__(self, num_classes=10, in_ch=3):
+    def __init__(self, num_classes=10, in_ch=3, size=16):
         super().__init__()
-        self.input_shape = (in_ch, 16, 16)
+        self.input_shape = (in_ch, size, size)
         self.stem = nn.Conv2d(in_ch, 32, 4, 4)
         self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
         self.norm = nn.LayerNorm(32)
