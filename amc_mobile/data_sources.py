@@ -192,8 +192,16 @@ def load_image_folder(root: str | os.PathLike, tf: ImageTransform = ImageTransfo
     else:
         train, val = hold_out(train, val_size, split_seed)
         how = f"{len(val)} held out of train/ (seed {split_seed})"
+    # files are read class by class; commands score and train on prefixes ("the first N images"), so
+    # every split is put in one seeded order that mixes the classes
+    train, val = _shuffled(train, split_seed), _shuffled(val, split_seed + 1)
     return FashionMNIST(train, val, val, root, f"imagefolder {root}: {len(classes)} classes, {len(train)} train, "
                                                 f"val {how}")
+
+
+def _shuffled(split: Split, seed: int) -> Split:
+    perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    return Split(split.images[perm], split.labels[perm])
 
 
 # ------------------------------------------------------------------------------------- functions

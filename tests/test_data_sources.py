@@ -74,9 +74,13 @@ def test_image_folder_reads_real_pngs_and_caches_them(tmp_path):
     # the decoded pixels are the PNGs' pixels
     from PIL import Image
 
-    first = sorted((root / "train" / "class0").glob("*.png"))[0]
-    px = np.asarray(Image.open(first).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255 * 2 - 1
-    torch.testing.assert_close(a.train.images[0], torch.from_numpy(px))
+    files = sorted(f for d in sorted((root / "val").iterdir()) for f in sorted(d.glob("*.png")))
+    px = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255 * 2 - 1 for f in files]
+    want = torch.from_numpy(np.stack(px))
+    assert a.val.labels[:20].unique().numel() > 3  # a prefix mixes the classes
+    # the same pixels, in one seeded order
+    order = torch.randperm(len(want), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a.val.images, want[order])
 
 
 def test_image_folder_without_val_holds_out_a_seeded_split(tmp_path):
@@ -151,3 +155,11 @@ def test_search_on_an_image_folder_through_the_cli(tmp_path, monkeypatch):
 
     pruned, _ = load_pruned(out / "pruned")
     assert pruned(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    # fine-tuning takes the search's images by default; compare takes the factory and the pruned folder
+    assert main(["finetune", str(out), "--epochs", "1", "--train-images", "200", "--eval-images", "100",
+                 "--quiet", "--no-plots"]) == 0
+    ft = json.loads((out / "finetune.json").read_text())
+    assert '"train_images_used": 200' in json.dumps(ft)
+    assert main(["compare", f"{model_file}:make", str(out / "pruned"), "--devices", "local", "--iterations", "5",
+                 "--warmup", "2", "--no-report", "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "compare.csv").is_file()

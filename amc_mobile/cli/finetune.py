@@ -32,6 +32,11 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
     p.add_argument("--out", default=None, help="folder for the fine-tuned model (default: <run>/finetuned)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: $AMC_DATA_DIR or the system one)")
+    p.add_argument("--data", default=None,
+                   help="fashion-mnist, imagefolder:DIR or FILE.py:FUNCTION (default: what the search used)")
+    p.add_argument("--input-size", type=int, default=None, help="imagefolder: resize / center-crop to this size")
+    p.add_argument("--mean", default=None, help="imagefolder: per-channel mean, e.g. 0.485,0.456,0.406")
+    p.add_argument("--std", default=None, help="imagefolder: per-channel std, e.g. 0.229,0.224,0.225")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="also (re)draw the run's search figures when it is a search run folder (default: on)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -54,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, train_images=args.train_images or None,
                          batch_size=args.batch_size, weight_decay=args.weight_decay, augment=not args.no_augment,
                          seed=args.seed, eval_images=args.eval_images, device=args.device, data_dir=args.data_dir,
+                         data=args.data, input_size=args.input_size, mean=args.mean, std=args.std,
                          progress=not args.quiet).validate()
     pruned, run_dir = resolve_pruned(args.path)  # fail fast, before loading data
     n = f"the first {cfg.train_images:,}" if cfg.train_images else "all"

@@ -239,4 +239,6 @@ def load_pruned(path: Path) -> tuple[nn.Module, dict]:
     except RuntimeError as exc:
         first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:2] or [str(exc)[:200]]
         raise AmcError(f"{weights_path} does not match {SPEC_FILE}: {first[0]}") from exc
+    if spec.get("input_shape") and not getattr(model, "input_shape", None):  # given by --input-shape at search time
+        model.input_shape = tuple(int(v) for v in spec["input_shape"])
     return model.eval(), spec

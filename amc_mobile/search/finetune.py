@@ -52,6 +52,10 @@ class FinetuneConfig:
     eval_after: tuple[str, ...] = ("val", "test")  # splits scored after
     device: str | None = None  # cpu, cuda, cuda:N; None: cuda if there is one
     data_dir: str | None = None
+    data: str | None = None  # like the search's --data; None: what the search that made the model used
+    input_size: int | None = None
+    mean: str | None = None
+    std: str | None = None
     progress: bool = True
 
     def validate(self) -> "FinetuneConfig":
@@ -134,6 +138,25 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _data_for(cfg: FinetuneConfig, run_dir: Path, model) -> "FashionMNIST":
+    """The data options given, else those of the search that made the model (its config.json)."""
+    import json
+
+    from amc_mobile.data_sources import load_data
+
+    opts = {"data": cfg.data, "input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std}
+    saved = run_dir / "config.json"
+    if cfg.data is None and saved.is_file():
+        try:
+            search = json.loads(saved.read_text())
+        except ValueError:
+            search = {}
+        if isinstance(search, dict) and search.get("data"):
+            opts = {k: search.get(k) for k in opts}
+    return load_data(opts["data"], data_dir=cfg.data_dir, input_size=opts["input_size"], mean=opts["mean"],
+                     std=opts["std"], channels=int(model.input_shape[0]) if getattr(model, "input_shape", None) else None)
+
+
 def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | Path | None = None,
              data=None) -> FinetuneResult:
     """Fine-tune the pruned model at `path` (see module doc); `data`: the FashionMNIST splits (loaded
@@ -148,9 +171,7 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
     if out.resolve() == pruned_dir.resolve():
         raise AmcError(f"--out {out} is the pruned model being fine-tuned: choose another folder")
     if data is None:
-        from amc_mobile.data import load_fashion_mnist
-
-        data = load_fashion_mnist(cfg.data_dir)
+        data = _data_for(cfg, run_dir, model)
     t0 = time.perf_counter()
     before = _scores(model, data, cfg.eval_images, cfg.eval_before)
     eval_s = time.perf_counter() - t0
