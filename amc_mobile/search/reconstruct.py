@@ -151,8 +151,8 @@ def collect_layer_stats(model: nn.Module, graph: PruningGraph, groups: list[int]
             if stats[name].kind == "conv":
                 X, Y = _conv_points(mod, x, output.detach(), points, gen)
             else:
-                X = x.reshape(x.shape[0], -1)
-                Y = output.detach() - (mod.bias.detach() if mod.bias is not None else 0)
+                X = x.reshape(-1, x.shape[-1])  # every leading index is a row (channels-last MLPs: N*H*W rows)
+                Y = (output.detach() - (mod.bias.detach() if mod.bias is not None else 0)).reshape(-1, output.shape[-1])
             X, Y = X.double(), Y.double()
             st = stats[name]
             st.gram.addmm_(X.T, X)
