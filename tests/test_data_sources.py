@@ -163,3 +163,34 @@ def test_search_on_an_image_folder_through_the_cli(tmp_path, monkeypatch):
     assert main(["compare", f"{model_file}:make", str(out / "pruned"), "--devices", "local", "--iterations", "5",
                  "--warmup", "2", "--no-report", "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "compare.csv").is_file()
+
+
+def test_user_metric_scores_and_refuses_nan(tmp_path):
+    from torch import nn
+
+    from amc_mobile.data import Split
+    from amc_mobile.search import SearchConfig
+    from amc_mobile.search.score import evaluate_split
+
+    f = tmp_path / "metrics.py"
+    f.write_text("import torch\n"
+                 "def neg_mse(model, loader):\n"
+                 "    tot, n = 0.0, 0\n"
+                 "    for x, y in loader:\n"
+                 "        tot += float(((model(x)[:, 0] - y.float()) ** 2).sum()); n += len(y)\n"
+                 "    return -tot / n\n"
+                 "def nan(model, loader):\n    return float('nan')\n"
+                 "def boom(model, loader):\n    raise KeyError('labels')\n")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    split = Split(torch.randn(10, 1, 2, 2), torch.arange(10) % 2)
+    value, loss = evaluate_split(model, split, f"{f}:neg_mse", batch_size=4)
+    with torch.no_grad():
+        want = -float(((model(split.images)[:, 0] - split.labels.float()) ** 2).mean())
+    assert value == pytest.approx(want, rel=1e-5) and loss != loss
+    with pytest.raises(AmcError, match="returned nan"):
+        evaluate_split(model, split, f"{f}:nan")
+    with pytest.raises(AmcError, match="raised KeyError"):
+        evaluate_split(model, split, f"{f}:boom")
+    assert SearchConfig(eval=f"{f}:neg_mse").validate().score_metric.endswith(":neg_mse")
+    with pytest.raises(AmcError, match="--eval"):
+        SearchConfig(eval="not a ref").validate()

@@ -76,6 +76,8 @@ class SearchConfig:
     reward: str = _f("constrained", "constrained: -error under the budget; guaranteed: -error*log(cost), no budget",
                      choices=REWARDS)
     metric: str = _f("top1", "accuracy the reward uses (AMC's official code used top5 on ImageNet)", choices=METRICS)
+    eval: str | None = _f(None, "FILE.py:FUNCTION: a metric fn(model, loader) -> float (higher is better) that "
+                                "replaces --metric")
     episodes: int = _f(400, "episodes in total, warm-up included (AMC: 100 + 300)")
     warmup: int | None = _f(None, "episodes of uniform random actions first; default min(100, episodes // 4)")
     scope: str | None = _f(None, "channel groups to prune: all | decoupled; default per model family",
@@ -113,6 +115,11 @@ class SearchConfig:
     def warmup_episodes(self) -> int:
         return self.warmup if self.warmup is not None else min(100, self.episodes // 4)
 
+    @property
+    def score_metric(self) -> str:
+        """What episodes are scored by: the user's --eval function, else --metric."""
+        return self.eval or self.metric
+
     def validate(self) -> "SearchConfig":
         if self.cost not in COSTS:
             raise AmcError(f"unknown cost {self.cost!r}: expected one of {', '.join(COSTS)}")
@@ -122,6 +129,11 @@ class SearchConfig:
             raise AmcError(f"unknown latency reference {self.latency_reference!r}: measured or predicted")
         if self.metric not in METRICS:
             raise AmcError(f"unknown metric {self.metric!r}: expected top1 or top5")
+        if self.eval is not None:
+            from amc_mobile.model_io import is_factory_ref
+
+            if not is_factory_ref(self.eval):
+                raise AmcError(f"--eval {self.eval!r}: expected FILE.py:FUNCTION or package.module:FUNCTION")
         if self.target_ms is not None:
             if self.cost != "latency":
                 raise AmcError(f"--target-ms is a latency budget: use --target RATIO with --cost {self.cost}")

@@ -289,7 +289,7 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
         reconstructor = Reconstructor(stats, selector, dict(model.named_modules()))
     info["calibration_s"] = round(time.perf_counter() - t0, 3)
     builder = PrunedModelBuilder(model, graph, reconstructor, selector)
-    scorer = EpisodeScorer(builder, val, cfg.metric, cfg.eval_batch)
+    scorer = EpisodeScorer(builder, val, cfg.score_metric, cfg.eval_batch)
     original = scorer({})
     info.update(original_accuracy=original.accuracy, original_loss=original.loss, original_eval_s=round(original.eval_s, 3),
                 scope=scope, val_images=len(val), full_cost=cost.full_cost, cost_unit=cost.unit, budget=budget,
@@ -350,7 +350,7 @@ def policy_dict(setup: SearchSetup, ep: Episode, episode: int) -> dict:
         "episode": episode,
         "reward": ep.reward,
         "accuracy": ep.score.accuracy if ep.score else None,
-        "metric": setup.config.metric,
+        "metric": setup.config.score_metric,
         "cost": ep.cost,
         "cost_unit": cost.unit,
         "cost_ratio": ep.cost / cost.full_cost,
@@ -548,8 +548,9 @@ def _finish(setup: SearchSetup, run_dir: Path, best: dict) -> SearchResult:
     summary = {"best": best, "setup": setup.info}
     full_val = setup.data.val
     if len(full_val) > len(setup.scorer.val):  # the search scored on a prefix: report the whole split too
-        summary["pruned_full_val_accuracy"], _ = evaluate_split(pruned, full_val, cfg.metric, cfg.eval_batch)
-        summary["original_full_val_accuracy"], _ = evaluate_split(setup.model, full_val, cfg.metric, cfg.eval_batch)
+        summary["pruned_full_val_accuracy"], _ = evaluate_split(pruned, full_val, cfg.score_metric, cfg.eval_batch)
+        summary["original_full_val_accuracy"], _ = evaluate_split(setup.model, full_val, cfg.score_metric,
+                                                                  cfg.eval_batch)
         summary["full_val_images"] = len(full_val)
     try:
         base_config = model_config(setup.model)

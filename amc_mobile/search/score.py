@@ -16,12 +16,41 @@ from .reconstruct import PrunedModelBuilder
 
 
 def evaluate_split(model: nn.Module, split: Split, metric: str = "top1", batch_size: int | None = None) -> tuple[float, float]:
-    """(accuracy for `metric`, mean cross-entropy) of `model` on `split`, on the CPU."""
+    """(accuracy for `metric`, mean cross-entropy) of `model` on `split`, on the CPU. `metric` is top1,
+    top5, or FILE.py:FUNCTION / package.module:FUNCTION: fn(model, loader) -> float, higher is better
+    (the loader yields (images, labels) batches); its loss is NaN."""
     from amc_mobile.train import evaluate
 
+    if metric not in ("top1", "top5"):
+        return _user_metric(model, split, metric, batch_size), float("nan")
     k = int(metric.removeprefix("top"))
     res = evaluate(model, split, device="cpu", topk=(k,), batch_size=batch_size)
     return float(res[f"top{k}"]), float(res["loss"])
+
+
+_METRIC_FNS: dict = {}
+
+
+def _user_metric(model: nn.Module, split: Split, ref: str, batch_size: int | None) -> float:
+    import math
+
+    from amc_mobile.errors import AmcError
+    from amc_mobile.model_io import import_ref
+
+    fn = _METRIC_FNS.get(ref) or _METRIC_FNS.setdefault(ref, import_ref(ref))
+    model.eval()
+    try:
+        with torch.no_grad():
+            value = fn(model, split.loader(batch_size or 256))
+        value = float(value)
+    except AmcError:
+        raise
+    except Exception as exc:
+        raise AmcError(f"metric {ref} raised {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}") \
+            from exc
+    if not math.isfinite(value):
+        raise AmcError(f"metric {ref} returned {value}: it must return a finite number (higher is better)")
+    return value
 
 
 class EpisodeScorer:
