@@ -32,7 +32,7 @@ from torch import nn
 from amc_mobile import __version__
 from amc_mobile.data import FashionMNIST, Split, load_fashion_mnist
 from amc_mobile.errors import AmcError
-from amc_mobile.models import DEFAULT_MODEL, build_model, config_hash, model_config
+from amc_mobile.models import DEFAULT_MODEL, build_model, config_hash, model_config, rebuild
 
 CACHE_ENV = "AMC_CACHE_DIR"
 PRETRAINED_DIR = Path(__file__).resolve().parent / "models" / "pretrained"
@@ -347,7 +347,8 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise AmcError(f"{directory} is not a checkpoint (no {CONFIG_FILE}); train one with `amc-mobile train`") from None
     except (OSError, ValueError) as exc:
         raise AmcError(f"{path}: unreadable checkpoint config ({exc}); delete the folder and retrain") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "name" not in meta["model"]:
+    model = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(model, dict) or not ({"name", "factory"} & set(model)):  # a registry model or a user factory
         raise AmcError(f"{path}: no model config in it; delete the folder and retrain")
     return meta
 
@@ -357,7 +358,7 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
     try:
-        model = build_model(**meta["model"])
+        model = rebuild(meta["model"])
     except (ValueError, TypeError) as exc:
         raise AmcError(f"{directory / CONFIG_FILE}: cannot rebuild the model ({exc}); delete the folder and retrain") from exc
     weights = directory / WEIGHTS_FILE
@@ -392,7 +393,8 @@ def cache_key(model_cfg: dict[str, Any], train_cfg: TrainConfig) -> dict[str, An
 
 def checkpoint_dir(model_cfg: dict[str, Any], train_cfg: TrainConfig) -> Path:
     """`<cache>/checkpoints/<model>-<hash of model + training config>/`."""
-    return cache_root() / "checkpoints" / f"{model_cfg['name']}-{config_hash(cache_key(model_cfg, train_cfg))}"
+    name = model_cfg.get("name") or model_cfg.get("factory", "model").rpartition(":")[2]
+    return cache_root() / "checkpoints" / f"{name}-{config_hash(cache_key(model_cfg, train_cfg))}"
 
 
 def pretrained_dir(name: str) -> Path:
@@ -455,7 +457,7 @@ def train_and_save(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build (seeded), train, evaluate and save a checkpoint; returns (model, meta)."""
     torch.manual_seed(tcfg.seed)
-    model = build_model(**model_cfg)
+    model = rebuild(model_cfg)
     result = train(
         model,
         data,

@@ -194,3 +194,20 @@ def test_user_metric_scores_and_refuses_nan(tmp_path):
     assert SearchConfig(eval=f"{f}:neg_mse").validate().score_metric.endswith(":neg_mse")
     with pytest.raises(AmcError, match="--eval"):
         SearchConfig(eval="not a ref").validate()
+
+
+def test_train_a_user_model_on_an_image_folder(tmp_path, capsys):
+    from amc_mobile.cli import main
+    from amc_mobile.train import load_checkpoint
+
+    root = write_folder(tmp_path / "imgs", per_class=6)
+    model_file = tmp_path / "user_model.py"
+    model_file.write_text(USER_MODEL)
+    out = tmp_path / "ckpt"
+    assert main(["train", "-m", f"{model_file}:make", "--data", f"imagefolder:{root}", "--epochs", "1",
+                 "--batch-size", "16", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    model, meta = load_checkpoint(out)
+    assert meta["model"]["factory"].endswith("user_model.py:make")
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert main(["train", "-m", "nonsense", "--out", str(tmp_path / "x")]) == 2
+    assert "expected one of" in capsys.readouterr().err

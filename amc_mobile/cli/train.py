@@ -22,7 +22,14 @@ def register(sub) -> None:
         "validation images and the official test set) and save a checkpoint folder (model.pt + config.json). "
         "Without --out it goes to the cache that the search uses ($AMC_CACHE_DIR or ~/.cache/amc_mobile).",
     )
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL, choices=MODEL_NAMES, help="architecture (default %(default)s)")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"architecture: one of {', '.join(MODEL_NAMES)}, or FILE.py:FACTORY / package.module:FACTORY "
+                        f"(default %(default)s)")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON", help="keyword arguments of a FILE.py:FACTORY")
+    p.add_argument("--data", default=None, help="fashion-mnist (default), imagefolder:DIR or FILE.py:FUNCTION")
+    p.add_argument("--input-size", type=int, default=None, help="imagefolder: resize / center-crop to this size")
+    p.add_argument("--mean", default=None, help="imagefolder: per-channel mean, e.g. 0.485,0.456,0.406")
+    p.add_argument("--std", default=None, help="imagefolder: per-channel std, e.g. 0.229,0.224,0.225")
     p.add_argument("--width-mult", type=float, default=None, help="channel width multiplier (MobileNets, VGG)")
     p.add_argument("--stem-stride", type=int, default=None, help="MobileNets' first stride (default: 1 on 28x28)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
@@ -59,8 +66,24 @@ def run(args: argparse.Namespace) -> int:
         kwargs["stem_stride"] = args.stem_stride
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise AmcError("--epochs and --batch-size must be at least 1 and --lr positive")
+    from amc_mobile.data_sources import load_data
+    from amc_mobile.model_io import factory_reference, is_factory_ref, load_factory, parse_kwargs
+    from amc_mobile.models import MODEL_NAMES
+
+    user = is_factory_ref(args.model)
+    if not user and args.model not in MODEL_NAMES:
+        raise AmcError(f"--model {args.model!r}: expected one of {', '.join(MODEL_NAMES)} or FILE.py:FACTORY")
+    if args.model_kwargs is not None:
+        kwargs.update(parse_kwargs(args.model_kwargs))
     device = resolve_device(args.device)
-    data = load_fashion_mnist(args.data_dir)
+    if user:
+        probe = load_factory(args.model, kwargs)  # fails here, in one line, when the factory does
+        model_cfg = factory_reference(args.model, kwargs)
+        channels = int(probe.input_shape[0]) if getattr(probe, "input_shape", None) else None
+    else:
+        channels = None
+    data = load_data(args.data, data_dir=args.data_dir, input_size=args.input_size, mean=args.mean, std=args.std,
+                     channels=channels, split_seed=args.seed) if args.data else load_fashion_mnist(args.data_dir)
     tcfg = TrainConfig(
         epochs=args.epochs,
         lr=args.lr,
@@ -71,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         train_limit=args.train_limit,
     )
-    model_cfg = model_config(build_model(args.model, **kwargs))
+    if not user:
+        model_cfg = model_config(build_model(args.model, **kwargs))
     out = args.out or checkpoint_dir(model_cfg, tcfg)
     n_train = min(len(data.train), args.train_limit or len(data.train))
     print(f"training {args.model} {kwargs or ''} on {n_train} images for {args.epochs} epochs on {device} ...".replace("  ", " "))

@@ -93,6 +93,15 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     return copy.deepcopy(cfg)
 
 
+def rebuild(config: dict[str, Any]) -> nn.Module:
+    """The architecture a `model_config` names: a registry model, or a user factory (FILE.py:FACTORY)."""
+    if "factory" in config:
+        from amc_mobile.model_io import rebuild_reference
+
+        return rebuild_reference(config)
+    return build_model(**config)
+
+
 def config_hash(config: dict[str, Any], length: int = 10) -> str:
     """A short stable hash of a JSON-safe dict (model config, training args...)."""
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"))

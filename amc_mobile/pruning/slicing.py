@@ -224,7 +224,7 @@ def load_pruned(path: Path) -> tuple[nn.Module, dict]:
         except (ValueError, KeyError, AmcError) as exc:
             raise AmcError(f"{spec_path}: its channel groups do not fit {base['factory']}: {exc}") from exc
     else:
-        model = build_model(**base)
+        model = build_model(**base)  # a registry family
     modules = dict(model.named_modules())
     for name, shape in shapes.items():
         if name not in modules:
