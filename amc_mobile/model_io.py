@@ -36,6 +36,18 @@ class LoadedModel:
         return sum(t.numel() * t.element_size() for t in self.module.state_dict().values()) / 1e6
 
 
+class _ProgramModule(nn.Module):
+    """A loaded torch.export program as a module to measure: the program refuses train()/eval(), so it is
+    held outside the module tree (its weights are constants of the graph)."""
+
+    def __init__(self, program_module: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "program", program_module)
+
+    def forward(self, x):
+        return self.program(x)
+
+
 def _example(module: nn.Module) -> torch.Tensor:
     shape = getattr(module, "input_shape", None)
     if not shape:
@@ -154,6 +166,20 @@ def _load_model(ref: str, allow_pickle: bool, label: str | None, options: ModelO
                 return LoadedModel(label, module.eval(), _example(module), "checkpoint", meta=meta)
             raise AmcError(f"{folder} is neither a pruned model (architecture.json + model.pt) "
                            f"nor a checkpoint (config.json + model.pt)")
+        if path.suffix == ".pt2":  # a torch.export program: measurable; its layers are aten ops, not modules
+            try:
+                program = torch.export.load(path)
+            except Exception as exc:
+                raise AmcError(f"{path} is not a torch.export program file: {(str(exc).splitlines() or [''])[0][:160]}") \
+                    from exc
+            module = _ProgramModule(program.module())
+            inputs = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"
+                      and n.name in program.graph_signature.user_inputs]
+            if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < 2:
+                raise AmcError(f"{path}: the program takes {len(inputs)} inputs; amc-mobile measures one image tensor")
+            module.input_shape = tuple(inputs[0].shape[1:])
+            module.amc_program = True  # the pruning graph sees aten ops here, not prunable modules
+            return LoadedModel(label, module, _example(module), "program")
         if path.suffix == ".pte":
             _check_pte(path)
             return LoadedModel(label, None, None, "pte", pte_path=path)

@@ -354,3 +354,18 @@ def test_reconstruction_builds_every_pattern_network(name):
     # with every group full, reconstruction reproduces the original (same kept set, exact solve)
     with torch.no_grad():
         torch.testing.assert_close(builder.build({}, fast=False)(images), model(images))
+
+
+def test_torch_export_program_is_measured_and_not_pruned(tmp_path, capsys):
+    from amc_mobile.cli import main
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()).eval()
+    path = tmp_path / "prog.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 8, 8),)), path)
+    assert main(["bench", "-m", str(path), "--iterations", "5", "--warmup", "1"]) == 0
+    assert "prog.pt2" in capsys.readouterr().out
+    assert main(["inspect", str(path)]) == 2
+    assert "no layers to slice" in capsys.readouterr().err
+    (tmp_path / "bad.pt2").write_bytes(b"junk")
+    assert main(["inspect", str(tmp_path / "bad.pt2")]) == 2
+    assert "not a torch.export program" in capsys.readouterr().err

@@ -239,6 +239,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 def build_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> PruningGraph:
     """Analyse `model` (eval semantics) into channel groups, layers and fused units."""
+    if getattr(model, "amc_program", False):
+        raise AmcError("a torch.export program (.pt2) is a graph of aten ops: there are no layers to slice; pass "
+                       "the FILE.py:FACTORY that builds the model (with --weights) to prune it (bench measures "
+                       "the .pt2 as it is)")
     x = _example_input(model, input_shape)
     gm = trace(model)
     was_training = model.training
