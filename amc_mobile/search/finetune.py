@@ -138,7 +138,7 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _data_for(cfg: FinetuneConfig, run_dir: Path, model) -> "FashionMNIST":
+def _data_for(cfg: FinetuneConfig, run_dir: Path, model):
     """The data options given, else those of the search that made the model (its config.json)."""
     import json
 
