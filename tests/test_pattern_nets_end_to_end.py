@@ -22,8 +22,9 @@ from _search_helpers import fashion
 pytestmark = pytest.mark.slow
 
 QUICK = MeasureConfig(warmup=3, iterations=10, min_time_ms=2.0, repeats=1)
-# the target each net can reach: a ResNeXt block prunes whole groups of 16 channels only
-NETS = {"mobilenet_v3_small": 0.7, "shufflenet_v2": 0.7, "resnext_block": 0.95}
+# two of the pattern families, each with the target it can reach (the others run the same code paths in
+# test_pruning_patterns.py, and all of them in benchmarks/pattern_nets.py)
+NETS = {"mobilenet_v3_small": 0.7, "shufflenet_v2": 0.7}
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +44,15 @@ def test_table_validate_search_export_measure(name, local, tmp_path):
     graph = build_graph(model)
     tables = tmp_path / "tables"
     lat = ensure_table(model, graph, device_uri=local, tables_dir=tables, grid=16, config=QUICK, model_config=QUICK,
-                       calibration_count=2, batch_size=16, progress=False)
+                       calibration_count=2, batch_size=32, progress=False)
     assert lat.full_latency_ms > 0
     assert set(lat.groups) == set(graph.decision_groups("all"))
     val = validate_table(model, local, samples=3, graph=graph, grid=16, tables_dir=tables, config=QUICK,
                          table_config=QUICK, out_dir=tmp_path / "validate", progress=False, plot=False, passes=1)
     assert val.metrics["samples"] == 3
     data = fashion()
-    cfg = SearchConfig(model=name, device="local", cost="latency", target=NETS[name], episodes=4, warmup=2, val_images=200,
-                       calib_images=100, channel_round=16, out=str(tmp_path / "search"), checkpoint_every=0,
+    cfg = SearchConfig(model=name, device="local", cost="latency", target=NETS[name], episodes=3, warmup=2, val_images=100,
+                       calib_images=50, channel_round=16, out=str(tmp_path / "search"), checkpoint_every=0,
                        measure_final=True, recalibrate=False, latency_reference="predicted", progress=False, seed=0)
     result = run_search(cfg, model=model, data=data, latency_model=lat)
     pruned = result.model
