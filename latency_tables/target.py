@@ -35,14 +35,17 @@ def default_scope(family: str) -> str:
     return DEFAULT_SCOPE.get(family, "all")
 
 
-def resolve_target(model, graph: PruningGraph | None = None, scope: str | None = None) -> Target:
-    """`model`: a registry name or a pruned-model/checkpoint folder (str or Path), or an nn.Module."""
+def resolve_target(model, graph: PruningGraph | None = None, scope: str | None = None, options=None) -> Target:
+    """`model`: a registry name, a pruned-model/checkpoint folder, FILE.py:FACTORY (str or Path), or an
+    nn.Module; `options`: amc_mobile.model_io.ModelOptions for a reference."""
     if isinstance(model, nn.Module):
-        module, label = model, getattr(model, "amc_config", {}).get("name", type(model).__name__)
+        module = model
+        label = getattr(model, "amc_config", {}).get("name") or getattr(model, "amc_label", None) \
+            or type(model).__name__
     else:
         from amc_mobile.model_io import load_model
 
-        loaded = load_model(str(model))
+        loaded = load_model(str(model), options=options)
         if loaded.module is None:
             raise AmcError(f"{model} is a compiled .pte: a latency table needs the model's layers "
                            f"(pass a registry name or a pruned-model folder)")

@@ -369,3 +369,23 @@ def test_torch_export_program_is_measured_and_not_pruned(tmp_path, capsys):
     (tmp_path / "bad.pt2").write_bytes(b"junk")
     assert main(["inspect", str(tmp_path / "bad.pt2")]) == 2
     assert "not a torch.export program" in capsys.readouterr().err
+
+
+def test_scoring_leaves_the_original_and_the_cache_untouched():
+    """Episodes are scored on NHWC copies; the original's weights (shared with every built model) must keep
+    their layout, or the original no longer lowers to XNNPACK at the end of a search."""
+    from amc_mobile.data import Split
+    from amc_mobile.search.reconstruct import PrunedModelBuilder
+    from amc_mobile.search.score import EpisodeScorer
+
+    model = _model("densenet")
+    graph = build_graph(model)
+    before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+    val = Split(torch.randn(8, *model.input_shape), torch.arange(8) % 10)
+    scorer = EpisodeScorer(PrunedModelBuilder(model, graph), val)
+    g = graph.decision_layers("all")[0].in_group
+    scorer({g: max(1, graph.groups[g].size // 2)})
+    scorer({})
+    for k, v in model.state_dict().items():
+        assert v.stride() == before[k][1], k
+        torch.testing.assert_close(v, before[k][0])

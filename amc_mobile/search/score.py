@@ -28,6 +28,18 @@ def evaluate_split(model: nn.Module, split: Split, metric: str = "top1", batch_s
     return float(res[f"top{k}"]), float(res["loss"])
 
 
+def channels_last_copy(model: nn.Module) -> nn.Module:
+    """`model` with NHWC copies of its 4-D weights. Not `model.to(memory_format=...)`: that rewrites the
+    parameters in place, and a built model shares its unpruned weights (and the reconstruction cache's)
+    with the original, which would then no longer lower to XNNPACK."""
+    for mod in model.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.dim() == 4:
+                setattr(mod, name, nn.Parameter(p.detach().contiguous(memory_format=torch.channels_last),
+                                                requires_grad=False))
+    return model
+
+
 _METRIC_FNS: dict = {}
 
 
@@ -75,7 +87,7 @@ class EpisodeScorer:
         with torch.no_grad():
             model = self.builder.build(channels, fast=True)
             if self.channels_last:
-                model = model.to(memory_format=torch.channels_last)
+                model = channels_last_copy(model)
         t1 = time.perf_counter()
         acc, loss = evaluate_split(model, self.val, self.metric, self.batch_size)
         t2 = time.perf_counter()
