@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing as mp
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -192,6 +193,24 @@ class BatchRunner:
                 after_round()
         return done
 
+    def _portable(self, jobs: list[Job]) -> bool:
+        """Whether the jobs' modules can go to the lowering workers: a model whose class is defined
+        where pickle cannot name it (inside a function, an exec'd script) is lowered here instead."""
+        cache = self.__dict__.setdefault("_picklable", {})
+        for j in jobs:
+            if j.module is None:
+                continue
+            key = id(j.module)
+            if key not in cache:
+                try:
+                    pickle.dumps(j.module)
+                    cache[key] = True
+                except Exception:
+                    cache[key] = False
+            if not cache[key]:
+                return False
+        return True
+
     def _plain_round(self, jobs: list[Job], on_batch) -> None:
         t0 = time.perf_counter()
         failed: dict[str, str] = {}
@@ -240,6 +259,8 @@ class BatchRunner:
     def _lower_parts(self, parts: list[list[Job]], paths: list[str]) -> list[tuple[dict[str, str], float]]:
         """Lower each part in the pool; a pool whose worker died (killed for memory?) is restarted
         once and the round retried, a second death is an AmcError (nothing measured is lost)."""
+        if not self._portable([j for p in parts for j in p]):
+            return [_lower_chunk(p, path) for p, path in zip(parts, paths)]
         for attempt in range(2):
             pool = self._get_pool()
             futures = [pool.submit(_lower_chunk, [j.portable() for j in p], path) for p, path in zip(parts, paths)]

@@ -389,3 +389,29 @@ def test_scoring_leaves_the_original_and_the_cache_untouched():
     for k, v in model.state_dict().items():
         assert v.stride() == before[k][1], k
         torch.testing.assert_close(v, before[k][0])
+
+
+@pytest.mark.slow
+def test_a_model_class_pickle_cannot_name_is_lowered_in_process(tmp_path):
+    """A model defined inside a function (or in a notebook cell run with exec) cannot go to the lowering
+    workers: its table is still built, lowering it where it lives."""
+    from device.base import MeasureConfig
+    from latency_tables.build import build_table
+
+    def make():
+        class Local(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.input_shape = (1, 8, 8)
+                self.a = nn.Conv2d(1, 8, 3, padding=1)
+                self.b = nn.Conv2d(8, 4, 1)
+
+            def forward(self, x):
+                return self.b(torch.relu(self.a(x))).mean((2, 3))
+
+        return Local().eval()
+
+    quick = MeasureConfig(warmup=2, iterations=5, min_time_ms=1.0, repeats=1)
+    rep = build_table(make(), "local", grid=4, config=quick, model_config=quick, tables_dir=tmp_path,
+                      calibration_count=2, workers=2, progress=False)
+    assert rep.failed == 0 and rep.measured > 0 and rep.calibration > 0
