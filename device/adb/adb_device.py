@@ -1,4 +1,4 @@
-"""`adb:SERIAL` / `adb-tcp:HOST:PORT`: time candidates on an Android phone with ExecuTorch + XNNPACK.
+"""`adb:SERIAL` / `adb-tcp:HOST:PORT` / `adb-server:HOST:PORT/SERIAL`: time candidates on an Android phone with ExecuTorch + XNNPACK.
 
 A batch (`measure`, or `measure_pte` for a `.pte` lowered elsewhere) costs, on the phone:
 
@@ -91,7 +91,7 @@ def _parse_options(uri: str, query: str) -> dict:
 
 
 class AdbDevice(Device):
-    """An Android phone over ADB (adb-shell: no adb server needed)."""
+    """An Android phone over ADB: through an adb server (`server`), or directly with adb-shell."""
 
     def __init__(self, *, serial: str | None = None, host: str | None = None, port: int | None = None,
                  server: "hp.ServerAddress | None" = None, runner: str = "et_bench", max_temp_c: float | None = DEFAULT_MAX_TEMP_C,
