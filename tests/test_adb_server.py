@@ -113,13 +113,18 @@ def test_adb_server_uri_parsing(clean_env):
 # -- errors that say what to do --------------------------------------------------------------------
 
 
-def test_an_unreachable_server_is_one_line_with_what_to_do(adb_home, clean_env):
+def test_an_unreachable_server_is_one_line_with_what_to_do(adb_home, clean_env, capsys):
     port = _free_port()
     with pytest.raises(AmcError) as info:
         open_device(f"adb-server:127.0.0.1:{port}/X").fingerprint()
     msg = str(info.value)
     assert msg.startswith(f"cannot reach the adb server at 127.0.0.1:{port}: ") and "\n" not in msg
     assert f"adb -P {port} start-server" in msg and "ssh -N -L" in msg
+    from amc_mobile.cli import main
+
+    assert main(["device-info", f"adb-server:127.0.0.1:{port}/X"]) == 2  # the CLI: one line, exit 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot reach the adb server" in err and "\n" not in err and "Traceback" not in err
     # a variable that names a dead server is an error, never a silent fall-back to USB
     clean_env.setenv(hp.ENV_PORT, str(port))
     with pytest.raises(AmcError, match=rf"cannot reach the adb server at 127.0.0.1:{port} \(from "
