@@ -154,7 +154,9 @@ class ServerConnection:
         """`error` as it is before the phone was ever reached; after that, a lost connection."""
         if not self._reached:
             return error
-        return AdbConnectionLost(f"{error}; everything measured before is kept, rerun to go on")
+        why = str(error).removeprefix(f"{self.uri}: ")
+        return AdbConnectionLost(f"connection to {self.uri} lost: {why}; everything measured before is kept, "
+                                 f"rerun to go on")
 
     def close(self) -> None:
         self._ready = False
