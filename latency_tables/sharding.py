@@ -1,18 +1,20 @@
 """Several devices of one fingerprint measuring one table: `table build -d adb:A -d adb:B`.
 
-Each round is lowered once (the process pool of `BatchRunner`) into programs of `batch_size`
-methods; the programs go into one queue and each device is one worker thread that takes the next
-program, times it with `measure_pte`, and hands the results over (under one lock: the table's
-append logs are not shared between threads otherwise). So a faster phone takes more programs and
-nothing waits for the slowest one but the round's last program.
+`PoolRunner.run` cuts the jobs into programs of `batch_size` methods and submits all of them to the
+lowering processes at once (`BatchRunner`'s pool); each device is one worker thread that takes the
+next program (waiting for its lowering if need be), times it with `measure_pte`, and hands the
+results over under one lock (the table's append logs are written from one thread at a time). So
+lowering on the host overlaps measuring on the phones, a faster phone takes more programs, and
+nothing waits for the slowest phone but the last program. (Unlike `local`, where a measurement
+must not share the CPU with the exporter, a phone's runner does not run on the host.)
 
 A device whose connection is lost (`AdbConnectionLost`, or any `AmcError` carrying `partial`) hands
-over what it finished (its `partial`), and the methods it had not finished go back into the queue,
-as the same lowered program with fewer method names: another device measures them, once. The lost
-device leaves the pool for the rest of the build. When every device is gone, the last loss is
-raised (everything finished is in the table already; a rerun measures the rest). Any other error
-(a runner that cannot start) stops the round and is raised once the other workers finished their
-program.
+over what it finished (its `partial`), and the methods it had not finished go back to the front of
+the queue, as the same lowered program with fewer method names: another device measures them,
+once. The lost device leaves the pool for the rest of the build. When every device is gone, an
+`AmcError` says so (everything finished is in the table already; a rerun measures the rest). Any
+other error (a runner that cannot start) stops the pool once the other workers finished their
+program, and is raised.
 
 Devices of different fingerprints cannot share a table: `group_by_fingerprint` splits them and
 `build_table` is called once per group.
@@ -21,6 +23,7 @@ Devices of different fingerprints cannot share a table: `group_by_fingerprint` s
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
 import logging
 import tempfile
 import threading
@@ -32,7 +35,7 @@ from amc_mobile.errors import AmcError
 from device.base import Device, MeasureConfig
 from device.stats import LatencyStats
 
-from .batching import DEFAULT_BATCH, DEFAULT_WORKERS, BatchRunner, Job
+from .batching import DEFAULT_BATCH, DEFAULT_WORKERS, BatchRunner, Job, _lower_chunk
 
 log = logging.getLogger("latency_tables")
 
@@ -64,55 +67,53 @@ class PoolRunner(BatchRunner):
         self.lost: dict[str, str] = {}  # uri -> why it left the pool
         self.per_device: dict[str, int] = collections.Counter()  # methods measured by each device
 
-    @property
-    def round_size(self) -> int:
-        return self.batch_size * max(self.workers, len(self.alive))
-
     def run(self, jobs: Sequence[Job], on_batch: Callable[..., None], should_stop: Callable[[], bool] | None = None,
             after_round: Callable[[], None] | None = None) -> int:
+        """Time `jobs` across the pool; `on_batch(results, device_uri)` gets each program's results as
+        soon as they are measured; `after_round` runs once at the end (calibration models)."""
         jobs = list(jobs)
-        done = 0
-        for start in range(0, len(jobs), self.round_size):
-            if should_stop is not None and should_stop():
-                break
-            chunk = jobs[start:start + self.round_size]
-            self._shard_round(chunk, on_batch)
-            done += len(chunk)
-            self.stats.rounds += 1
-            self.stats.methods += len(chunk)
-            if after_round is not None:
-                if self.device not in self.alive:  # calibration follows the first device still there
-                    self.device = self.alive[0]
-                after_round()
-        return done
-
-    def _shard_round(self, jobs: list[Job], on_batch) -> None:
-        n = max(1, -(-len(jobs) // self.batch_size))
-        parts = [p for p in (jobs[i::n] for i in range(n)) if p]
+        if not jobs or (should_stop is not None and should_stop()):
+            return 0
+        parts = [jobs[i:i + self.batch_size] for i in range(0, len(jobs), self.batch_size)]
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="amc-shard-") as tmp:
             paths = [str(Path(tmp) / f"part{i}.pte") for i in range(len(parts))]
-            t0 = time.perf_counter()
-            outcomes = self._lower_parts(parts, paths)
-            t1 = time.perf_counter()
-            queue: collections.deque[tuple[str, list[Job]]] = collections.deque()
-            failed_rows = []
-            for p, path, (failed, _) in zip(parts, paths, outcomes):
-                ok = [j for j in p if j.name not in failed]
-                failed_rows += [(j, LatencyStats.failed(j.name, failed[j.name])) for j in p if j.name in failed]
-                if ok and Path(path).is_file():
-                    queue.append((path, ok))
-                elif ok:
-                    failed_rows += [(j, LatencyStats.failed(j.name, "not lowered")) for j in ok]
-            if failed_rows:
-                on_batch(failed_rows)
-            self._drain(queue, on_batch)
-            t2 = time.perf_counter()
-        self.stats.lower_s += t1 - t0
-        self.stats.measure_s += t2 - t1
-        self.stats.per_round.append({"methods": len(jobs), "lower_s": t1 - t0, "measure_s": t2 - t1,
-                                     "devices": len(self.alive)})
+            pool = self._get_pool()
+            futures = [pool.submit(_lower_chunk, [j.portable() for j in p], path) for p, path in zip(parts, paths)]
+            queue: collections.deque = collections.deque(("lower", i) for i in range(len(parts)))
+            try:
+                self._drain(queue, parts, paths, futures, on_batch, should_stop)
+            finally:
+                for f in futures:
+                    f.cancel()
+        self.stats.measure_s += time.perf_counter() - t0
+        self.stats.rounds += 1
+        self.stats.methods += len(jobs)
+        self.stats.per_round.append({"methods": len(jobs), "programs": len(parts), "devices": len(self.alive),
+                                     "seconds": time.perf_counter() - t0})
+        if after_round is not None and self.alive:
+            if self.device not in self.alive:  # calibration follows the first device still there
+                self.device = self.alive[0]
+            after_round()
+        return len(jobs)
 
-    def _drain(self, queue: collections.deque, on_batch) -> None:
+    def _lowered(self, i: int, parts, paths, futures, on_batch, cond) -> list[Job]:
+        """Program i's jobs that lowered (waiting for its worker process); the others are reported failed."""
+        try:
+            failed, dt = futures[i].result()
+        except cf.process.BrokenProcessPool:  # a worker died (memory?): once more, in a fresh pool
+            failed, dt = self._lower_parts([parts[i]], [paths[i]])[0]
+        self.stats.lower_s += dt
+        ok = [j for j in parts[i] if j.name not in failed]
+        if ok and not Path(paths[i]).is_file():
+            failed = {**failed, **{j.name: "not lowered" for j in ok}}
+            ok = []
+        if failed:
+            with cond:
+                on_batch([(j, LatencyStats.failed(j.name, failed[j.name])) for j in parts[i] if j.name in failed])
+        return ok
+
+    def _drain(self, queue: collections.deque, parts, paths, futures, on_batch, should_stop) -> None:
         """Every program in `queue` measured by the devices still alive; see the module docstring."""
         cond = threading.Condition()
         state = {"in_flight": 0, "error": None, "last_lost": None}
@@ -122,19 +123,23 @@ class PoolRunner(BatchRunner):
                 with cond:
                     while not queue and state["in_flight"] and state["error"] is None:
                         cond.wait()
-                    if not queue or state["error"] is not None:
+                    stop = should_stop is not None and should_stop()
+                    if not queue or state["error"] is not None or stop:
                         cond.notify_all()
                         return
-                    path, jobs = queue.popleft()
+                    kind, item = queue.popleft()
                     state["in_flight"] += 1
                 try:
-                    results = dev.measure_pte(path, [j.name for j in jobs], self.config)
+                    if kind == "lower":
+                        path, jobs = paths[item], self._lowered(item, parts, paths, futures, on_batch, cond)
+                    else:
+                        path, jobs = item
+                    results = dev.measure_pte(path, [j.name for j in jobs], self.config) if jobs else []
                 except AmcError as exc:
                     partial = getattr(exc, "partial", None)
                     with cond:
                         state["in_flight"] -= 1
                         if partial is None:  # not a lost connection: stop the pool
-                            queue.appendleft((path, jobs))
                             state["error"] = exc
                             cond.notify_all()
                             return
@@ -144,7 +149,7 @@ class PoolRunner(BatchRunner):
                             on_batch(done, dev.uri)
                             self.per_device[dev.uri] += len(done)
                         if rest:
-                            queue.appendleft((path, rest))
+                            queue.appendleft(("measure", (path, rest)))
                         self.alive.remove(dev)
                         self.lost[dev.uri] = str(exc)
                         state["last_lost"] = exc
@@ -155,15 +160,15 @@ class PoolRunner(BatchRunner):
                 except BaseException as exc:  # KeyboardInterrupt, bugs: stop the others after their program
                     with cond:
                         state["in_flight"] -= 1
-                        queue.appendleft((path, jobs))
                         state["error"] = exc
                         cond.notify_all()
                     return
                 by_name = {s.name: s for s in results}
                 with cond:
-                    on_batch([(j, by_name.get(j.name) or LatencyStats.failed(j.name, "not measured")) for j in jobs],
-                             dev.uri)
-                    self.per_device[dev.uri] += len(jobs)
+                    if jobs:
+                        on_batch([(j, by_name.get(j.name) or LatencyStats.failed(j.name, "not measured"))
+                                  for j in jobs], dev.uri)
+                        self.per_device[dev.uri] += len(jobs)
                     state["in_flight"] -= 1
                     cond.notify_all()
 
@@ -175,9 +180,9 @@ class PoolRunner(BatchRunner):
             t.join()
         if state["error"] is not None:
             raise state["error"]
-        if queue:  # every device is gone
-            left = sum(len(j) for _, j in queue)
+        if queue and not self.alive:
+            left = sum(len(parts[x]) if kind == "lower" else len(x[1]) for kind, x in queue)
             err = AmcError(f"every device of the pool is gone ({len(self.lost)} lost; last: {state['last_lost']}); "
-                           f"{left} configurations of this round are not measured: rerun to measure them")
+                           f"{left} configurations are not measured: rerun to measure them")
             err.partial = {}  # what was finished is handed over already
             raise err from state["last_lost"]
