@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -61,7 +62,9 @@ class PoolRunner(BatchRunner):
             if not callable(getattr(d, "measure_pte", None)):
                 raise AmcError(f"{d.uri} cannot time a prebuilt program: it cannot share a table build with other "
                                f"devices; build its table on its own")
-        super().__init__(devices[0], config, batch_size, max(2, workers), warm_workers)
+        # lowering must keep up with the phones: about one host core per phone (docs/BENCHMARKS.md, the model)
+        super().__init__(devices[0], config, batch_size, max(2, workers, min(len(devices), os.cpu_count() or 1)),
+                         warm_workers)
         self.devices = devices
         self.alive = list(devices)
         self.lost: dict[str, str] = {}  # uri -> why it left the pool
