@@ -741,7 +741,8 @@ ENV_TCP = "AMC_ADB_TCP"
 
 
 def discover() -> list[tuple[str, str]]:
-    """Phones on USB (when libusb is usable; never raises) and the `host:port` entries of
+    """The phones of every configured adb server (`server_discovery`), phones on USB that no server
+    holds (when libusb is usable; never raises) and the `host:port` entries of
     $AMC_ADB_TCP (comma or space separated) that answer. USB phones are listed without connecting
     (connecting may raise the authorisation prompt); TCP ones are asked for their model."""
     from .server_discovery import discover_server_phones
