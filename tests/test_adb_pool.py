@@ -130,3 +130,29 @@ def test_the_cli_takes_several_devices(pool, tmp_path, capsys):
                "--tables-dir", str(tmp_path / "tables")])
     out = capsys.readouterr().out
     assert rc == 0 and "16 measured, 0 failed" in out and f"devices: adb:{sa} " in out, out
+
+
+@pytest.mark.slow
+def test_a_table_built_on_one_phone_is_validated_on_another_of_its_model(pool, tmp_path, capsys):
+    """The honest test of a per-model table: measured on A, its predictions checked on B."""
+    from amc_mobile.cli import main
+
+    (a, b, _), (sa, sb, so) = pool
+    common = ["--model", "resnet20", "--tables-dir", str(tmp_path / "tables"), "--quiet", "--iterations", "3",
+              "--warmup", "1", "--repeats", "1", "--min-time-ms", "0"]
+    assert main(["table", "build", "-d", f"adb:{sa}", "--grid", "64", "--coarse-step", "100", "--no-refine",
+                 "--no-calibrate", "--batch-size", "4", *common]) == 0
+    capsys.readouterr()
+    on_a = len(_asked(a))
+    assert _asked(b) == []
+    rc = main(["table", "validate", "-d", f"adb:{sb}", "-n", "2", "--passes", "1", "--out", str(tmp_path / "v"),
+               *common])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert _asked(b) and len(_asked(a)) == on_a  # measured on B, against A's table
+    with open(tmp_path / "v" / "samples.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    # a phone of another model has no table to validate
+    assert main(["table", "validate", "-d", f"adb:{so}", "-n", "2", "--passes", "1", "--out",
+                 str(tmp_path / "v2"), *common]) == 2
+    assert "no latency table for this device configuration" in capsys.readouterr().err
