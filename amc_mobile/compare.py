@@ -45,7 +45,7 @@ CSV_FILE = "compare.csv"
 MEASUREMENTS_FILE = "measurements.jsonl"
 SPEEDUP_PNG = "speedup.png"
 LATENCY_PNG = "latency.png"
-EXECUTORCH_KINDS = ("local", "adb", "adb-tcp")
+EXECUTORCH_KINDS = ("local", "adb", "adb-tcp", "adb-server")
 
 # Column order of compare.csv (tidy: one row per model x device).
 COLUMNS = [
