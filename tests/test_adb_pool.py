@@ -156,3 +156,36 @@ def test_a_table_built_on_one_phone_is_validated_on_another_of_its_model(pool, t
     assert main(["table", "validate", "-d", f"adb:{so}", "-n", "2", "--passes", "1", "--out",
                  str(tmp_path / "v2"), *common]) == 2
     assert "no latency table for this device configuration" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_measures_several_phones_in_parallel(pool, tmp_path):
+    """Each phone's runner waits before its first model until BOTH phones have started one: measured one
+    phone after the other, the first would time out (30 s) and its cell fail."""
+    import threading
+    import time
+
+    from amc_mobile.compare import run_compare
+
+    from test_adb_device import _mode
+
+    (a, b, _), (sa, sb, _) = pool
+    for p in (a, b):
+        _mode(p, "wait:m0")
+
+    def release() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if all(any("et_bench --model_path" in c.command for c in p.commands) for p in (a, b)):
+                for p in (a, b):
+                    p.phone_path("/data/local/tmp/amc_mobile/go").write_text("")
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=release, daemon=True).start()
+    res = run_compare(["resnet20", "resnet20"], [f"adb:{sa}?timeout_s=30", f"adb:{sb}?timeout_s=30"], CFG,
+                      out=tmp_path / "c", labels=["a", "b"], report=False, log=None)
+    assert res.exit_code == 0, [(c.device, c.error) for d in res.devices for c in d.cells]
+    assert [d.uri for d in res.devices] == [f"adb:{sa}?timeout_s=30", f"adb:{sb}?timeout_s=30"]
+    assert all(c.status == "ok" for d in res.devices for c in d.cells)
+    assert all("shell,v2" in c.service for p in (a, b) for c in p.commands)
