@@ -174,6 +174,7 @@ def test_adb_serial_goes_through_the_running_server_push_only_when_changed(serve
     phone, serial = served
     d = open_device(f"adb:{serial}")
     assert isinstance(d.conn, ServerConnection) and d.uri == f"adb:{serial}"
+    assert d.info()["transport"] == f"adb server at 127.0.0.1:{d.conn.address.port}"
     fp = d.fingerprint()
     assert fp.hardware == "AMC AMC Test Phone (SIM8000)" and (fp.threads, fp.affinity) == (1, "80")
     assert d.runner == "/data/local/tmp/amc_mobile/et_bench" and d.conn.pushes == 1

@@ -227,6 +227,8 @@ class AdbDevice(Device):
         affinity, threads = self.defaults()
         d = {
             "uri": self.uri,
+            "transport": (f"adb server at {self.conn.address}" if isinstance(self.conn, ServerConnection)
+                          else "direct (adb-shell)"),
             "fingerprint": self.fingerprint().to_dict(),
             "phone": info.to_dict(),
             "defaults": {"affinity": affinity, "threads": threads},
