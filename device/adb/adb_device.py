@@ -1,4 +1,5 @@
-"""`adb:SERIAL` / `adb-tcp:HOST:PORT` / `adb-server:HOST:PORT/SERIAL`: time candidates on an Android phone with ExecuTorch + XNNPACK.
+"""`adb:SERIAL` / `adb-tcp:HOST:PORT` / `adb-server:HOST:PORT/SERIAL`: time candidates on an Android
+phone with ExecuTorch + XNNPACK.
 
 A batch (`measure`, or `measure_pte` for a `.pte` lowered elsewhere) costs, on the phone:
 
@@ -94,7 +95,8 @@ class AdbDevice(Device):
     """An Android phone over ADB: through an adb server (`server`), or directly with adb-shell."""
 
     def __init__(self, *, serial: str | None = None, host: str | None = None, port: int | None = None,
-                 server: "hp.ServerAddress | None" = None, runner: str = "et_bench", max_temp_c: float | None = DEFAULT_MAX_TEMP_C,
+                 server: "hp.ServerAddress | None" = None, runner: str = "et_bench",
+                 max_temp_c: float | None = DEFAULT_MAX_TEMP_C,
                  thermal_timeout_s: float = DEFAULT_THERMAL_TIMEOUT_S, thermal_poll_s: float = DEFAULT_THERMAL_POLL_S,
                  timeout_s: float | None = None, auth_timeout_s: float = DEFAULT_AUTH_TIMEOUT_S,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, key: str | os.PathLike | None = None):
