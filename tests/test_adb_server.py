@@ -352,3 +352,15 @@ def test_bench_and_a_small_table_build_through_the_server(adb_home, adb_test_dev
         assert len(f.read().splitlines()) == 1 + 16
     assert _via_server(phone)
     assert phone.phone_path("/data/local/tmp/amc_mobile/et_bench").read_bytes() == HOST_RUNNER.read_bytes()
+
+
+def test_a_phone_without_shell_v2_gets_v1_with_the_exit_status_marked(adb_home, adb_test_device_factory, adb_server,
+                                                                      clean_env, fake_runner, tmp_path):
+    phone = adb_test_device_factory(thermal_zones=COOL, features=("cmd", "stat_v2", "ls_v2", "fixed_push_mkdir"))
+    serial = adb_server.attach(phone)
+    d = open_device(f"adb-server:127.0.0.1:{adb_server.server_port}/{serial}")
+    # (as on the direct path, the command runs in the shell itself: a bare `exit` would skip the marker)
+    assert d.conn.run("echo hi; echo err >&2; sh -c 'exit 3'") == ("hi\nerr\n", 3)
+    assert all(r.ok for r in d.measure_pte(_pte(tmp_path), ["m0", "m1"], CFG))
+    assert phone.commands and all(c.service == "shell" for c in phone.commands)
+    d.close()
