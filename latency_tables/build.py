@@ -201,8 +201,10 @@ def build_tables(model, devices: Sequence[str | Device], **kw) -> list[BuildRepo
     fingerprint gets its own (built one after the other). A group that fails (every phone of it
     lost) does not stop the others; the first such error is raised at the end, after every
     group's rows are stored."""
-    opened = [_open_device(d) for d in devices]
+    opened: list[tuple[Device, bool]] = []
     try:
+        for d in devices:
+            opened.append(_open_device(d))
         config = kw.get("config") or UNIT_CONFIG
         groups = group_by_fingerprint([d for d, _ in opened], config)
         if len(groups) > 1:
