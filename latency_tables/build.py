@@ -145,11 +145,13 @@ def build_table(model, device: str | Device | Sequence[str | Device] = "local", 
     target = model if isinstance(model, Target) else resolve_target(model, graph, scope)
     config = config or UNIT_CONFIG
     model_config = model_config or MODEL_CONFIG
-    opened = [_open_device(d) for d in (device if isinstance(device, (list, tuple)) else [device])]
-    devs = [d for d, _ in opened]
-    dev = devs[0]
+    opened: list[tuple[Device, bool]] = []
     limits = _Limits(max_configs, budget_minutes)
     try:
+        for d in (device if isinstance(device, (list, tuple)) else [device]):
+            opened.append(_open_device(d))
+        devs = [d for d, _ in opened]
+        dev = devs[0]
         fp = dev.fingerprint(config)
         for other in devs[1:]:
             diff = fp.differences(other.fingerprint(config))
