@@ -18,6 +18,9 @@ How it measures:
   its cells "skipped: <why>" and the other devices still run; a candidate that fails marks its
   cell "failed: <why>".
 - speedup = original median / model median, per device.
+- several phones (`adb:`, `adb-tcp:`, `adb-server:`) measure in parallel, one thread each, after
+  the host devices (whose timings must not share the CPU with lowering): the PyTorch models are
+  lowered once, here, and every phone times that one `.pte`.
 - each device's results are appended to `measurements.jsonl` (raw samples included) as soon as
   the device is done; the run folder then gets `compare.csv`, `speedup.png`, `latency.png`,
   `run.json` (fingerprints per device) and `report.html` / `report.md`.
@@ -30,8 +33,11 @@ import json
 import math
 import os
 import sys
+import tempfile
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -45,7 +51,8 @@ CSV_FILE = "compare.csv"
 MEASUREMENTS_FILE = "measurements.jsonl"
 SPEEDUP_PNG = "speedup.png"
 LATENCY_PNG = "latency.png"
-EXECUTORCH_KINDS = ("local", "adb", "adb-tcp")
+EXECUTORCH_KINDS = ("local", "adb", "adb-tcp", "adb-server")
+PHONE_KINDS = ("adb", "adb-tcp", "adb-server")
 
 # Column order of compare.csv (tidy: one row per model x device).
 COLUMNS = [
@@ -218,9 +225,11 @@ def _pick_pte_result(results: list) -> object:
     return results[0]
 
 
-def measure_device(device, models: Sequence[ModelEntry], config, log: Log | None = None) -> DeviceResult:
+def measure_device(device, models: Sequence[ModelEntry], config, log: Log | None = None,
+                   prebuilt: tuple[Path, dict[str, str]] | None = None) -> DeviceResult:
     """Every model on one device (a URI, or an opened `device.Device`); never raises for a device
-    problem: its cells say why."""
+    problem: its cells say why. `prebuilt`: (the PyTorch models already lowered into one .pte as
+    m0, m1, ..., {name: why it failed to lower}) for a device that can time a .pte."""
     from device import Candidate, open_device
 
     t0 = time.perf_counter()
@@ -250,7 +259,10 @@ def measure_device(device, models: Sequence[ModelEntry], config, log: Log | None
                 cands = [Candidate(f"m{i}", m.loaded.module, m.loaded.example_input) for i, m in enumerate(modules)]
                 log(f"{uri}: measuring {len(cands)} model(s) in one batch ...")
                 try:
-                    stats = dev.measure(cands, config)
+                    if prebuilt is not None and callable(getattr(dev, "measure_pte", None)):
+                        stats = _measure_prebuilt(dev, cands, prebuilt, config)
+                    else:
+                        stats = dev.measure(cands, config)
                 except AmcError as exc:  # runner missing, bad affinity, ...: the device cannot run at all
                     return _finish(_skip_all(uri, models, one_line(exc)), fp, t0)
                 except Exception as exc:
@@ -279,6 +291,64 @@ def measure_device(device, models: Sequence[ModelEntry], config, log: Log | None
         for m in models:
             cells.setdefault(m.label, Cell(m.label, uri, "failed", error=f"failed: {one_line(exc)}"))
     return _finish(DeviceResult(uri, [cells[m.label] for m in models]), fp, t0)
+
+
+def _measure_prebuilt(dev, cands, prebuilt: tuple[Path, dict[str, str]], config) -> list:
+    from device.stats import LatencyStats
+
+    path, failed = prebuilt
+    names = [c.name for c in cands if c.name not in failed]
+    got = {s.name: s for s in (dev.measure_pte(path, names, config) if names else [])}
+    return [LatencyStats.failed(c.name, failed[c.name]) if c.name in failed else got[c.name] for c in cands]
+
+
+def _is_phone(device) -> bool:
+    uri = device if isinstance(device, str) else device.uri
+    return uri.partition(":")[0] in PHONE_KINDS
+
+
+@contextlib.contextmanager
+def _lowered_once(models: Sequence[ModelEntry]):
+    """The PyTorch models in one .pte (names m0, m1, ... as `measure_device` gives them)."""
+    from device import Candidate
+    from device.lowering import lower_to_pte
+
+    modules = [m for m in models if m.loaded.module is not None]
+    with tempfile.TemporaryDirectory(prefix="amc-compare-") as tmp:
+        path = Path(tmp) / "models.pte"
+        cands = [Candidate(f"m{i}", m.loaded.module, m.loaded.example_input) for i, m in enumerate(modules)]
+        try:
+            failed = lower_to_pte(cands, path) if cands else {}
+        except Exception as exc:  # every phone's cells say why; the host devices' results stand
+            failed = {c.name: f"lowering failed: {one_line(exc)}" for c in cands}
+        yield path, failed
+
+
+def measure_devices(uris: Sequence, models: Sequence[ModelEntry], config, log: Log,
+                    on_done: Callable[[DeviceResult], None]) -> list[DeviceResult]:
+    """Every device's results in the order of `uris`: host devices one after the other, then the
+    phones in parallel when there are several (`on_done` is called for each as it finishes, under a
+    lock)."""
+    phones = [i for i, d in enumerate(uris) if _is_phone(d)] if sum(map(_is_phone, uris)) > 1 else []
+    results: dict[int, DeviceResult] = {}
+    for i, dev in enumerate(uris):
+        if i not in phones:
+            results[i] = measure_device(dev, models, config, log)
+            on_done(results[i])
+    if phones:
+        lock = threading.Lock()
+        log(f"compare: {len(phones)} phones in parallel")
+        with _lowered_once(models) as prebuilt:
+            def one(dev) -> DeviceResult:
+                res = measure_device(dev, models, config, log, prebuilt=prebuilt)
+                with lock:
+                    on_done(res)
+                return res
+
+            with ThreadPoolExecutor(len(phones), thread_name_prefix="compare") as pool:
+                futures = {i: pool.submit(one, uris[i]) for i in phones}
+            results.update({i: f.result() for i, f in futures.items()})
+    return [results[i] for i in range(len(uris))]
 
 
 def _finish(res: DeviceResult, fp, t0: float) -> DeviceResult:
@@ -599,7 +669,8 @@ def check_device_uris(uris: Sequence) -> list:
             continue
         scheme = uri.partition(":")[0]
         if scheme not in known_schemes():
-            raise AmcError(f"unknown device URI {uri!r}: expected local, cuda:N, adb:SERIAL or adb-tcp:HOST:PORT")
+            raise AmcError(f"unknown device URI {uri!r}: expected local, cuda:N, adb:SERIAL, adb-tcp:HOST:PORT "
+                           f"or adb-server:HOST:PORT/SERIAL")
         if uri not in out:
             out.append(uri)
     if not out:
@@ -656,10 +727,7 @@ def run_compare(
     write_manifest(run_dir, KIND, argv, status="running", **base_manifest)
     log(f"compare: {len(models)} model(s) x {len(uris)} device(s) -> {run_dir}")
 
-    results: list[DeviceResult] = []
-    for dev in uris:
-        res = measure_device(dev, models, config, log)
-        results.append(res)
+    def on_done(res: DeviceResult) -> None:
         if res.error:
             log(f"{res.uri}: {res.error}")
         _append_jsonl(meas_path, {
@@ -670,6 +738,8 @@ def run_compare(
             "config": config.to_dict(),
             "cells": [c.to_dict(with_samples=True) for c in res.cells],
         })
+
+    results = measure_devices(uris, models, config, log, on_done)
 
     if accuracy:
         add_accuracy(models, data_dir, accuracy_images, log)

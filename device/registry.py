@@ -1,4 +1,4 @@
-"""Device URIs: `local`, `cuda:N`, `adb:SERIAL`, `adb-tcp:HOST:PORT` -> Device objects."""
+"""Device URIs: `local`, `cuda:N`, `adb:SERIAL`, `adb-tcp:HOST:PORT`, `adb-server:HOST:PORT/SERIAL` -> Devices."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ _SCHEMES: dict[str, str] = {
     "cuda": "device.cuda:CudaDevice.from_uri_rest",
     "adb": "device.adb:AdbDevice.from_usb_serial",
     "adb-tcp": "device.adb:AdbDevice.from_tcp_address",
+    "adb-server": "device.adb:AdbDevice.from_server_address",
 }
 
 # Discovery functions used by `amc-mobile devices`: each returns [(uri, description)].
@@ -43,7 +44,8 @@ def open_device(uri: str) -> Device:
     scheme, _, rest = uri.partition(":")
     if scheme not in _SCHEMES:
         raise AmcError(
-            f"unknown device URI {uri!r}: expected one of local, cuda:N, adb:SERIAL, adb-tcp:HOST:PORT"
+            f"unknown device URI {uri!r}: expected one of local, cuda:N, adb:SERIAL, adb-tcp:HOST:PORT, "
+            f"adb-server:HOST:PORT/SERIAL"
         )
     try:
         factory = _resolve(_SCHEMES[scheme])

@@ -6,6 +6,9 @@
    misses a measured midpoint by more than the tolerance.
 3. Measurement in multi-method `.pte` batches (`batching.py`); each batch's rows are appended to
    `units.csv` as soon as it is measured. A rerun skips every key already present.
+   With several devices of one fingerprint (`-d adb:A -d adb:B`), the batches of each round are
+   shared out among them (`sharding.py`) and `origins.csv` says which device measured each row;
+   `build_tables` gives devices of different fingerprints one table each.
 4. Calibration: the whole model and a few uniformly pruned variants, lowered once at the start and
    timed end to end after every round of units (at least CALIBRATION_PASSES times), each pass
    appended to `calibration.csv` (keyed by the model's architecture hash). On a shared machine whole
@@ -15,10 +18,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
+
+from amc_mobile.errors import AmcError
 
 from amc_mobile.pruning.graph import PruningGraph
 from device.base import Device, MeasureConfig
@@ -26,7 +33,8 @@ from device.stats import LatencyStats
 
 from .batching import DEFAULT_BATCH, DEFAULT_WORKERS, BatchRunner, Companions, Job
 from .calibrate import DEFAULT_VARIANTS, calibration_variants
-from .schema import CalibrationRow, FailureRow, Stats, TableRow, now_iso
+from .schema import CalibrationRow, FailureRow, Stats, TableRow, clean_field, now_iso
+from .sharding import PoolRunner, group_by_fingerprint
 from .loading import compile_for
 from .predict import LatencyModel
 from .sampling import DEFAULT_TOLERANCE, AdaptiveSampler
@@ -61,6 +69,8 @@ class BuildReport:
     lower_s: float
     measure_s: float
     failures: list[str] = field(default_factory=list)
+    devices: dict[str, int] = field(default_factory=dict)  # configurations measured per device (pooled builds)
+    lost: dict[str, str] = field(default_factory=dict)  # devices that left the pool, and why
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -76,6 +86,9 @@ class BuildReport:
             f"this run: {self.measured} measured, {self.failed} failed, {self.present} already present, "
             f"{self.calibration} whole-model measurements for calibration; {self.seconds:.0f} s ({rate:.1f} configs/min)",
         ]
+        if len(self.devices) > 1 or self.lost:
+            lines.append("devices: " + ", ".join(f"{u} {n}" for u, n in self.devices.items())
+                         + "".join(f"; {u} left the pool: {why[:160]}" for u, why in self.lost.items()))
         if self.stopped:
             lines.append(f"stopped early: {self.stopped}; rerun the same command to continue")
         for f in self.failures[:5]:
@@ -101,6 +114,9 @@ class _Limits:
         return self.reason is not None
 
 
+log = logging.getLogger("latency_tables")
+
+
 def _open_device(device: str | Device) -> tuple[Device, bool]:
     if isinstance(device, Device):
         return device, False
@@ -115,7 +131,7 @@ def _check_runner(dev: Device) -> None:
         dev.runner  # noqa: B018 - the property raises AmcError with the fix
 
 
-def build_table(model, device: str | Device = "local", *, graph: PruningGraph | None = None,
+def build_table(model, device: str | Device | Sequence[str | Device] = "local", *, graph: PruningGraph | None = None,
                 scope: str | None = None, grid: int = DEFAULT_GRID, lbound: float = LOWER_BOUND,
                 tolerance: float = DEFAULT_TOLERANCE, coarse_step: int = DEFAULT_COARSE_STEP, refine: bool = True,
                 config: MeasureConfig | None = None, model_config: MeasureConfig | None = None,
@@ -123,20 +139,31 @@ def build_table(model, device: str | Device = "local", *, graph: PruningGraph | 
                 max_configs: int | None = None, budget_minutes: float | None = None, calibrate: bool = True,
                 calibration_count: int = DEFAULT_VARIANTS, batch_size: int = DEFAULT_BATCH,
                 workers: int = DEFAULT_WORKERS, progress: bool = True, retry_failed: bool = False) -> BuildReport:
-    """Measure what the table for `model` on `device` still lacks; see the module docstring."""
+    """Measure what the table for `model` on `device` still lacks; see the module docstring. A list
+    of devices (all of one fingerprint) shares the work out among them."""
     t_start = time.perf_counter()
     target = model if isinstance(model, Target) else resolve_target(model, graph, scope)
     config = config or UNIT_CONFIG
     model_config = model_config or MODEL_CONFIG
-    dev, owned = _open_device(device)
+    opened: list[tuple[Device, bool]] = []
     limits = _Limits(max_configs, budget_minutes)
     try:
+        for d in (device if isinstance(device, (list, tuple)) else [device]):
+            opened.append(_open_device(d))
+        devs = [d for d, _ in opened]
+        dev = devs[0]
         fp = dev.fingerprint(config)
+        for other in devs[1:]:
+            diff = fp.differences(other.fingerprint(config))
+            if diff:
+                raise AmcError(f"{other.uri} cannot share a table with {dev.uri} ({'; '.join(diff)}): "
+                               f"`table build` with both builds one table per fingerprint")
         store = TableStore(table_dir) if table_dir is not None else TableStore(table_folder(fp, tables_dir))
         store.lock()
         try:
             store.init(fp, config.to_dict(), grid)
-            _check_runner(dev)
+            for d in devs:
+                _check_runner(d)
             started = now_iso()
             plans = unit_plans(target.graph, target.scope, grid, lbound)
             report = BuildReport(store.folder, target.label, target.scope, grid, len(all_specs(plans)), 0, 0, 0, 0,
@@ -144,8 +171,10 @@ def build_table(model, device: str | Device = "local", *, graph: PruningGraph | 
             entry = {"started": started, "model": target.label, "model_hash": target.hash, "scope": target.scope,
                      "grid": grid, "lbound": lbound, "tolerance": tolerance, "coarse_step": coarse_step,
                      "refine": refine, "measure_config": config.to_dict(), "model_measure_config":
-                     model_config.to_dict(), "device": dev.uri}
-            with BatchRunner(dev, config, batch_size, workers) as runner, \
+                     model_config.to_dict(), "device": dev.uri if len(devs) == 1 else [d.uri for d in devs]}
+            runner = BatchRunner(dev, config, batch_size, workers) if len(devs) == 1 else \
+                PoolRunner(devs, config, batch_size, workers)
+            with runner, \
                     _calibration(store, target, grid, calibration_count if calibrate else 0, runner, model_config,
                                  report) as calib:
                 _sample_units(store, plans, runner, limits, report, coarse_step, tolerance, refine, progress,
@@ -153,6 +182,8 @@ def build_table(model, device: str | Device = "local", *, graph: PruningGraph | 
                 while calib.jobs and calib.passes < CALIBRATION_PASSES:
                     calib.measure_once()
                 report.lower_s, report.measure_s = runner.stats.lower_s, runner.stats.measure_s
+            if isinstance(runner, PoolRunner):
+                report.devices, report.lost = dict(runner.per_device), dict(runner.lost)
             report.stopped = limits.reason
             report.seconds = time.perf_counter() - t_start
             if report.measured or report.failed or report.calibration:  # a no-op check leaves the stored table untouched
@@ -162,8 +193,44 @@ def build_table(model, device: str | Device = "local", *, graph: PruningGraph | 
         finally:
             store.unlock()
     finally:
-        if owned:
-            dev.close()
+        for d, owned in opened:
+            if owned:
+                d.close()
+
+
+def build_tables(model, devices: Sequence[str | Device], **kw) -> list[BuildReport]:
+    """`build_table` for several devices: those of one fingerprint share one table, each other
+    fingerprint gets its own (built one after the other). A group that fails (every phone of it
+    lost) does not stop the others; the first such error is raised at the end, after every
+    group's rows are stored."""
+    opened: list[tuple[Device, bool]] = []
+    try:
+        for d in devices:
+            opened.append(_open_device(d))
+        config = kw.get("config") or UNIT_CONFIG
+        groups = group_by_fingerprint([d for d, _ in opened], config)
+        if len(groups) > 1:
+            log.warning("the devices disagree on the fingerprint: %d tables, one per fingerprint (%s)", len(groups),
+                        "; ".join(", ".join(d.uri for d in g) for g in groups))
+        if len(groups) > 1 and kw.get("table_dir") is not None:
+            raise AmcError("--table-dir names one table, but these devices need "
+                           f"{len(groups)} (different fingerprints): leave --table-dir out")
+        reports, first_error = [], None
+        for group in groups:
+            try:
+                reports.append(build_table(model, group if len(group) > 1 else group[0], **kw))
+            except AmcError as exc:
+                if len(groups) == 1:
+                    raise
+                log.warning("%s: %s", ", ".join(d.uri for d in group), exc)
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return reports
+    finally:
+        for d, owned in opened:
+            if owned:
+                d.close()
 
 
 def _progress_bar(progress: bool, desc: str):
@@ -181,12 +248,14 @@ def _sample_units(store: TableStore, plans, runner: BatchRunner, limits: _Limits
     sampled: set[str] = set()
     counter = [0]
     bar = _progress_bar(progress, "table build")
-    with store.unit_log() as log, store.failure_log() as flog:
-        def on_batch(results: list[tuple[Job, LatencyStats]]) -> None:
+    with store.unit_log() as log, store.failure_log() as flog, store.origin_log() as olog:
+        def on_batch(results: list[tuple[Job, LatencyStats]], device_uri: str | None = None) -> None:
+            uri = device_uri or runner.device.uri
             for job, s in results:
                 if s.ok:
                     row = TableRow(job.spec, Stats.of(s))
                     log.append(row.to_line())
+                    olog.append(f"{row.key},{clean_field(uri)},{row.stats.measured_at}\n")
                     values[row.key] = row.median_ms
                     report.measured += 1
                 else:
@@ -196,6 +265,7 @@ def _sample_units(store: TableStore, plans, runner: BatchRunner, limits: _Limits
                     report.failures.append(f"{job.spec.key()}: {s.error}")
             log.sync()
             flog.sync()
+            olog.sync()
             limits.used += len(results)
             bar.update(len(results))
 

@@ -24,6 +24,7 @@ STAT_FIELDS: tuple[str, ...] = ("median_ms", "mean_ms", "std_ms", "p10_ms", "p90
 UNIT_COLUMNS: tuple[str, ...] = ("key", *UNIT_FIELDS, *STAT_FIELDS, "measured_at")
 CALIBRATION_COLUMNS: tuple[str, ...] = ("model_hash", "model", "variant", "channels", *STAT_FIELDS, "measured_at")
 FAILURE_COLUMNS: tuple[str, ...] = ("key", "error", "measured_at")
+ORIGIN_COLUMNS: tuple[str, ...] = ("key", "device", "measured_at")  # which device measured each unit row
 
 
 def now_iso() -> str:
@@ -243,4 +244,12 @@ def read_failure_rows(path: Path) -> dict[str, FailureRow]:
     out: dict[str, FailureRow] = {}
     for _, rec, _, _ in _lines(path, FAILURE_COLUMNS):
         out[rec["key"]] = FailureRow(rec["key"], rec["error"], rec["measured_at"])
+    return out
+
+
+def read_origin_rows(path: Path) -> dict[str, str]:
+    """unit key -> URI of the device that measured it (first occurrence wins, as for units.csv)."""
+    out: dict[str, str] = {}
+    for _, rec, _, _ in _lines(path, ORIGIN_COLUMNS):
+        out.setdefault(rec["key"], rec["device"])
     return out

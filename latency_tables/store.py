@@ -5,6 +5,7 @@
         units.csv         one row per measured fused unit (schema.UNIT_COLUMNS)
         calibration.csv   whole models measured end to end (schema.CALIBRATION_COLUMNS)
         failures.csv      units that could not be measured, with the reason (skipped on resume)
+        origins.csv       which device (URI, e.g. adb:SERIAL) measured each unit row (schema.ORIGIN_COLUMNS)
 
 The root is `--tables-dir`, else `$AMC_TABLES_DIR`, else this package's folder.
 
@@ -27,8 +28,9 @@ from typing import Iterable
 from amc_mobile.errors import AmcError
 from device.base import Fingerprint
 
-from .schema import (CALIBRATION_COLUMNS, FAILURE_COLUMNS, TABLE_FORMAT, UNIT_COLUMNS, CalibrationRow, FailureRow,
-                     TableRow, now_iso, read_calibration_rows, read_failure_rows, read_unit_rows)
+from .schema import (CALIBRATION_COLUMNS, FAILURE_COLUMNS, ORIGIN_COLUMNS, TABLE_FORMAT, UNIT_COLUMNS, CalibrationRow,
+                     FailureRow, TableRow, now_iso, read_calibration_rows, read_failure_rows, read_origin_rows,
+                     read_unit_rows)
 
 ENV_TABLES_DIR = "AMC_TABLES_DIR"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -36,6 +38,7 @@ META_FILE = "meta.json"
 UNITS_FILE = "units.csv"
 CALIBRATION_FILE = "calibration.csv"
 FAILURES_FILE = "failures.csv"
+ORIGINS_FILE = "origins.csv"
 LOCK_FILE = ".build.lock"
 
 
@@ -234,6 +237,13 @@ class TableStore:
 
     def failures(self) -> dict[str, FailureRow]:
         return read_failure_rows(self.failures_path) if self.failures_path.exists() else {}
+
+    def origins(self) -> dict[str, str]:
+        path = self.folder / ORIGINS_FILE
+        return read_origin_rows(path) if path.exists() else {}
+
+    def origin_log(self) -> AppendLog:
+        return AppendLog(self.folder / ORIGINS_FILE, ORIGIN_COLUMNS)
 
     def unit_log(self) -> AppendLog:
         return AppendLog(self.units_path, UNIT_COLUMNS)

@@ -14,6 +14,10 @@ Import from tests/conftest.py with ``from conftest_adb import *``. Fixtures:
   ``install_runner()``, ``phone_path()``, ``connect()`` (a connected adb-shell client).
 - ``google_adb``: Google's ``adb`` client with a private server port and the temp home; skips when
   ``/usr/bin/adb`` is absent; ``adb kill-server`` always runs at teardown.
+- ``adb_server``: Google's adb server itself (``adb -P PORT nodaemon server`` on a free loopback
+  port, the temp home's key), as a child process that is always stopped at teardown;
+  ``.attach(handle)`` does ``adb connect`` to a test phone and waits until it is ``device``,
+  ``.address`` is the ``ServerAddress`` for amc-mobile.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ __all__ = [
     "GoogleAdb",
     "RUNNER_PHONE_PATH",
     "adb_home",
+    "AdbServerProcess",
     "adb_key",
+    "adb_server",
     "adb_test_device",
     "adb_test_device_factory",
     "google_adb",
@@ -232,3 +238,75 @@ def google_adb(adb_key, tmp_path_factory):
         yield adb
     finally:
         adb.kill_server()
+
+
+class AdbServerProcess(GoogleAdb):
+    """Google's adb server as our child (`nodaemon`), so that a test can also kill it outright."""
+
+    def __init__(self, key: AdbKey, workdir: Path, exe: str = GOOGLE_ADB):
+        super().__init__(key, workdir, exe)
+        self.log_path = Path(workdir) / "adb-server.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self):
+        from device.adb.host_protocol import ServerAddress
+
+        return ServerAddress("127.0.0.1", self.server_port, "URI")
+
+    def start(self, timeout_s: float = 15.0) -> "AdbServerProcess":
+        import time
+
+        from device.adb.host_protocol import ServerUnreachable, server_version
+
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([self.exe, "-P", str(self.server_port), "nodaemon", "server"], env=self.env,
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                server_version(self.address, 1.0)
+                return self
+            except (ServerUnreachable, OSError, ValueError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"adb server did not start (rc {self.proc.poll()})\n{self.log_tail()}")
+                time.sleep(0.05)
+
+    def attach(self, handle: "AdbTestDeviceHandle", timeout_s: float = 20.0) -> str:
+        """`adb connect` the test phone; its serial on the server once it is `device`."""
+        import time
+
+        from device.adb.host_protocol import list_devices
+
+        out = self.run("connect", handle.serial, text=True, timeout=30)
+        assert f"connected to {handle.serial}" in out.stdout, (out, self.log_tail())
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(e.serial == handle.serial and e.state == "device" for e in list_devices(self.address)):
+                return handle.serial
+            time.sleep(0.05)
+        raise AssertionError(f"{handle.serial} never became 'device': {list_devices(self.address)}\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.kill_server()
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+@pytest.fixture
+def adb_server(adb_key, tmp_path_factory):
+    if not os.path.exists(GOOGLE_ADB):
+        pytest.skip(f"Google's adb server is not installed at {GOOGLE_ADB} (apt-get install adb)")
+    server = AdbServerProcess(adb_key, tmp_path_factory.mktemp("adbserver"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()

@@ -11,7 +11,8 @@ def register(sub) -> None:
     p = sub.add_parser("devices", help="list the devices that are reachable")
     p.set_defaults(func=run_devices)
     q = sub.add_parser("device-info", help="print everything known about one device")
-    q.add_argument("uri", help="device URI, e.g. local, cuda:0, adb:SERIAL, adb-tcp:HOST:PORT")
+    q.add_argument("uri", help="device URI, e.g. local, cuda:0, adb:SERIAL, adb-tcp:HOST:PORT, "
+                              "adb-server:HOST:PORT/SERIAL")
     q.set_defaults(func=run_info)
 
 

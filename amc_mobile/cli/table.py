@@ -51,8 +51,12 @@ def register(sub) -> None:
     b = tsub.add_parser("build", help="measure the unit configurations a search can reach (resumes)",
                         description="Measure every unit configuration the search can produce for MODEL on "
                                     "DEVICE (adaptively sampled; interpolation fills the rest), plus whole "
-                                    "models for calibration. Rows are saved as measured; rerun to resume.")
-    _common(b)
+                                    "models for calibration. Rows are saved as measured; rerun to resume. "
+                                    "Several -d share the work when their fingerprints agree (one table), "
+                                    "and get one table per fingerprint when they do not.")
+    _common(b, device=False)
+    b.add_argument("--device", "-d", action="append", default=None,
+                   help="device URI (repeatable: phones of one model share the build; default: local)")
     b.add_argument("--grid", type=int, default=DEFAULT_GRID, help="channel rounding grid (default %(default)s)")
     b.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="refine where interpolation misses a measured midpoint by more than this (default "
@@ -129,21 +133,23 @@ def _lookup_config(args):
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from latency_tables.build import build_table
+    from latency_tables.build import build_tables
     from latency_tables.target import resolve_target
 
     config = measure_config(args)
     target = resolve_target(args.model, scope=args.scope, options=model_options(args))
+    devices = list(dict.fromkeys(args.device or ["local"]))
     if args.dry_run:
+        args.device = devices[0]
         return _dry_run(args, target, config)
-    report = build_table(target, args.device, grid=args.grid, tolerance=args.tolerance, coarse_step=args.coarse_step,
+    reports = build_tables(target, devices, grid=args.grid, tolerance=args.tolerance, coarse_step=args.coarse_step,
                          refine=not args.no_refine, config=config, tables_dir=args.tables_dir,
                          table_dir=args.table_dir, max_configs=args.max_configs, budget_minutes=args.budget_minutes,
                          calibrate=not args.no_calibrate, calibration_count=args.calibration_variants,
                          batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
                          retry_failed=args.retry_failed)
-    print(report.summary())
-    return 0 if not report.failed else 1
+    print("\n\n".join(r.summary() for r in reports))
+    return 0 if not any(r.failed for r in reports) else 1
 
 
 def _dry_run(args, target, config) -> int:

@@ -1,14 +1,21 @@
-"""Android phones over ADB: `adb:SERIAL` (USB) and `adb-tcp:HOST:PORT` (TCP), through adb-shell.
+"""Android phones over ADB: `adb:SERIAL`, `adb-tcp:HOST:PORT` and `adb-server:HOST:PORT/SERIAL`.
 
-No adb server is needed (a running one holds USB phones: `adb kill-server` first). The host key is
-the adb tool's own `~/.android/adbkey` (made, mode 0600, when absent), so a phone that already
-trusts `adb` on this machine trusts us too; otherwise accept the prompt on the phone.
+Two transports behind one interface (`run`, `push`, `close`): Google's adb server (its host
+protocol, `host_protocol.py` + `server_connection.py`), used by `adb:SERIAL` whenever a server
+answers where `adb` would look for it and by every `adb-server:` URI; and adb-shell directly
+(`connection.py`) over TCP (`adb-tcp:`) and over USB when no server is running (libusb needed).
+The direct path's host key is the adb tool's own `~/.android/adbkey` (made, mode 0600, when
+absent), so a phone that already trusts `adb` on this machine trusts us too; otherwise accept the
+prompt on the phone.
 
-Discovery (`amc-mobile devices`): phones on USB when libusb is usable, plus the phones listed in
-`AMC_ADB_TCP` (comma-separated `host:port`, e.g. `AMC_ADB_TCP=192.168.1.20:5555,10.0.0.7:5555`) that
-answer. TCP phones are never scanned for.
+Discovery (`amc-mobile devices`): the phones of the local adb server and of every server in
+`AMC_ADB_SERVERS` (`server_discovery.py`), phones on USB when libusb is usable and no server holds
+them, plus the phones listed in `AMC_ADB_TCP` (comma-separated `host:port`, e.g.
+`AMC_ADB_TCP=192.168.1.20:5555,10.0.0.7:5555`) that answer. TCP phones are never scanned for.
 
-Modules: `connection` (transport, keys, auth prompt, timeouts), `phone_info` (props, clusters,
+Modules: `connection` (direct transport, keys, auth prompt, timeouts), `host_protocol` (the adb
+server's smart-socket protocol), `server_connection` (a phone behind a server, which server
+`adb:SERIAL` uses, errors that say what to do), `server_discovery` (`devices` over servers), `phone_info` (props, clusters,
 governors, thermal), `deploy` (runner push by hash), `hygiene` (affinity/threads defaults, thermal
 guard, snapshots), `executor_runner` (the stock runner's argv and output), `adb_device` (the Device).
 """

@@ -1,4 +1,5 @@
-"""`adb:SERIAL` / `adb-tcp:HOST:PORT`: time candidates on an Android phone with ExecuTorch + XNNPACK.
+"""`adb:SERIAL` / `adb-tcp:HOST:PORT` / `adb-server:HOST:PORT/SERIAL`: time candidates on an Android
+phone with ExecuTorch + XNNPACK.
 
 A batch (`measure`, or `measure_pte` for a `.pte` lowered elsewhere) costs, on the phone:
 
@@ -49,10 +50,12 @@ from device.stats import LatencyStats, merge_repeats
 from . import executor_runner as stock
 from .connection import (DEFAULT_AUTH_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S, AdbConnection, AdbConnectionLost,
                          list_usb_serials, q)
+from . import host_protocol as hp
 from .deploy import REMOTE_DIR, RunnerBinary, ensure_runner, find_local_runner, remote_path, remote_sha256, sha256_file
 from .hygiene import (DEFAULT_MAX_TEMP_C, DEFAULT_THERMAL_POLL_S, DEFAULT_THERMAL_TIMEOUT_S, ThermalGuard,
                       default_affinity_and_threads, frequency_changes, repeat_summary)
 from .phone_info import INFO_SCRIPT, SNAPSHOT_SCRIPT, PhoneInfo, Snapshot, parse_info, parse_snapshot
+from .server_connection import ServerConnection, local_server
 
 log = logging.getLogger("device.adb")
 
@@ -89,24 +92,34 @@ def _parse_options(uri: str, query: str) -> dict:
 
 
 class AdbDevice(Device):
-    """An Android phone over ADB (adb-shell: no adb server needed)."""
+    """An Android phone over ADB: through an adb server (`server`), or directly with adb-shell."""
 
     def __init__(self, *, serial: str | None = None, host: str | None = None, port: int | None = None,
-                 runner: str = "et_bench", max_temp_c: float | None = DEFAULT_MAX_TEMP_C,
+                 server: "hp.ServerAddress | None" = None, runner: str = "et_bench",
+                 max_temp_c: float | None = DEFAULT_MAX_TEMP_C,
                  thermal_timeout_s: float = DEFAULT_THERMAL_TIMEOUT_S, thermal_poll_s: float = DEFAULT_THERMAL_POLL_S,
                  timeout_s: float | None = None, auth_timeout_s: float = DEFAULT_AUTH_TIMEOUT_S,
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, key: str | os.PathLike | None = None):
         if runner not in ("et_bench", "executor_runner"):
             raise AmcError(f"unknown runner {runner!r}: use et_bench (default) or executor_runner")
-        if serial is not None:
-            self.uri = f"adb:{serial}"
+        self.serial = serial
+        self.conn: AdbConnection | ServerConnection  # one interface: run, push, close, connected
+        if server is not None:
+            if serial is None:
+                raise ValueError("a phone behind an adb server needs its serial")
+            self.uri = f"adb:{serial}" if server.source != "URI" else f"adb-server:{server}/{serial}"
+            self.conn = ServerConnection(self.uri, server, serial, auth_timeout_s=auth_timeout_s,
+                                         connect_timeout_s=connect_timeout_s)
         else:
-            if host is None:
-                raise ValueError("give serial or host")
-            port = int(port or 5555)
-            self.uri = f"adb-tcp:{'[' + host + ']' if ':' in host else host}:{port}"
-        self.conn = AdbConnection(self.uri, host=host, port=port, serial=serial, auth_timeout_s=auth_timeout_s,
-                                  connect_timeout_s=connect_timeout_s, key=key)
+            if serial is not None:
+                self.uri = f"adb:{serial}"
+            else:
+                if host is None:
+                    raise ValueError("give serial or host")
+                port = int(port or 5555)
+                self.uri = f"adb-tcp:{'[' + host + ']' if ':' in host else host}:{port}"
+            self.conn = AdbConnection(self.uri, host=host, port=port, serial=serial, auth_timeout_s=auth_timeout_s,
+                                      connect_timeout_s=connect_timeout_s, key=key)
         self.runner_kind = runner
         self.guard = ThermalGuard(max_temp_c, thermal_timeout_s, thermal_poll_s)
         self._timeout_s = timeout_s
@@ -126,8 +139,24 @@ class AdbDevice(Device):
 
     @classmethod
     def from_usb_serial(cls, rest: str) -> "AdbDevice":
+        """`adb:SERIAL`: through the local adb server when one answers, else directly over USB."""
         serial, _, query = rest.partition("?")
-        return cls(serial=serial, **_parse_options(f"adb:{rest}", query))
+        opts = _parse_options(f"adb:{rest}", query)
+        if not serial:
+            raise AmcError("bad device URI 'adb:': give the phone's serial (adb:SERIAL; `amc-mobile devices` lists them)")
+        return cls(serial=serial, server=local_server(), **opts)
+
+    @classmethod
+    def from_server_address(cls, rest: str) -> "AdbDevice":
+        """`adb-server:HOST:PORT/SERIAL`: a phone behind the adb server at HOST:PORT (e.g. another host's)."""
+        uri = f"adb-server:{rest}"
+        address, slash, tail = rest.partition("/")
+        serial, _, query = tail.partition("?")
+        if not slash or not serial:
+            raise AmcError(f"bad device URI {uri!r}: expected adb-server:HOST:PORT/SERIAL "
+                           f"(e.g. adb-server:192.168.1.5:5037/R58M123ABC)")
+        host, port = hp.parse_host_port(address, f"device URI {uri!r}")
+        return cls(serial=serial, server=hp.ServerAddress(host, port, "URI"), **_parse_options(uri, query))
 
     @classmethod
     def from_tcp_address(cls, rest: str) -> "AdbDevice":
@@ -200,6 +229,8 @@ class AdbDevice(Device):
         affinity, threads = self.defaults()
         d = {
             "uri": self.uri,
+            "transport": (f"adb server at {self.conn.address}" if isinstance(self.conn, ServerConnection)
+                          else "direct (adb-shell)"),
             "fingerprint": self.fingerprint().to_dict(),
             "phone": info.to_dict(),
             "defaults": {"affinity": affinity, "threads": threads},
@@ -714,11 +745,17 @@ ENV_TCP = "AMC_ADB_TCP"
 
 
 def discover() -> list[tuple[str, str]]:
-    """Phones on USB (when libusb is usable; never raises) and the `host:port` entries of
+    """The phones of every configured adb server (`server_discovery`), phones on USB that no server
+    holds (when libusb is usable; never raises) and the `host:port` entries of
     $AMC_ADB_TCP (comma or space separated) that answer. USB phones are listed without connecting
     (connecting may raise the authorisation prompt); TCP ones are asked for their model."""
-    found: list[tuple[str, str]] = []
+    from .server_discovery import discover_server_phones
+
+    found: list[tuple[str, str]] = discover_server_phones()
+    served = {uri for uri, _ in found}
     for serial in list_usb_serials():
+        if f"adb:{serial}" in served:  # a running server holds it: it is listed through the server
+            continue
         found.append((f"adb:{serial}", "Android phone on USB (amc-mobile device-info adb:SERIAL for details)"))
     for entry in re.split(r"[,\s]+", os.environ.get(ENV_TCP, "").strip()):
         if not entry:

@@ -294,8 +294,8 @@ class AdbConnection:
             raise AmcError(f"cannot connect to {self.uri}: {_reason(exc)}") from None
         except Exception as exc:  # libusb errors (usb1.USBError...) are not OSErrors
             _close_quietly(dev)
-            hint = (" (is Google's adb server holding the phone? run `adb kill-server` first)"
-                    if self.serial is not None else "")
+            hint = (" (is an adb server holding the phone on another port? set ANDROID_ADB_SERVER_PORT to it and "
+                    "amc-mobile goes through that server)" if self.serial is not None else "")
             raise AmcError(f"cannot connect to {self.uri}: {type(exc).__name__}: {_reason(exc)}{hint}") from None
         log.info("connected to %s", self.uri)
         return dev
