@@ -35,7 +35,17 @@ def new_run_dir(kind: str, out: str | Path | None = None, root: str | Path | Non
     else:
         base = Path(root or os.environ.get("AMC_RUNS_DIR", "runs"))
         path = base / f"{kind}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        from amc_mobile.errors import AmcError
+
+        raise AmcError(f"cannot make the run folder {path}: it or a folder above it is a file "
+                       f"(pass another --out, or set AMC_RUNS_DIR)") from None
+    except PermissionError as exc:
+        from amc_mobile.errors import AmcError
+
+        raise AmcError(f"cannot make the run folder {path}: {exc.strerror} (pass another --out)") from None
     return path
 
 
@@ -62,14 +72,12 @@ def write_manifest(run_dir: Path, kind: str, argv: list[str] | None = None, **ex
 
 def read_manifest(run_dir: Path) -> dict:
     from amc_mobile.errors import AmcError
+    from amc_mobile.files import read_json
 
     path = Path(run_dir) / MANIFEST
     if not path.exists():
         raise AmcError(f"{run_dir} is not a run folder: {MANIFEST} is missing")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise AmcError(f"{path} is not valid JSON: {exc}") from exc
+    return read_json(path, dict, "restore it, or rerun the job that wrote the folder")
 
 
 class Stopwatch:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import read_json
 from device.base import Fingerprint
 
 from .schema import (CALIBRATION_COLUMNS, FAILURE_COLUMNS, TABLE_FORMAT, UNIT_COLUMNS, CalibrationRow, FailureRow,
@@ -169,17 +170,21 @@ class TableStore:
         return self.meta_path.is_file()
 
     def meta(self) -> dict:
-        if not self.meta_path.is_file():
+        if not self.meta_path.exists():
             raise AmcError(f"{self.folder} is not a latency table: {META_FILE} is missing "
                            f"(build one with `amc-mobile table build`)")
+        fix = "restore it from version control or delete the folder and rebuild"
+        meta = read_json(self.meta_path, dict, fix)
         try:
-            meta = json.loads(self.meta_path.read_text())
             if meta.get("format") != TABLE_FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {TABLE_FORMAT!r}")
+            if not isinstance(meta["fingerprint"], dict):
+                raise TypeError("the fingerprint is not an object")
             Fingerprint.from_dict(meta["fingerprint"])
+            if not isinstance(meta.get("builds", []), list):
+                raise TypeError("builds is not a list")
         except (ValueError, KeyError, TypeError) as exc:
-            raise AmcError(f"{self.meta_path} is not valid table metadata ({exc}): restore it from version "
-                           f"control or delete the folder and rebuild") from None
+            raise AmcError(f"{self.meta_path} is not valid table metadata ({exc}): {fix}") from None
         return meta
 
     @property
@@ -256,7 +261,11 @@ class TableStore:
     # ------------------------------------------------------------------------------ locking
     def lock(self) -> None:
         """Hold the folder's build lock (released by `unlock` or process exit)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise AmcError(f"cannot use {self.folder} as a table folder: it or a folder above it is a file "
+                           f"(pass another --table-dir / --tables-dir)") from None
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

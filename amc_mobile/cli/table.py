@@ -6,7 +6,7 @@ import argparse
 import collections
 from pathlib import Path
 
-from amc_mobile.cli.common import add_measure_options, dump_json, measure_config
+from amc_mobile.cli.common import add_measure_options, check_at_least, check_positive, dump_json, measure_config
 from amc_mobile.errors import AmcError
 
 
@@ -124,7 +124,20 @@ def register(sub) -> None:
 def _lookup_config(args):
     from device import MeasureConfig
 
+    _check_threads_affinity(args)
     return MeasureConfig(threads=getattr(args, "threads", None), affinity=getattr(args, "affinity", None))
+
+
+def _check_threads_affinity(args) -> None:
+    """--threads/--affinity of the lookup options, checked as the measure options are (cli/common.py)."""
+    check_at_least(args, threads=1)
+    affinity = getattr(args, "affinity", None)
+    if affinity is not None:
+        try:
+            if int(affinity, 16) <= 0:
+                raise ValueError
+        except ValueError:
+            raise AmcError(f"--affinity {affinity!r} is not a non-zero hex CPU mask (e.g. f0)") from None
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -132,6 +145,8 @@ def run_build(args: argparse.Namespace) -> int:
     from latency_tables.target import resolve_target
 
     config = measure_config(args)
+    check_at_least(args, grid=1, coarse_step=1, max_configs=1, calibration_variants=1, workers=1, batch_size=1)
+    check_positive(args, "tolerance", "budget_minutes")
     target = resolve_target(args.model, scope=args.scope)
     if args.dry_run:
         return _dry_run(args, target, config)
@@ -244,6 +259,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from latency_tables.loading import compile_for
     from latency_tables.session import SESSION_CONFIG, recalibrate
 
+    check_at_least(args, passes=1)
     target, store, lat = _target_and_model(args)
     before = dict(lat.calibration)
     full_before = lat.full_latency_ms
@@ -282,6 +298,7 @@ def run_validate(args: argparse.Namespace) -> int:
     from latency_tables.validate import validate_table
 
     config = measure_config(args)
+    check_at_least(args, samples=1, grid=1, passes=1, workers=1, batch_size=1)
     res = validate_table(args.model, args.device, samples=args.samples, seed=args.seed, scope=args.scope,
                          grid=args.grid, out_dir=args.out, tables_dir=args.tables_dir, table_dir=args.table_dir,
                          allow_mismatch=args.allow_fingerprint_mismatch, config=config,
@@ -292,8 +309,15 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
+    import re
+
     from latency_tables.plots import surface_plot
 
+    if args.layers is not None:
+        try:
+            re.compile(args.layers)
+        except re.error as exc:
+            raise AmcError(f"--layers {args.layers!r} is not a regular expression ({exc})") from None
     target, store, lat = _target_and_model(args)
     name = Path(str(target.label)).name
     out = Path(args.out) if args.out else store.folder / f"{name}-{target.scope}.png"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from amc_mobile.cli.common import check_at_least
 from amc_mobile.errors import AmcError
 
 _WIDTH_MODELS = ("mobilenet_v1", "mobilenet_v2", "vgg16")
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         kwargs["stem_stride"] = args.stem_stride
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise AmcError("--epochs and --batch-size must be at least 1 and --lr positive")
+    check_at_least(args, stem_stride=1, train_limit=1, eval_limit=1, weight_decay=0, label_smoothing=0)
+    if not args.label_smoothing < 1:
+        raise AmcError(f"--label-smoothing must be below 1, got {args.label_smoothing:g}")
     device = resolve_device(args.device)
     data = load_fashion_mnist(args.data_dir)
     tcfg = TrainConfig(
