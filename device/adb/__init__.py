@@ -5,8 +5,9 @@ the adb tool's own `~/.android/adbkey` (made, mode 0600, when absent), so a phon
 trusts `adb` on this machine trusts us too; otherwise accept the prompt on the phone.
 
 Discovery (`amc-mobile devices`): phones on USB when libusb is usable, plus the phones listed in
-`AMC_ADB_TCP` (comma-separated `host:port`, e.g. `AMC_ADB_TCP=192.168.1.20:5555,10.0.0.7:5555`) that
-answer. TCP phones are never scanned for.
+`AMC_ADB_TCP` (comma-separated `host:port`, e.g. `AMC_ADB_TCP=192.168.1.20:5555,10.0.0.7:5555`): each
+with its model, or with the reason it could not be reached; a malformed entry is an AmcError. TCP
+phones are never scanned for.
 
 Modules: `connection` (transport, keys, auth prompt, timeouts), `phone_info` (props, clusters,
 governors, thermal), `deploy` (runner push by hash), `hygiene` (affinity/threads defaults, thermal
