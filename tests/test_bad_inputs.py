@@ -111,6 +111,8 @@ CORPUS = [
     C("report-run-json-empty", "report {d}/run_json_empty", 2, "run.json is empty"),
     C("report-run-json-truncated", "report {d}/run_json_truncated", 2, "run.json is not valid JSON"),
     C("report-not-a-folder", "report {d}/nowhere", 2, "is not a folder"),
+    C("table-validate-samples-folder", "table validate -n 1 --allow-fingerprint-mismatch --table-dir {d}/t_ok "
+      "--out {d}/validate_out", 2, "samples.csv is not a samples file"),
     C("search-plots-episodes-folder", "search-plots {d}/plots_episodes_folder", 2, "episodes.csv is a folder"),
     C("search-plots-best-policy-list", "search-plots {d}/plots_best_list", 2,
       "best_policy.json holds a list where an object belongs"),
@@ -160,6 +162,9 @@ CORPUS = [
     C("device-info-port-zero", "device-info adb-tcp:127.0.0.1:0", 2, "expected 1..65535"),
     C("device-info-timeout-negative", "device-info adb-tcp:127.0.0.1:1?timeout_s=-1", 2, "must be a positive number"),
     C("device-info-unknown-scheme", "device-info phone:1", 2, "unknown device URI"),
+    C("device-info-cuda-batch-nan", "device-info cuda:0?batch=nan", 2, "must be a whole number"),
+    C("device-info-adb-key-is-a-folder", "device-info adb-tcp:127.0.0.1:1", 2, "cannot create an ADB key at",
+      env={"HOME": "{d}/home_key_folder", "ANDROID_USER_HOME": "{d}/home_key_folder/.android"}),
     # 7: the authorisation prompt of a TCP phone does not speak of USB
     C("device-info-tcp-unauthorised", ["device-info", "{phone}?auth_timeout_s=1"], 2,
       "accept the debugging prompt on the phone's screen", absent=("USB",), needs=("unauthorised_phone",)),
@@ -244,6 +249,9 @@ def corpus(tmp_path_factory) -> Path:
     (d / "checkpoint_folder" / "model.pt").write_bytes(b"x")
     (d / "empty.pte").write_bytes(b"")
     (d / "a_file").write_text("not a folder\n")
+    (d / "home_key_folder" / ".android" / "adbkey").mkdir(parents=True)
+    _copy_table(d, "t_ok")
+    (d / "validate_out" / "samples.csv").mkdir(parents=True)
     return d
 
 
