@@ -37,13 +37,27 @@ def finite_float(text: str) -> float:
     return value
 
 
-def _finite_floats(parser: argparse.ArgumentParser) -> None:
+def seed(text: str) -> int:
+    """argparse type of every --seed: numpy takes 0 .. 2**32-1 only, and fails late (after measuring)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and {2**32 - 1}")
+    return value
+
+
+def _checked_numbers(parser: argparse.ArgumentParser) -> None:
+    """Give every float option `finite_float` and every --seed `seed`, in every subcommand."""
     for action in parser._actions:
         if action.type is float:
             action.type = finite_float
+        elif action.dest == "seed" and action.type is int:
+            action.type = seed
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
-                _finite_floats(sub)
+                _checked_numbers(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
-    _finite_floats(parser)
+    _checked_numbers(parser)
     return parser
 
 

@@ -29,16 +29,25 @@ def measure_config(args: argparse.Namespace) -> MeasureConfig:
     # NaN/inf are refused by the parser (cli.finite_float); the bound is the runner's own.
     if not 0 <= args.min_time_ms <= MAX_MIN_TIME_MS:
         raise AmcError(f"--min-time-ms must be between 0 and {MAX_MIN_TIME_MS:.0f}, got {args.min_time_ms:g}")
-    if args.threads is not None and args.threads < 1:
-        raise AmcError("--threads must be >= 1")
-    if args.affinity is not None:
-        try:
-            if int(args.affinity, 16) <= 0:
-                raise ValueError
-        except ValueError:
-            raise AmcError(f"--affinity {args.affinity!r} is not a non-zero hex CPU mask (e.g. f0)") from None
+    check_threads_affinity(args)
     return MeasureConfig(warmup=args.warmup, iterations=args.iterations, min_time_ms=args.min_time_ms,
                          threads=args.threads, affinity=args.affinity, repeats=args.repeats)
+
+
+def check_threads_affinity(args: argparse.Namespace) -> None:
+    """--threads >= 1 and --affinity a non-zero hex mask, where the command has them and they are set."""
+    from amc_mobile.errors import AmcError
+
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise AmcError("--threads must be >= 1")
+    affinity = getattr(args, "affinity", None)
+    if affinity is not None:
+        try:
+            if int(affinity, 16) <= 0:
+                raise ValueError
+        except ValueError:
+            raise AmcError(f"--affinity {affinity!r} is not a non-zero hex CPU mask (e.g. f0)") from None
 
 
 def _fmt(x: float) -> str:

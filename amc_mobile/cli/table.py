@@ -6,7 +6,8 @@ import argparse
 import collections
 from pathlib import Path
 
-from amc_mobile.cli.common import add_measure_options, check_at_least, check_positive, dump_json, measure_config
+from amc_mobile.cli.common import (add_measure_options, check_at_least, check_positive, check_threads_affinity,
+                                   dump_json, measure_config)
 from amc_mobile.errors import AmcError
 
 
@@ -124,20 +125,8 @@ def register(sub) -> None:
 def _lookup_config(args):
     from device import MeasureConfig
 
-    _check_threads_affinity(args)
+    check_threads_affinity(args)  # the lookup options are checked as the measure options are
     return MeasureConfig(threads=getattr(args, "threads", None), affinity=getattr(args, "affinity", None))
-
-
-def _check_threads_affinity(args) -> None:
-    """--threads/--affinity of the lookup options, checked as the measure options are (cli/common.py)."""
-    check_at_least(args, threads=1)
-    affinity = getattr(args, "affinity", None)
-    if affinity is not None:
-        try:
-            if int(affinity, 16) <= 0:
-                raise ValueError
-        except ValueError:
-            raise AmcError(f"--affinity {affinity!r} is not a non-zero hex CPU mask (e.g. f0)") from None
 
 
 def run_build(args: argparse.Namespace) -> int:
