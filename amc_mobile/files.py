@@ -17,6 +17,19 @@ _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a numbe
                bool: "true/false", type(None): "null"}
 
 
+def make_folder(path: str | Path, what: str, fix: str) -> Path:
+    """mkdir -p `path`; `AmcError` ("cannot make the {what} PATH: ...; {fix}") when it or a folder
+    above it is a file, or it may not be written. Called before the work whose output goes there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise AmcError(f"cannot make the {what} {path}: it or a folder above it is a file ({fix})") from None
+    except OSError as exc:
+        raise AmcError(f"cannot make the {what} {path}: {exc.strerror or exc} ({fix})") from None
+    return path
+
+
 def read_text(path: str | Path, fix: str = "") -> str:
     """The file's text; `AmcError` when it is missing, a folder, unreadable or not UTF-8."""
     path = Path(path)

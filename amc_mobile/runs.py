@@ -35,18 +35,9 @@ def new_run_dir(kind: str, out: str | Path | None = None, root: str | Path | Non
     else:
         base = Path(root or os.environ.get("AMC_RUNS_DIR", "runs"))
         path = base / f"{kind}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        from amc_mobile.errors import AmcError
+    from amc_mobile.files import make_folder
 
-        raise AmcError(f"cannot make the run folder {path}: it or a folder above it is a file "
-                       f"(pass another --out, or set AMC_RUNS_DIR)") from None
-    except PermissionError as exc:
-        from amc_mobile.errors import AmcError
-
-        raise AmcError(f"cannot make the run folder {path}: {exc.strerror} (pass another --out)") from None
-    return path
+    return make_folder(path, "run folder", "pass another --out, or set AMC_RUNS_DIR")
 
 
 def write_manifest(run_dir: Path, kind: str, argv: list[str] | None = None, **extra) -> Path:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable
 
 from amc_mobile.errors import AmcError
-from amc_mobile.files import read_json
+from amc_mobile.files import make_folder, read_json
 from device.base import Fingerprint
 
 from .schema import (CALIBRATION_COLUMNS, FAILURE_COLUMNS, TABLE_FORMAT, UNIT_COLUMNS, CalibrationRow, FailureRow,
@@ -261,11 +261,7 @@ class TableStore:
     # ------------------------------------------------------------------------------ locking
     def lock(self) -> None:
         """Hold the folder's build lock (released by `unlock` or process exit)."""
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise AmcError(f"cannot use {self.folder} as a table folder: it or a folder above it is a file "
-                           f"(pass another --table-dir / --tables-dir)") from None
+        make_folder(self.folder, "table folder", "pass another --table-dir / --tables-dir")
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -173,7 +173,8 @@ CORPUS = [
       "accept the debugging prompt on the phone's screen", absent=("USB",), needs=("unauthorised_phone",)),
     # output folders that cannot be made
     C("table-build-table-dir-is-a-file", "table build --no-calibrate --table-dir {d}/a_file", 2,
-      "a_file as a table folder: it or a folder above it is a file"),
+      "cannot make the table folder"),
+    C("train-out-is-a-file", "train --epochs 1 --out {d}/a_file", 2, "cannot make the checkpoint folder"),
     C("compare-out-is-a-file", "compare mobilenet_v2 --out {d}/a_file/run", 2, "cannot make the run folder"),
     C("search-out-is-a-file", "search --cost flops --out {d}/a_file", 2, "cannot make the run folder"),
     C("runner-env-is-a-folder", "bench --iterations 1", 2, "AMC_ET_BENCH=", env={"AMC_ET_BENCH": "{d}"}),

@@ -6,6 +6,7 @@ import argparse
 
 from amc_mobile.cli.common import check_at_least
 from amc_mobile.errors import AmcError
+from amc_mobile.files import make_folder
 
 _WIDTH_MODELS = ("mobilenet_v1", "mobilenet_v2", "vgg16")
 _STEM_MODELS = ("mobilenet_v1", "mobilenet_v2")
@@ -64,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.label_smoothing < 1:
         raise AmcError(f"--label-smoothing must be below 1, got {args.label_smoothing:g}")
     device = resolve_device(args.device)
-    data = load_fashion_mnist(args.data_dir)
     tcfg = TrainConfig(
         epochs=args.epochs,
         lr=args.lr,
@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     )
     model_cfg = model_config(build_model(args.model, **kwargs))
     out = args.out or checkpoint_dir(model_cfg, tcfg)
+    make_folder(out, "checkpoint folder", "pass another --out, or set AMC_CACHE_DIR")  # before, not after, training
+    data = load_fashion_mnist(args.data_dir)
     n_train = min(len(data.train), args.train_limit or len(data.train))
     print(f"training {args.model} {kwargs or ''} on {n_train} images for {args.epochs} epochs on {device} ...".replace("  ", " "))
     def epoch_line(e: dict) -> None:
