@@ -6,7 +6,7 @@ type, truncated or from another version; every number NaN, infinite, zero or neg
 gives the command, the exit code, a fragment of the message (on the last line of stderr for an
 error) and, where it matters, text that must NOT appear. Nearly every case fails before anything
 is measured; the few that must measure (a program whose method names are empty or hold a comma,
-locally and over ADB) run one tiny program for a few iterations.
+locally and over ADB) run one tiny program for a few iterations and are marked `slow`.
 """
 
 from __future__ import annotations
@@ -288,7 +288,12 @@ def _fill(arg: str, values: dict[str, str]) -> str:
     return arg
 
 
-@pytest.mark.parametrize("case", CORPUS, ids=[c.id for c in CORPUS])
+def _param(case: Case):
+    # Lowering the awkward program takes seconds: like every lowering test, it is `slow`.
+    return pytest.param(case, id=case.id, marks=[pytest.mark.slow] if "pte" in case.needs else [])
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CORPUS])
 def test_bad_input_is_one_line_and_a_clear_exit(case, corpus, request, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("AMC_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("AMC_TABLES_DIR", str(tmp_path / "tables"))
