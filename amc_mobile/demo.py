@@ -30,6 +30,25 @@ class DemoConfig:
     data_dir: str | None = None
     out: str | None = None
 
+    def search_config(self, out: str | None = None, table_dir: str | None = None):
+        from amc_mobile.search.config import SearchConfig
+
+        return SearchConfig(model=self.model, device=self.device, target=self.target, episodes=self.episodes,
+                            warmup=self.warmup, val_images=self.val_images, calib_images=self.calib_images,
+                            seed=self.seed, data_dir=self.data_dir, out=out, table_dir=table_dir)
+
+    def validate(self) -> "DemoConfig":
+        """Refuse bad numbers before minutes of training and table building, not at the search."""
+        from amc_mobile.errors import AmcError
+
+        self.search_config().validate()
+        if not self.table_budget_minutes > 0:
+            raise AmcError(f"--table-budget-minutes must be positive, got {self.table_budget_minutes}")
+        if self.finetune_images < 1 or self.finetune_epochs < 1:
+            raise AmcError(f"--finetune-images and --finetune-epochs must be at least 1 (got {self.finetune_images}, "
+                           f"{self.finetune_epochs})")
+        return self
+
 
 def _step(i: int, n: int, text: str) -> float:
     print(f"\n[{i}/{n}] {text}", flush=True)
@@ -40,12 +59,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     from amc_mobile.data import load_fashion_mnist
     from amc_mobile.models import build_model, model_config
     from amc_mobile.runs import new_run_dir, write_manifest
-    from amc_mobile.search.config import SearchConfig
     from amc_mobile.search.loop import run_search
     from amc_mobile.train import get_or_train
     from latency_tables import ensure_table
 
     t_all = time.perf_counter()
+    cfg.validate()
     run_dir = new_run_dir("demo", cfg.out)
     write_manifest(run_dir, "demo", demo_config=asdict(cfg))
     n = 5
@@ -60,10 +79,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"      {table_dir} ({time.perf_counter() - t:.0f} s)")
 
     t = _step(3, n, f"AMC search at {cfg.target}x the measured latency ({cfg.episodes} episodes)")
-    search_cfg = SearchConfig(model=cfg.model, device=cfg.device, target=cfg.target, episodes=cfg.episodes,
-                              warmup=cfg.warmup, val_images=cfg.val_images, calib_images=cfg.calib_images,
-                              seed=cfg.seed, data_dir=cfg.data_dir, out=str(run_dir / "search"),
-                              table_dir=str(table_dir) if table_dir else None)
+    search_cfg = cfg.search_config(out=str(run_dir / "search"), table_dir=str(table_dir) if table_dir else None)
     result = run_search(search_cfg, model=model, data=data)
     print(f"      best policy: val top-1 {result.best['accuracy'] * 100:.2f}% (before fine-tuning), predicted "
           f"{result.best.get('cost', float('nan')):.3f} ms ({time.perf_counter() - t:.0f} s)")

@@ -35,8 +35,9 @@ def new_run_dir(kind: str, out: str | Path | None = None, root: str | Path | Non
     else:
         base = Path(root or os.environ.get("AMC_RUNS_DIR", "runs"))
         path = base / f"{kind}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    from amc_mobile.files import make_folder
+
+    return make_folder(path, "run folder", "pass another --out, or set AMC_RUNS_DIR")
 
 
 def write_manifest(run_dir: Path, kind: str, argv: list[str] | None = None, **extra) -> Path:
@@ -62,14 +63,12 @@ def write_manifest(run_dir: Path, kind: str, argv: list[str] | None = None, **ex
 
 def read_manifest(run_dir: Path) -> dict:
     from amc_mobile.errors import AmcError
+    from amc_mobile.files import read_json
 
     path = Path(run_dir) / MANIFEST
     if not path.exists():
         raise AmcError(f"{run_dir} is not a run folder: {MANIFEST} is missing")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise AmcError(f"{path} is not valid JSON: {exc}") from exc
+    return read_json(path, dict, "restore it, or rerun the job that wrote the folder")
 
 
 class Stopwatch:

@@ -1,8 +1,11 @@
 /*
  * et_bench: time the methods of an ExecuTorch .pte program.
  *
- *   et_bench --model_path F [--methods a,b,...] [--warmup N] [--iterations N]
- *            [--min_time_ms X] [--threads N] [--affinity HEXMASK] [--list]
+ *   et_bench --model_path F [--methods a,b,...] [--method NAME]... [--warmup N]
+ *            [--iterations N] [--min_time_ms X] [--threads N] [--affinity HEXMASK] [--list]
+ *
+ * Without --methods/--method: every method. --method (repeatable) takes one name
+ * verbatim (empty, or holding a comma); both flags add to one selection, in order.
  *
  * stdout: one JSON object per method per line (flushed after each method):
  *   {"method": str, "iterations_us": [...], "load_ms": float, "threads": int,
@@ -180,7 +183,8 @@ void install_signal_handlers() {
 
 struct Args {
   std::string model_path;
-  std::vector<std::string> methods;  // empty: all
+  std::vector<std::string> methods;  // the selection, in order, without repeats
+  bool methods_given = false;        // false: all (a selection can be one empty name)
   long warmup = 5;
   long iterations = 20;
   double min_time_ms = 0.0;
@@ -190,8 +194,15 @@ struct Args {
 };
 
 const char* kUsage =
-    "usage: et_bench --model_path F [--methods a,b,...] [--warmup N] [--iterations N]\n"
-    "                [--min_time_ms X] [--threads N] [--affinity HEXMASK] [--list]\n";
+    "usage: et_bench --model_path F [--methods a,b,...] [--method NAME]... [--warmup N]\n"
+    "                [--iterations N] [--min_time_ms X] [--threads N] [--affinity HEXMASK] [--list]\n";
+
+// --methods splits on commas; --method takes one name as it is, so a name that holds a
+// comma or is empty (both legal in a program) can still be selected.
+void select_method(Args& a, const std::string& name) {
+  if (std::find(a.methods.begin(), a.methods.end(), name) == a.methods.end()) a.methods.push_back(name);
+  a.methods_given = true;
+}
 
 long parse_long(const std::string& flag, const std::string& v, long lo) {
   char* end = nullptr;
@@ -267,8 +278,11 @@ Args parse_args(int argc, char** argv) {
       a.model_path = next();
       have_model = true;
     } else if (arg == "--methods") {
-      a.methods = split_csv(next());
-      if (a.methods.empty()) die(kExitUsage, "--methods is empty");
+      std::vector<std::string> names = split_csv(next());
+      if (names.empty()) die(kExitUsage, "--methods is empty");
+      for (const auto& n : names) select_method(a, n);
+    } else if (arg == "--method") {
+      select_method(a, next());
     } else if (arg == "--warmup") {
       a.warmup = parse_long(arg, next(), 0);
     } else if (arg == "--iterations") {
@@ -656,11 +670,15 @@ int main(int argc, char** argv) {
     fflush(stdout);
     return 0;
   }
-  std::vector<std::string> selected = args.methods.empty() ? all : args.methods;
+  std::vector<std::string> selected = args.methods_given ? args.methods : all;
   for (const auto& m : selected) {
     if (std::find(all.begin(), all.end(), m) == all.end()) {
       std::string have;
-      for (size_t i = 0; i < all.size(); ++i) have += (i ? "," : "") + all[i];
+      // Quoted only when a name would not read plainly in a comma-separated list.
+      for (size_t i = 0; i < all.size(); ++i) {
+        bool plain = !all[i].empty() && all[i].find(',') == std::string::npos;
+        have += (i ? "," : "") + (plain ? all[i] : json_str(all[i]));
+      }
       die(kExitUsage, "unknown method '" + m + "' in " + args.model_path + "; it has: " + have);
     }
   }

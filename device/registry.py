@@ -62,6 +62,8 @@ def discover() -> list[tuple[str, str]]:
             found.extend(_resolve(target)())
         except (ImportError, AttributeError):
             continue
+        except AmcError:
+            raise  # the user's own configuration is wrong (e.g. a malformed AMC_ADB_TCP): say so, exit non-zero
         except Exception as exc:  # a probe must never hide the other devices
             found.append((target.split(":")[0].split(".")[-1], f"probe failed: {exc}"))
     return found

@@ -76,10 +76,12 @@ def build_argv(
         methods = list(methods)
         if not methods:
             raise ValueError("methods must not be empty (use None for all methods)")
-        bad = [m for m in methods if not m or "," in m]
-        if bad:
-            raise ValueError(f"method names cannot be empty or contain ',': {bad}")
-        argv += ["--methods", ",".join(methods)]
+        if all(m and "," not in m for m in methods):
+            argv += ["--methods", ",".join(methods)]  # what every et_bench build understands
+        else:
+            # A program may name a method "" or "a,b": those go one by one, verbatim (et_bench >= --method).
+            for m in methods:
+                argv += ["--method", m]
     return argv
 
 
@@ -170,6 +172,8 @@ def runner_message(stderr: str) -> str:
 def runner_error(returncode: int, stderr: str, what: str = "et_bench") -> AmcError:
     """An AmcError for a failed runner invocation, carrying the runner's own one-line reason."""
     msg = runner_message(stderr)
+    if "unknown argument '--method'" in msg:
+        msg += f" ({what} predates --method, needed for method names that are empty or hold a comma: rebuild it)"
     if returncode in (EXIT_USAGE, EXIT_LOAD, EXIT_EXEC):
         kind = {EXIT_USAGE: "bad arguments", EXIT_LOAD: "load failure", EXIT_EXEC: "execution failure"}[returncode]
         text = msg or f"{what} failed ({kind}) without a message"

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing as mp
+import os
 import pickle
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -79,7 +81,23 @@ def _quiet() -> None:
     logging.getLogger().setLevel(logging.ERROR)
 
 
-def _worker_init(warm: bool) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: a worker gets SIGTERM when the build that forked it dies (kill -9, OOM). Otherwise an
+    orphan keeps lowering and keeps the table folder's build lock (inherited through fork), so the
+    next build is told that "another build is writing" when none is."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call: go now
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass  # not Linux: an orphan is then left to finish its batch
+
+
+def _worker_init(warm: bool, parent: int) -> None:
+    _die_with_parent(parent)
     _quiet()
     torch.set_num_threads(1)
     if warm:
@@ -147,7 +165,7 @@ class BatchRunner:
             # already imported, and a caller's script needs no `if __name__ == "__main__"` guard.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context(method),
-                                                initializer=_worker_init, initargs=(self.warm_workers,))
+                                                initializer=_worker_init, initargs=(self.warm_workers, os.getpid()))
         return self._pool
 
     def start(self) -> None:

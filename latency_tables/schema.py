@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import read_text
 from device.stats import LatencyStats
 
 from .units import UNIT_KINDS, UnitSpec
@@ -176,11 +177,7 @@ def _stats(path: Path, line_no: int, rec: dict[str, str]) -> Stats:
 
 def _lines(path: Path, columns: tuple[str, ...]):
     """(line_no, fields-dict, is_last, file_complete) for each data line; the header is checked."""
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise AmcError(f"{path} is not a text file: restore it from a backup or delete it and rebuild the table") \
-            from None
+    text = read_text(path, "restore it from a backup or delete it and rebuild the table")
     complete = text.endswith("\n") or not text
     lines = text.split("\n")
     if complete:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import make_folder, read_json
 from device.base import Fingerprint
 
 from .schema import (CALIBRATION_COLUMNS, FAILURE_COLUMNS, ORIGIN_COLUMNS, TABLE_FORMAT, UNIT_COLUMNS, CalibrationRow,
@@ -172,17 +173,21 @@ class TableStore:
         return self.meta_path.is_file()
 
     def meta(self) -> dict:
-        if not self.meta_path.is_file():
+        if not self.meta_path.exists():
             raise AmcError(f"{self.folder} is not a latency table: {META_FILE} is missing "
                            f"(build one with `amc-mobile table build`)")
+        fix = "restore it from version control or delete the folder and rebuild"
+        meta = read_json(self.meta_path, dict, fix)
         try:
-            meta = json.loads(self.meta_path.read_text())
             if meta.get("format") != TABLE_FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {TABLE_FORMAT!r}")
+            if not isinstance(meta["fingerprint"], dict):
+                raise TypeError("the fingerprint is not an object")
             Fingerprint.from_dict(meta["fingerprint"])
+            if not isinstance(meta.get("builds", []), list):
+                raise TypeError("builds is not a list")
         except (ValueError, KeyError, TypeError) as exc:
-            raise AmcError(f"{self.meta_path} is not valid table metadata ({exc}): restore it from version "
-                           f"control or delete the folder and rebuild") from None
+            raise AmcError(f"{self.meta_path} is not valid table metadata ({exc}): {fix}") from None
         return meta
 
     @property
@@ -266,7 +271,7 @@ class TableStore:
     # ------------------------------------------------------------------------------ locking
     def lock(self) -> None:
         """Hold the folder's build lock (released by `unlock` or process exit)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder, "table folder", "pass another --table-dir / --tables-dir")
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -143,7 +143,7 @@ def read_samples(path: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=SAMPLE_COLUMNS)
     try:
         df = pd.read_csv(path, dtype={"channels": str}, keep_default_na=False)
-    except (ValueError, pd.errors.ParserError) as exc:
+    except (ValueError, pd.errors.ParserError, OSError) as exc:  # OSError: e.g. a folder in its place
         raise AmcError(f"{path} is not a samples file ({str(exc).splitlines()[0]}): delete it or pick another "
                        f"--out folder") from None
     if tuple(df.columns) != SAMPLE_COLUMNS:

@@ -20,7 +20,7 @@ from amc_mobile.errors import AmcError
 from device import MeasureConfig, open_device
 from device.adb import AdbConnectionLost, AdbDevice, discover
 from device.adb import executor_runner as stock
-from device.adb.connection import AUTH_PROMPT, ensure_key
+from device.adb.connection import AUTH_PROMPT, TCP_PROMPT, ensure_key
 from device.adb.hygiene import ThermalGuard, default_affinity_and_threads, repeat_summary
 from device.adb.phone_info import (Core, ThermalZone, clusters_of, cpu_zones, cpus_to_mask, mask_to_cpus, parse_info,
                                    parse_snapshot, to_celsius)
@@ -283,11 +283,13 @@ def test_key_is_generated_0600_and_the_prompt_is_shown_once(tmp_path, monkeypatc
     assert info.model == "AMC Test Phone"
     assert dev.auth_log == ["signature-bad", "pubkey-accepted"]
     err = capsys.readouterr().err
-    assert err.count("accept the USB debugging prompt on the phone (key ~/.android/adbkey)") == 1
+    # A TCP phone: no "USB" in what the user is told to accept.
+    assert err.count("accept the debugging prompt on the phone's screen (key ~/.android/adbkey)") == 1
+    assert "USB" not in err
     d.close()
     d2 = open_device(dev.uri)  # the key is now known: no prompt, signature accepted
     d2.phone_info()
-    assert dev.auth_log[-1] == "signature-ok" and "accept the USB" not in capsys.readouterr().err
+    assert dev.auth_log[-1] == "signature-ok" and "accept the" not in capsys.readouterr().err
     assert ensure_key(key) == key  # an existing key is kept
     d2.close()
 
@@ -295,10 +297,10 @@ def test_key_is_generated_0600_and_the_prompt_is_shown_once(tmp_path, monkeypatc
 def test_unauthorised_key_is_a_clear_error_without_hanging(adb_home, adb_test_device_factory, tmp_path, capsys):
     dev = adb_test_device_factory(authorized_keys=[make_adb_key(tmp_path / "other").public_key])
     t0 = time.monotonic()
-    with pytest.raises(AmcError, match=r"did not accept the key .* within 1s: accept the USB debugging prompt"):
+    with pytest.raises(AmcError, match=r"did not accept the key .* within 1s: accept the debugging prompt on the phone's screen"):
         open_device(dev.uri + "?auth_timeout_s=1").phone_info()
     assert time.monotonic() - t0 < 6
-    assert AUTH_PROMPT.split("(")[0] in capsys.readouterr().err
+    assert AUTH_PROMPT.format(prompt=TCP_PROMPT, key="").split("(")[0] in capsys.readouterr().err
     closing = adb_test_device_factory(authorized_keys=[], on_unknown_key="close")
     with pytest.raises(AmcError, match="refused the key"):
         open_device(closing.uri + "?auth_timeout_s=5").phone_info()
@@ -757,7 +759,12 @@ def test_discover(adb_home, phone, monkeypatch):
     monkeypatch.setenv("AMC_ADB_TCP", f"127.0.0.1:{phone.port}, 127.0.0.1:1")
     found = dict(discover())
     assert found[phone.uri].startswith("AMC AMC Test Phone (SIM8000), Android 14, arm64-v8a, 8 cores")
-    assert "adb-tcp:127.0.0.1:1" not in found
+    # The user named it: listed with the reason, under the address as typed (no probe options).
+    assert found["adb-tcp:127.0.0.1:1"].startswith("cannot reach adb-tcp:127.0.0.1:1: ")
+    assert "timeout_s" not in found["adb-tcp:127.0.0.1:1"]
+    monkeypatch.setenv("AMC_ADB_TCP", f"127.0.0.1:{phone.port},host:notaport")
+    with pytest.raises(AmcError, match=r"^bad AMC_ADB_TCP entry 'host:notaport': expected HOST:PORT"):
+        discover()
 
 
 def test_a_silent_address_is_one_line_within_the_connect_timeout(adb_home):

@@ -164,5 +164,5 @@ def test_unauthorised_phone_is_one_line_and_does_not_hang(adb_home, adb_test_dev
     phone = adb_test_device_factory(authorized_keys=[make_adb_key(tmp_path / "other").public_key])
     assert main(["device-info", phone.uri + "?auth_timeout_s=1"]) == 2
     err = capsys.readouterr().err
-    assert "accept the USB debugging prompt on the phone (key ~/.android/adbkey)..." in err
+    assert "accept the debugging prompt on the phone's screen (key ~/.android/adbkey)..." in err
     assert "did not accept the key" in err.splitlines()[-1]

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -497,3 +498,41 @@ def test_validate_says_when_the_stored_calibration_is_stale(tmp_path):
     odd = ValidationResult(tmp_path, None, {"mean_error_pct": -40.0, "session_calibration": {"metrics": {
         "mean_error_pct": 1.0}}}, None, tmp_path, "resnet20", "cuda:0?batch=8&graph=1")
     assert "--device 'cuda:0?batch=8&graph=1'" in odd.stale_calibration_hint()  # pastes into a shell as is
+
+
+def test_lowering_workers_die_with_a_killed_build(tmp_path):
+    """kill -9 of a build must not leave its lowering workers running (they would hold the table
+    folder's build lock, and the next build would be told that another one is writing)."""
+    import signal
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from device import MeasureConfig\nfrom device.local import LocalDevice\n"
+        "from latency_tables.batching import BatchRunner\n"
+        "r = BatchRunner(LocalDevice(), MeasureConfig(), batch_size=1, workers=2, warm_workers=False)\n"
+        "r.start()\n"
+        "print(' '.join(str(p) for p in r._pool._processes), flush=True)\n"
+        "time.sleep(120)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in workers if alive(p)]
+    for p in left:  # never leave them behind, even when the test fails
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their killed parent"

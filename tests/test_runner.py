@@ -188,8 +188,14 @@ def test_build_argv_defaults_and_overrides():
     assert pairs["--threads"] == "4" and pairs["--affinity"] == "f0"
     with pytest.raises(ValueError):
         build_argv("et_bench", "m.pte", MeasureConfig(), [])
-    with pytest.raises(ValueError):
-        build_argv("et_bench", "m.pte", MeasureConfig(), ["a,b"])
+    # Names a comma-joined list cannot carry go one by one, verbatim; plain names keep --methods.
+    argv = build_argv("et_bench", "m.pte", MeasureConfig(), ["a,b", "", "c"])
+    assert "--methods" not in argv and argv[-6:] == ["--method", "a,b", "--method", "", "--method", "c"]
+
+
+def test_an_old_runner_without_method_says_rebuild():
+    err = runner_error(2, "et_bench: unknown argument '--method' (see --help)\n")
+    assert "predates --method" in str(err) and "rebuild" in str(err)
 
 
 def _line(method: str, us: list[float], load_ms: float = 1.5) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import pkgutil
 import sys
 import warnings
@@ -17,8 +18,50 @@ from amc_mobile import __version__
 from amc_mobile.errors import AmcError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (every bad input is one line, like an AmcError) that points at --help;
+    subcommand parsers are of this class too (add_subparsers uses the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float option: NaN and infinity are never a meaningful setting."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def seed(text: str) -> int:
+    """argparse type of every --seed: numpy takes 0 .. 2**32-1 only, and fails late (after measuring)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and {2**32 - 1}")
+    return value
+
+
+def _checked_numbers(parser: argparse.ArgumentParser) -> None:
+    """Give every float option `finite_float` and every --seed `seed`, in every subcommand."""
+    for action in parser._actions:
+        if action.type is float:
+            action.type = finite_float
+        elif action.dest == "seed" and action.type is int:
+            action.type = seed
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _checked_numbers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="amc-mobile",
         description="AMC channel pruning with latency measured on the target device.",
     )
@@ -30,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
+    _checked_numbers(parser)
     return parser
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from amc_mobile.cli.common import add_measure_options, dump_json, measure_config, stats_table
 from amc_mobile.cli.model_options import add_model_options, model_options
 from amc_mobile.errors import AmcError
+from device import LatencyStats
 
 
 def register(sub) -> None:
@@ -23,6 +25,11 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def method_label(name: str) -> str:
+    """A method name as a row label: quoted when it is empty or not a plain identifier (e.g. "a,b")."""
+    return name if name.isidentifier() else json.dumps(name)
+
+
 def run(args: argparse.Namespace) -> int:
     from amc_mobile.model_io import load_model
     from amc_mobile.models import DEFAULT_MODEL
@@ -33,23 +40,23 @@ def run(args: argparse.Namespace) -> int:
     options = model_options(args)
     models = [load_model(r, allow_pickle=args.allow_pickle, options=options) for r in refs]
     with open_device(args.device) as dev:
-        results = []
+        results: list[tuple[int, str, LatencyStats]] = []  # (model index, row label, stats)
         modules = [(i, m) for i, m in enumerate(models) if m.module is not None]
         if modules:
             cands = [Candidate(f"m{i}", m.module, m.example_input) for i, m in modules]
-            for (i, _), s in zip(modules, dev.measure(cands, config)):
-                results.append((i, s))
+            for (i, m), s in zip(modules, dev.measure(cands, config)):
+                results.append((i, m.label, s))
         for i, m in enumerate(models):
             if m.pte_path is not None:
                 measure_pte = getattr(dev, "measure_pte", None)
                 if measure_pte is None:
                     raise AmcError(f"device {args.device} runs PyTorch modules, not .pte files: "
                                    f"pass a model name or a pruned-model folder for {m.label}")
-                for s in measure_pte(m.pte_path, None, config):
-                    results.append((i, s))
+                stats = measure_pte(m.pte_path, None, config)
+                for s in stats:  # one row per method: a multi-method program's rows must be told apart
+                    results.append((i, m.label if len(stats) == 1 else f"{m.label}:{method_label(s.name)}", s))
         fp = dev.fingerprint(config)
-    labelled = [(models[i].label if s.name.startswith("m") or len(models) == 1 else f"{models[i].label}:{s.name}", s)
-                for i, s in sorted(results, key=lambda r: r[0])]
+    labelled = [(label, s) for _, label, s in sorted(results, key=lambda r: r[0])]
     if args.json:
         print(dump_json({"device": args.device, "fingerprint": fp.to_dict(), "config": config.to_dict(),
                          "results": [{"model": lbl, **s.to_dict(with_samples=True)} for lbl, s in labelled]}))

@@ -8,6 +8,8 @@ import math
 
 from device import LatencyStats, MeasureConfig
 
+MAX_MIN_TIME_MS = 1e9  # et_bench refuses more
+
 
 def add_measure_options(p: argparse.ArgumentParser, iterations: int = 50, warmup: int = 10) -> None:
     g = p.add_argument_group("measurement")
@@ -24,16 +26,28 @@ def measure_config(args: argparse.Namespace) -> MeasureConfig:
 
     if args.iterations < 1 or args.warmup < 0 or args.repeats < 1:
         raise AmcError("--iterations and --repeats must be >= 1 and --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        raise AmcError("--threads must be >= 1")
-    if args.affinity is not None:
-        try:
-            if int(args.affinity, 16) <= 0:
-                raise ValueError
-        except ValueError:
-            raise AmcError(f"--affinity {args.affinity!r} is not a non-zero hex CPU mask (e.g. f0)") from None
+    # NaN/inf are refused by the parser (cli.finite_float); the bound is the runner's own.
+    if not 0 <= args.min_time_ms <= MAX_MIN_TIME_MS:
+        raise AmcError(f"--min-time-ms must be between 0 and {MAX_MIN_TIME_MS:.0f}, got {args.min_time_ms:g}")
+    check_threads_affinity(args)
     return MeasureConfig(warmup=args.warmup, iterations=args.iterations, min_time_ms=args.min_time_ms,
                          threads=args.threads, affinity=args.affinity, repeats=args.repeats)
+
+
+def check_threads_affinity(args: argparse.Namespace) -> None:
+    """--threads >= 1 and --affinity a non-zero hex mask, where the command has them and they are set."""
+    from amc_mobile.errors import AmcError
+
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise AmcError("--threads must be >= 1")
+    affinity = getattr(args, "affinity", None)
+    if affinity is not None:
+        try:
+            if int(affinity, 16) <= 0:
+                raise ValueError
+        except ValueError:
+            raise AmcError(f"--affinity {affinity!r} is not a non-zero hex CPU mask (e.g. f0)") from None
 
 
 def _fmt(x: float) -> str:
@@ -54,3 +68,25 @@ def stats_table(rows: list[tuple[str, LatencyStats]]) -> str:
 
 def dump_json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def check_at_least(args: argparse.Namespace, **minimums: float) -> None:
+    """Each named option is >= its minimum (an option left at None, "no limit", is not checked).
+
+    NaN and infinity never get here: the parser refuses them for every float option."""
+    from amc_mobile.errors import AmcError
+
+    for name, low in minimums.items():
+        value = getattr(args, name)
+        if value is not None and not value >= low:
+            raise AmcError(f"--{name.replace('_', '-')} must be >= {low:g}, got {value:g}")
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Each named option (when set) is > 0."""
+    from amc_mobile.errors import AmcError
+
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise AmcError(f"--{name.replace('_', '-')} must be positive, got {value:g}")

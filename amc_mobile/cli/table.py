@@ -6,7 +6,8 @@ import argparse
 import collections
 from pathlib import Path
 
-from amc_mobile.cli.common import add_measure_options, dump_json, measure_config
+from amc_mobile.cli.common import (add_measure_options, check_at_least, check_positive, check_threads_affinity,
+                                   dump_json, measure_config)
 from amc_mobile.cli.model_options import MODEL_HELP, add_model_options, model_options
 from amc_mobile.errors import AmcError
 
@@ -129,6 +130,7 @@ def register(sub) -> None:
 def _lookup_config(args):
     from device import MeasureConfig
 
+    check_threads_affinity(args)  # the lookup options are checked as the measure options are
     return MeasureConfig(threads=getattr(args, "threads", None), affinity=getattr(args, "affinity", None))
 
 
@@ -137,6 +139,8 @@ def run_build(args: argparse.Namespace) -> int:
     from latency_tables.target import resolve_target
 
     config = measure_config(args)
+    check_at_least(args, grid=1, coarse_step=1, max_configs=1, calibration_variants=1, workers=1, batch_size=1)
+    check_positive(args, "tolerance", "budget_minutes")
     target = resolve_target(args.model, scope=args.scope, options=model_options(args))
     devices = list(dict.fromkeys(args.device or ["local"]))
     if args.dry_run:
@@ -251,6 +255,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from latency_tables.loading import compile_for
     from latency_tables.session import SESSION_CONFIG, recalibrate
 
+    check_at_least(args, passes=1)
     target, store, lat = _target_and_model(args)
     before = dict(lat.calibration)
     full_before = lat.full_latency_ms
@@ -290,6 +295,7 @@ def run_validate(args: argparse.Namespace) -> int:
     from latency_tables.validate import validate_table
 
     config = measure_config(args)
+    check_at_least(args, samples=1, grid=1, passes=1, workers=1, batch_size=1)
     options = model_options(args)
     model = args.model if options.empty else resolve_target(args.model, scope=args.scope, options=options).module
     res = validate_table(model, args.device, samples=args.samples, seed=args.seed, scope=args.scope,
@@ -302,8 +308,15 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
+    import re
+
     from latency_tables.plots import surface_plot
 
+    if args.layers is not None:
+        try:
+            re.compile(args.layers)
+        except re.error as exc:
+            raise AmcError(f"--layers {args.layers!r} is not a regular expression ({exc})") from None
     target, store, lat = _target_and_model(args)
     name = Path(str(target.label)).name
     out = Path(args.out) if args.out else store.folder / f"{name}-{target.scope}.png"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from amc_mobile.cli.common import check_at_least
 from amc_mobile.errors import AmcError
+from amc_mobile.files import make_folder
 
 _WIDTH_MODELS = ("mobilenet_v1", "mobilenet_v2", "vgg16")
 _STEM_MODELS = ("mobilenet_v1", "mobilenet_v2")
@@ -66,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         kwargs["stem_stride"] = args.stem_stride
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise AmcError("--epochs and --batch-size must be at least 1 and --lr positive")
+    check_at_least(args, stem_stride=1, train_limit=1, eval_limit=1, weight_decay=0, label_smoothing=0)
+    if not args.label_smoothing < 1:
+        raise AmcError(f"--label-smoothing must be below 1, got {args.label_smoothing:g}")
     from amc_mobile.data_sources import load_data
     from amc_mobile.model_io import factory_reference, is_factory_ref, load_factory, parse_kwargs
     from amc_mobile.models import MODEL_NAMES
@@ -97,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if not user:
         model_cfg = model_config(build_model(args.model, **kwargs))
     out = args.out or checkpoint_dir(model_cfg, tcfg)
+    make_folder(out, "checkpoint folder", "pass another --out, or set AMC_CACHE_DIR")  # before, not after, training
+    data = load_fashion_mnist(args.data_dir)
     n_train = min(len(data.train), args.train_limit or len(data.train))
     print(f"training {args.model} {kwargs or ''} on {n_train} images for {args.epochs} epochs on {device} ...".replace("  ", " "))
     def epoch_line(e: dict) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import read_json
 
 from .graph import PruningGraph
 
@@ -205,10 +206,10 @@ def load_pruned(path: Path) -> tuple[nn.Module, dict]:
     spec_path, weights_path = folder / SPEC_FILE, folder / WEIGHTS_FILE
     if not spec_path.exists() or not weights_path.exists():
         raise AmcError(f"{folder} is not a pruned model: expected {SPEC_FILE} and {WEIGHTS_FILE} in it")
+    spec = read_json(spec_path, dict, "save the pruned model again")
     try:
-        spec = json.loads(spec_path.read_text())
         base = dict(spec["base_model"])
-        shapes = spec["modules"]
+        shapes = dict(spec["modules"])
     except (ValueError, KeyError, TypeError) as exc:
         raise AmcError(f"{spec_path} is not a valid architecture spec: {exc}") from exc
     if "factory" in base:  # a user model: rebuild it, then prune it to the recorded group sizes
@@ -224,12 +225,19 @@ def load_pruned(path: Path) -> tuple[nn.Module, dict]:
         except (ValueError, KeyError, AmcError) as exc:
             raise AmcError(f"{spec_path}: its channel groups do not fit {base['factory']}: {exc}") from exc
     else:
-        model = build_model(**base)  # a registry family
+        try:
+            model = build_model(**base)  # a registry family
+        except (ValueError, TypeError, KeyError) as exc:
+            raise AmcError(f"{spec_path}: cannot rebuild its base model ({exc})") from None
     modules = dict(model.named_modules())
     for name, shape in shapes.items():
         if name not in modules:
             raise AmcError(f"{spec_path}: module {name!r} does not exist in {base.get('name') or base.get('factory')}")
-        _shrink(modules[name], shape)
+        try:
+            _shrink(modules[name], shape)
+        except (KeyError, TypeError, ValueError, RuntimeError, ZeroDivisionError) as exc:
+            raise AmcError(f"{spec_path}: bad shape for module {name!r}: {shape!r} ({type(exc).__name__}: {exc})") \
+                from None
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:

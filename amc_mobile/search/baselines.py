@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import read_json
 from amc_mobile.pruning.graph import PruningGraph
 
 from .config import SearchConfig
@@ -494,7 +495,7 @@ def read_summary(run_dir: str | Path) -> dict:
     path = Path(run_dir) / SUMMARY_FILE
     if not path.exists():
         raise AmcError(f"{run_dir}: no {SUMMARY_FILE} (the run did not finish)")
-    return json.loads(path.read_text())
+    return read_json(path, dict, "rerun the baseline")
 
 
 def _measure_config():

@@ -47,6 +47,22 @@ class DDPGConfig:
     baseline_alpha: float = _f(0.5, "rate of the moving-average reward baseline")
     init_w: float = _f(3e-3, "output layers are initialised U(-init_w, init_w)")
 
+    def validate(self) -> "DDPGConfig":
+        # NaN fails every comparison below, so it is refused too (a config.json may hold one).
+        if not (self.hidden1 >= 1 and self.hidden2 >= 1 and self.batch_size >= 1 and self.replay_per_layer >= 1):
+            raise AmcError("--hidden1, --hidden2, --batch-size and --replay-per-layer must be at least 1")
+        if not (self.lr_actor > 0 and self.lr_critic > 0 and self.init_w > 0):
+            raise AmcError(f"--lr-actor, --lr-critic and --init-w must be positive (got {self.lr_actor}, "
+                           f"{self.lr_critic}, {self.init_w})")
+        for name, value, low_open in (("tau", self.tau, True), ("discount", self.discount, False),
+                                      ("noise-decay", self.noise_decay, True),
+                                      ("baseline-alpha", self.baseline_alpha, False)):
+            if not ((0 < value <= 1) if low_open else (0 <= value <= 1)):
+                raise AmcError(f"--{name} must be in {'(0' if low_open else '[0'}, 1], got {value}")
+        if not self.init_noise >= 0:
+            raise AmcError(f"--init-noise must be >= 0, got {self.init_noise}")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -153,6 +169,11 @@ class SearchConfig:
             raise AmcError("--val-images and --eval-batch must be at least 1")
         if self.reconstruct and (self.calib_images < 1 or self.calib_points < 1):
             raise AmcError("reconstruction needs --calib-images >= 1 and --calib-points >= 1 (or --no-reconstruct)")
+        if self.checkpoint_every < 0:
+            raise AmcError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.threads is not None and self.threads < 1:
+            raise AmcError(f"--threads must be >= 1, got {self.threads}")
+        self.agent.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:

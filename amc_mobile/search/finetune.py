@@ -214,8 +214,8 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
                 data_["finetune"]["recipe"] = {k: recipe[k] for k in ("epochs", "lr", "train_images_used",
                                                                      "weight_decay", "batch_size", "seed")}
                 _write_json(summary, data_)
-        except ValueError:
-            pass  # an unreadable summary is the report's problem, not the fine-tune's
+        except (OSError, ValueError):
+            pass  # an unreadable summary (or a folder in its place) is the report's problem, not the fine-tune's
     return FinetuneResult(model, pruned_dir, out, run_dir, before, after, record)
 
 

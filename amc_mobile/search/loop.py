@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import read_json
 from amc_mobile.pruning.graph import DEFAULT_SCOPE, Layer, PruningGraph, build_graph, require_prunable
 
 from . import checkpoint as ckpt
@@ -397,7 +398,7 @@ def _run_dir(cfg: SearchConfig) -> tuple[Path, SearchConfig, bool]:
         if not path.exists():
             raise AmcError(f"--resume {run_dir}: no {CONFIG_FILE} there, so it is not a search run folder")
         try:
-            saved = SearchConfig.from_dict(json.loads(path.read_text()))
+            saved = SearchConfig.from_dict(read_json(path, dict, "it is not a search run folder's config"))
         except (ValueError, TypeError) as exc:
             raise AmcError(f"{path} is not a valid search config ({exc})") from exc
         a, b = saved.to_dict(), cfg.to_dict()
@@ -417,10 +418,7 @@ def resume_config(run_dir: str | Path, **overrides) -> SearchConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise AmcError(f"--resume {run_dir}: no {CONFIG_FILE} there, so it is not a search run folder")
-    try:
-        d = json.loads(path.read_text())
-    except ValueError as exc:
-        raise AmcError(f"{path} is not valid JSON ({exc})") from exc
+    d = read_json(path, dict, "it is not a search run folder's config")
     bad = set(overrides) - set(RESUMABLE_OVERRIDES)
     if bad:
         raise AmcError(f"cannot change {', '.join(sorted(bad))} when resuming {run_dir}")

@@ -17,6 +17,7 @@ possible the figure is drawn without the line and says why.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import read_json, read_text
 
 REWARD_PNG = "reward.png"
 POLICY_PNG = "policy.png"
@@ -50,18 +52,18 @@ def read_run(run_dir: str | Path) -> tuple[list[dict], dict, dict]:
     log, best = run_dir / "episodes.csv", run_dir / "best_policy.json"
     if not log.exists() or not best.exists():
         raise AmcError(f"{run_dir} is not a search run folder: it has no episodes.csv and best_policy.json")
-    with open(log, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["episode"] = int(r["episode"])
-        for k in ("reward", "accuracy", "cost", "cost_ratio"):
-            r[k] = float(r[k]) if r.get(k) not in (None, "") else math.nan
-        r["channels"] = {int(g): int(c) for g, c in json.loads(r["channels"]).items()} if r.get("channels") else {}
-    try:
-        best_policy = json.loads(best.read_text())
-        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-    except ValueError as exc:
-        raise AmcError(f"{run_dir}: unreadable JSON ({exc})") from exc
+    fix = "rerun (or --resume) the search that wrote the folder"
+    rows = list(csv.DictReader(io.StringIO(read_text(log, fix), newline="")))
+    for line_no, r in enumerate(rows, start=2):
+        try:
+            r["episode"] = int(r["episode"])
+            for k in ("reward", "accuracy", "cost", "cost_ratio"):
+                r[k] = float(r[k]) if r.get(k) not in (None, "") else math.nan
+            r["channels"] = {int(g): int(c) for g, c in json.loads(r["channels"]).items()} if r.get("channels") else {}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise AmcError(f"{log} line {line_no}: not an episode row ({type(exc).__name__}: {exc}): {fix}") from None
+    best_policy = read_json(best, dict, fix)
+    config = read_json(run_dir / "config.json", dict, fix) if (run_dir / "config.json").exists() else {}
     return rows, best_policy, config
 
 
@@ -233,6 +235,7 @@ def write_plots(run_dir: str | Path, cost=None, graph=None, latency=None) -> lis
 def _method(run_dir: Path) -> str | None:
     path = run_dir / "run.json"
     try:
-        return json.loads(path.read_text()).get("method") if path.exists() else None
-    except ValueError:
+        manifest = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
         return None
+    return manifest.get("method") if isinstance(manifest, dict) else None

@@ -11,7 +11,8 @@ prompt on the phone.
 Discovery (`amc-mobile devices`): the phones of the local adb server and of every server in
 `AMC_ADB_SERVERS` (`server_discovery.py`), phones on USB when libusb is usable and no server holds
 them, plus the phones listed in `AMC_ADB_TCP` (comma-separated `host:port`, e.g.
-`AMC_ADB_TCP=192.168.1.20:5555,10.0.0.7:5555`) that answer. TCP phones are never scanned for.
+`AMC_ADB_TCP=192.168.1.20:5555,10.0.0.7:5555`): each with its model, or with the reason it could not
+be reached; a malformed entry is an AmcError. TCP phones are never scanned for.
 
 Modules: `connection` (direct transport, keys, auth prompt, timeouts), `host_protocol` (the adb
 server's smart-socket protocol), `server_connection` (a phone behind a server, which server

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import secrets
@@ -88,7 +89,20 @@ def _parse_options(uri: str, query: str) -> dict:
             opts[key] = float(value)
         except ValueError:
             raise AmcError(f"option {key}={value!r} in device URI {uri!r} must be a number") from None
+        if not (math.isfinite(opts[key]) and opts[key] > 0):  # a NaN timeout never fires; a negative one at once
+            raise AmcError(f"option {key}={value!r} in device URI {uri!r} must be a positive number")
     return opts
+
+
+def _tcp_address(uri: str, address: str) -> tuple[str, int]:
+    """(host, port) of `HOST[:PORT]` or `[IPv6][:PORT]`; `uri` is what the error message shows."""
+    m = re.fullmatch(r"\[(?P<h6>[0-9A-Fa-f:.]+)\](?::(?P<p6>\d+))?|(?P<h>[^:\[\]]+)(?::(?P<p>\d+))?", address)
+    if not m:
+        raise AmcError(f"bad device URI {uri!r}: expected adb-tcp:HOST:PORT (e.g. adb-tcp:192.168.1.20:5555)")
+    port = int(m.group("p6") or m.group("p") or 5555)
+    if not 0 < port < 65536:
+        raise AmcError(f"bad port in device URI {uri!r}: expected 1..65535")
+    return m.group("h6") or m.group("h"), port
 
 
 class AdbDevice(Device):
@@ -162,13 +176,7 @@ class AdbDevice(Device):
     def from_tcp_address(cls, rest: str) -> "AdbDevice":
         address, _, query = rest.partition("?")
         uri = f"adb-tcp:{rest}"
-        m = re.fullmatch(r"\[(?P<h6>[0-9A-Fa-f:.]+)\](?::(?P<p6>\d+))?|(?P<h>[^:\[\]]+)(?::(?P<p>\d+))?", address)
-        if not m:
-            raise AmcError(f"bad device URI {uri!r}: expected adb-tcp:HOST:PORT (e.g. adb-tcp:192.168.1.20:5555)")
-        host = m.group("h6") or m.group("h")
-        port = int(m.group("p6") or m.group("p") or 5555)
-        if not 0 < port < 65536:
-            raise AmcError(f"bad port in device URI {uri!r}")
+        host, port = _tcp_address(uri, address)
         return cls(host=host, port=port, **_parse_options(uri, query))
 
     @property
@@ -744,33 +752,50 @@ def _tick(progress: ProgressFn | None) -> None:
 ENV_TCP = "AMC_ADB_TCP"
 
 
+def tcp_entries() -> list[str]:
+    """The entries of $AMC_ADB_TCP (comma or space separated), each checked as the user typed it:
+    a malformed one is an AmcError that names the variable and the entry."""
+    entries = [e for e in re.split(r"[,\s]+", os.environ.get(ENV_TCP, "").strip()) if e]
+    for entry in entries:
+        address, _, query = entry.partition("?")
+        try:
+            _tcp_address(entry, address)
+        except AmcError:
+            raise AmcError(f"bad {ENV_TCP} entry {entry!r}: expected HOST:PORT (port 1..65535), comma-separated, "
+                           f"e.g. {ENV_TCP}=192.168.1.20:5555,10.0.0.7:5555") from None
+        try:
+            _parse_options(entry, query)
+        except AmcError as exc:
+            raise AmcError(f"bad {ENV_TCP} entry: {exc}") from None
+    return entries
+
+
 def discover() -> list[tuple[str, str]]:
     """The phones of every configured adb server (`server_discovery`), phones on USB that no server
-    holds (when libusb is usable; never raises) and the `host:port` entries of
-    $AMC_ADB_TCP (comma or space separated) that answer. USB phones are listed without connecting
-    (connecting may raise the authorisation prompt); TCP ones are asked for their model."""
+    holds (when libusb is usable; never raises) and every `host:port` entry of $AMC_ADB_TCP: those
+    that answer with their model, the others with the reason they could not be reached (the user
+    named them). USB phones are listed without connecting (connecting may raise the authorisation
+    prompt). A malformed $AMC_ADB_TCP entry raises AmcError."""
     from .server_discovery import discover_server_phones
 
+    entries = tcp_entries()
     found: list[tuple[str, str]] = discover_server_phones()
     served = {uri for uri, _ in found}
     for serial in list_usb_serials():
         if f"adb:{serial}" in served:  # a running server holds it: it is listed through the server
             continue
         found.append((f"adb:{serial}", "Android phone on USB (amc-mobile device-info adb:SERIAL for details)"))
-    for entry in re.split(r"[,\s]+", os.environ.get(ENV_TCP, "").strip()):
-        if not entry:
-            continue
-        try:
-            dev = AdbDevice.from_tcp_address(entry + ("&" if "?" in entry else "?") + "auth_timeout_s=5&connect_timeout_s=3")
-        except AmcError as exc:
-            found.append((f"adb-tcp:{entry}", f"bad {ENV_TCP} entry: {exc}"))
-            continue
+    for entry in entries:
+        # Short waits so that a silent address does not hold up the listing; the URI listed is the
+        # user's address without these options.
+        address, _, query = entry.partition("?")
+        dev = AdbDevice.from_tcp_address(f"{address}?auth_timeout_s=5&connect_timeout_s=3" + (f"&{query}" if query else ""))
         try:
             info = dev.phone_info()
             found.append((dev.uri, f"{info.hardware}, Android {info.android_version}, {info.abi}, "
                                    f"{len(info.cores)} cores"))
         except AmcError as exc:
-            log.info("%s from %s not listed: %s", dev.uri, ENV_TCP, exc)
+            found.append((dev.uri, str(exc)))  # "cannot reach ...", "did not accept the key ...": why
         finally:
             dev.close()
     return found

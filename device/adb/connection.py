@@ -39,7 +39,10 @@ DEFAULT_AUTH_TIMEOUT_S = 60.0  # how long the phone's "Allow USB debugging?" pro
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_COMMAND_TIMEOUT_S = 30.0
 RC_MARKER = "__AMC_RC__="
-AUTH_PROMPT = "accept the USB debugging prompt on the phone (key {key})..."
+AUTH_PROMPT = "accept the {prompt} (key {key})..."
+# What the phone's authorisation dialog is called: over TCP there is no cable to speak of.
+USB_PROMPT = "USB debugging prompt on the phone"
+TCP_PROMPT = "debugging prompt on the phone's screen"
 
 q = shlex.quote
 
@@ -256,6 +259,7 @@ class AdbConnection:
 
         signers = load_signers(self.key)
         shown_key = _display(self.key or key_path())
+        prompt = USB_PROMPT if self.serial is not None else TCP_PROMPT
         if self.serial is not None:
             dev = self._open_usb(ShellDevice)
         else:
@@ -268,7 +272,7 @@ class AdbConnection:
             prompted.append(True)
             if not self._prompted:
                 self._prompted = True
-                print(AUTH_PROMPT.format(key=shown_key), file=sys.stderr, flush=True)
+                print(AUTH_PROMPT.format(prompt=prompt, key=shown_key), file=sys.stderr, flush=True)
 
         try:
             dev.connect(rsa_keys=signers, transport_timeout_s=self.connect_timeout_s,
@@ -285,11 +289,11 @@ class AdbConnection:
             if prompted:
                 if isinstance(exc, (ConnectionError, adb_exc.InvalidResponseError)) or (
                         isinstance(exc, OSError) and not isinstance(exc, (socket.timeout, TimeoutError))):
-                    raise AmcError(f"{self.uri} refused the key {shown_key}: accept the USB debugging prompt on the "
-                                   f"phone (tick 'Always allow'), or revoke USB debugging authorisations in "
+                    raise AmcError(f"{self.uri} refused the key {shown_key}: accept the {prompt} "
+                                   f"(tick 'Always allow'), or use 'Revoke USB debugging authorizations' in "
                                    f"Developer options and retry") from None
                 raise AmcError(f"{self.uri} did not accept the key {shown_key} within {self.auth_timeout_s:.0f}s: "
-                               f"accept the USB debugging prompt on the phone and retry (auth_timeout_s= in the "
+                               f"accept the {prompt} and retry (auth_timeout_s= in the "
                                f"device URI waits longer)") from None
             raise AmcError(f"cannot connect to {self.uri}: {_reason(exc)}") from None
         except Exception as exc:  # libusb errors (usb1.USBError...) are not OSErrors
@@ -343,7 +347,8 @@ class AdbConnection:
         if not sep:
             self.close()
             raise AdbConnectionLost(f"connection to {self.uri} lost during {what or _short(command)}: the command's "
-                                    f"output was cut short; reconnect and rerun (--resume where the command has it)")
+                                    f"output was cut short; reconnect and rerun the command (a table build resumes where it "
+                                    f"stopped; a search with --resume RUN_DIR)")
         try:
             rc = int(tail.strip().splitlines()[0])
         except (ValueError, IndexError):
@@ -380,8 +385,8 @@ class AdbConnection:
                     struct_error()) as exc:
                 self.close()
                 raise AdbConnectionLost(f"connection to {self.uri} lost during {what} ({_reason(exc)}): reconnect "
-                                        f"and rerun (--resume where the command has it); everything measured before "
-                                        f"is kept") from None
+                                        f"and rerun the command (a table build resumes where it stopped, keeping "
+                                        f"everything measured; a search with --resume RUN_DIR)") from None
 
 
 def struct_error():
