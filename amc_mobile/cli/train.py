@@ -87,8 +87,6 @@ def run(args: argparse.Namespace) -> int:
         channels = int(probe.input_shape[0]) if getattr(probe, "input_shape", None) else None
     else:
         channels = None
-    data = load_data(args.data, data_dir=args.data_dir, input_size=args.input_size, mean=args.mean, std=args.std,
-                     channels=channels, split_seed=args.seed) if args.data else load_fashion_mnist(args.data_dir)
     tcfg = TrainConfig(
         epochs=args.epochs,
         lr=args.lr,
@@ -103,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         model_cfg = model_config(build_model(args.model, **kwargs))
     out = args.out or checkpoint_dir(model_cfg, tcfg)
     make_folder(out, "checkpoint folder", "pass another --out, or set AMC_CACHE_DIR")  # before, not after, training
-    data = load_fashion_mnist(args.data_dir)
+    data = load_data(args.data, data_dir=args.data_dir, input_size=args.input_size, mean=args.mean, std=args.std,
+                     channels=channels, split_seed=args.seed) if args.data else load_fashion_mnist(args.data_dir)
     n_train = min(len(data.train), args.train_limit or len(data.train))
     print(f"training {args.model} {kwargs or ''} on {n_train} images for {args.epochs} epochs on {device} ...".replace("  ", " "))
     def epoch_line(e: dict) -> None:
