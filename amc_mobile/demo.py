@@ -26,6 +26,10 @@ class DemoConfig:
     table_budget_minutes: float = 6.0  # only spent when the device has no table yet
     finetune_images: int = 48000  # 1 epoch: ~3 min here; 24,000 left the pruned model 1.6 points short
     finetune_epochs: int = 1
+    grid: int = 8  # channel rounding of the table and the search; a coarse grid is a much smaller table
+    measure_iterations: int = 200  # the final measurement: timed runs per invocation, and invocations
+    measure_repeats: int = 3
+    accuracy_images: int = 0  # test images for the final top-1; 0: the whole test split
     seed: int = 0
     data_dir: str | None = None
     out: str | None = None
@@ -55,14 +59,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"      {meta.get('checkpoint')} (test top-1 {meta['metrics']['test']['top1'] * 100:.2f}%)")
 
     t = _step(2, n, f"latency table for {cfg.device} (built once per device, then reused)")
-    latency = ensure_table(model, device_uri=cfg.device, budget_minutes=cfg.table_budget_minutes)
+    latency = ensure_table(model, device_uri=cfg.device, grid=cfg.grid, budget_minutes=cfg.table_budget_minutes)
     table_dir = Path(latency.source) if getattr(latency, "source", None) else None
     print(f"      {table_dir} ({time.perf_counter() - t:.0f} s)")
 
     t = _step(3, n, f"AMC search at {cfg.target}x the measured latency ({cfg.episodes} episodes)")
     search_cfg = SearchConfig(model=cfg.model, device=cfg.device, target=cfg.target, episodes=cfg.episodes,
                               warmup=cfg.warmup, val_images=cfg.val_images, calib_images=cfg.calib_images,
-                              seed=cfg.seed, data_dir=cfg.data_dir, out=str(run_dir / "search"),
+                              seed=cfg.seed, data_dir=cfg.data_dir, out=str(run_dir / "search"), channel_round=cfg.grid,
                               table_dir=str(table_dir) if table_dir else None)
     result = run_search(search_cfg, model=model, data=data)
     print(f"      best policy: val top-1 {result.best['accuracy'] * 100:.2f}% (before fine-tuning), predicted "
@@ -80,8 +84,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     from device import MeasureConfig
 
     comp = run_compare([str(meta["checkpoint"]), str(ft["out"])], [cfg.device],
-                       MeasureConfig(warmup=20, iterations=200, repeats=3), out=run_dir / "compare",
-                       labels=["original", "amc-pruned"], accuracy=True, data_dir=cfg.data_dir, log=None)
+                       MeasureConfig(warmup=20, iterations=cfg.measure_iterations, repeats=cfg.measure_repeats),
+                       out=run_dir / "compare", labels=["original", "amc-pruned"], accuracy=True,
+                       data_dir=cfg.data_dir, accuracy_images=cfg.accuracy_images or None, log=None)
     print(format_table(comp.rows()) if hasattr(comp, "rows") else "")
     for line in summary_lines(comp):
         print("      " + line)
