@@ -29,7 +29,7 @@ class DemoConfig:
     grid: int = 8  # channel rounding of the table and the search; a coarse grid is a much smaller table
     measure_iterations: int = 200  # the final measurement: timed runs per invocation, and invocations
     measure_repeats: int = 3
-    accuracy_images: int = 0  # test images for the final top-1; 0: the whole test split
+    eval_images: int = 0  # val and test images every accuracy figure uses (first N); 0: all 5,000 / 10,000
     seed: int = 0
     data_dir: str | None = None
     out: str | None = None
@@ -41,7 +41,7 @@ def _step(i: int, n: int, text: str) -> float:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from amc_mobile.data import load_fashion_mnist
+    from amc_mobile.data import FashionMNIST, load_fashion_mnist
     from amc_mobile.models import build_model, model_config
     from amc_mobile.runs import new_run_dir, write_manifest
     from amc_mobile.search.config import SearchConfig
@@ -55,6 +55,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     n = 5
     t = _step(1, n, f"model: {cfg.model} on Fashion-MNIST")
     data = load_fashion_mnist(cfg.data_dir)
+    if cfg.eval_images:
+        data = FashionMNIST(data.train, data.val.subset(cfg.eval_images), data.test.subset(cfg.eval_images),
+                            data.source)
     model, meta = get_or_train(cfg.model, data=data)
     print(f"      {meta.get('checkpoint')} (test top-1 {meta['metrics']['test']['top1'] * 100:.2f}%)")
 
@@ -86,7 +89,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     comp = run_compare([str(meta["checkpoint"]), str(ft["out"])], [cfg.device],
                        MeasureConfig(warmup=20, iterations=cfg.measure_iterations, repeats=cfg.measure_repeats),
                        out=run_dir / "compare", labels=["original", "amc-pruned"], accuracy=True,
-                       data_dir=cfg.data_dir, accuracy_images=cfg.accuracy_images or None, log=None)
+                       data_dir=cfg.data_dir, accuracy_images=cfg.eval_images or None, log=None)
     print(format_table(comp.rows()) if hasattr(comp, "rows") else "")
     for line in summary_lines(comp):
         print("      " + line)
