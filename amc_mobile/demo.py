@@ -26,6 +26,10 @@ class DemoConfig:
     table_budget_minutes: float = 6.0  # only spent when the device has no table yet
     finetune_images: int = 48000  # 1 epoch: ~3 min here; 24,000 left the pruned model 1.6 points short
     finetune_epochs: int = 1
+    grid: int = 8  # channel rounding of the table and the search; a coarse grid is a much smaller table
+    measure_iterations: int = 200  # the final measurement: timed runs per invocation, and invocations
+    measure_repeats: int = 3
+    eval_images: int = 0  # val and test images every accuracy figure uses (first N); 0: all 5,000 / 10,000
     seed: int = 0
     data_dir: str | None = None
     out: str | None = None
@@ -35,7 +39,8 @@ class DemoConfig:
 
         return SearchConfig(model=self.model, device=self.device, target=self.target, episodes=self.episodes,
                             warmup=self.warmup, val_images=self.val_images, calib_images=self.calib_images,
-                            seed=self.seed, data_dir=self.data_dir, out=out, table_dir=table_dir)
+                            seed=self.seed, data_dir=self.data_dir, out=out, channel_round=self.grid,
+                            table_dir=table_dir)
 
     def validate(self) -> "DemoConfig":
         """Refuse bad numbers before minutes of training and table building, not at the search."""
@@ -56,7 +61,7 @@ def _step(i: int, n: int, text: str) -> float:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from amc_mobile.data import load_fashion_mnist
+    from amc_mobile.data import FashionMNIST, load_fashion_mnist
     from amc_mobile.models import build_model, model_config
     from amc_mobile.runs import new_run_dir, write_manifest
     from amc_mobile.search.loop import run_search
@@ -70,11 +75,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     n = 5
     t = _step(1, n, f"model: {cfg.model} on Fashion-MNIST")
     data = load_fashion_mnist(cfg.data_dir)
+    if cfg.eval_images:
+        data = FashionMNIST(data.train, data.val.subset(cfg.eval_images), data.test.subset(cfg.eval_images),
+                            data.source)
     model, meta = get_or_train(cfg.model, data=data)
     print(f"      {meta.get('checkpoint')} (test top-1 {meta['metrics']['test']['top1'] * 100:.2f}%)")
 
     t = _step(2, n, f"latency table for {cfg.device} (built once per device, then reused)")
-    latency = ensure_table(model, device_uri=cfg.device, budget_minutes=cfg.table_budget_minutes)
+    latency = ensure_table(model, device_uri=cfg.device, grid=cfg.grid, budget_minutes=cfg.table_budget_minutes)
     table_dir = Path(latency.source) if getattr(latency, "source", None) else None
     print(f"      {table_dir} ({time.perf_counter() - t:.0f} s)")
 
@@ -96,8 +104,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     from device import MeasureConfig
 
     comp = run_compare([str(meta["checkpoint"]), str(ft["out"])], [cfg.device],
-                       MeasureConfig(warmup=20, iterations=200, repeats=3), out=run_dir / "compare",
-                       labels=["original", "amc-pruned"], accuracy=True, data_dir=cfg.data_dir, log=None)
+                       MeasureConfig(warmup=20, iterations=cfg.measure_iterations, repeats=cfg.measure_repeats),
+                       out=run_dir / "compare", labels=["original", "amc-pruned"], accuracy=True,
+                       data_dir=cfg.data_dir, accuracy_images=cfg.eval_images or None, log=None)
     print(format_table(comp.rows()) if hasattr(comp, "rows") else "")
     for line in summary_lines(comp):
         print("      " + line)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("cryptography", reason="the ADB test phone signs with cryptography: pip install -e '.[dev]'")
+
 from amc_mobile.errors import AmcError
 from device import MeasureConfig, open_device
 from device.adb import AdbConnectionLost, AdbDevice, discover
@@ -700,11 +702,9 @@ HOT = [("cpu-0-0", 41_000), ("cpu-1-0", 43_000), ("cpu-2-0", 46_000), ("gpu", 39
 def test_the_default_test_phone_is_under_the_thermal_guard(adb_home, adb_test_device_factory, fake_runner, tmp_path):
     phone = adb_test_device_factory()  # default zones: no test waits for the guard unless it heats the phone
     d = open_device(phone.uri + "?thermal_timeout_s=30&thermal_poll_s=0.2")
-    t0 = time.monotonic()
     assert d.measure_pte(_pte(tmp_path), ["m0"], CFG)[0].ok
     rep = d.last_batch_report["thermal"]
     assert rep["waited_s"] == 0 and not rep["timed_out"] and rep["start_cpu_temp_c"] < rep["max_temp_c"] == 45.0
-    assert time.monotonic() - t0 < 10
     d.close()
 
 

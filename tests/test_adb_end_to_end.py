@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("cryptography", reason="the ADB test phone signs with cryptography: pip install -e '.[dev]'")
+
 from amc_mobile.cli import main
 from device.adb import AdbDevice
 
-REPO = Path(__file__).resolve().parent.parent
-HOST_RUNNER = REPO / "build" / "host" / "et_bench"
-needs_runner = pytest.mark.skipif(not HOST_RUNNER.is_file(), reason="build/host/et_bench is not built (make runner)")
+# the host runner is built by the session fixture `et_bench` (tests/conftest.py), or the test fails
+needs_runner = pytest.mark.usefixtures("et_bench")
 
 COOL = [("cpu-0-0", 38_000), ("cpu-1-0", 39_000), ("cpu-2-0", 40_000), ("gpu", 37_000), ("battery", 31_000)]
 FAST_MEASURE = ["--iterations", "5", "--warmup", "2", "--repeats", "1", "--min-time-ms", "0"]
@@ -166,3 +167,19 @@ def test_unauthorised_phone_is_one_line_and_does_not_hang(adb_home, adb_test_dev
     err = capsys.readouterr().err
     assert "accept the debugging prompt on the phone's screen (key ~/.android/adbkey)..." in err
     assert "did not accept the key" in err.splitlines()[-1]
+
+
+def test_devices_lists_local_and_the_phones_named_in_amc_adb_tcp(adb_home, adb_test_device, monkeypatch, capsys):
+    """`amc-mobile devices`: this CPU, the test phone (asked for its model over ADB), and a line saying why
+    a malformed entry was not listed; no CUDA line without a GPU."""
+    import torch
+
+    monkeypatch.setenv("AMC_ADB_TCP", f"{adb_test_device.host}:{adb_test_device.port}, 127.0.0.1:notaport")
+    assert main(["devices"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[0] == "local" and "executorch 1.4.1 xnnpack" in lines[0]
+    phone = [line for line in lines if line.split()[0] == adb_test_device.uri]
+    assert len(phone) == 1 and ", Android " in phone[0] and phone[0].endswith(" cores"), lines
+    bad = [line for line in lines if line.startswith("adb-tcp:127.0.0.1:notaport")]
+    assert len(bad) == 1 and "bad AMC_ADB_TCP entry" in bad[0], lines
+    assert any(line.startswith("cuda:") for line in lines) == torch.cuda.is_available()

@@ -17,6 +17,9 @@ import threading
 import time
 
 import pytest
+
+pytest.importorskip("cryptography", reason="the ADB test phone signs with cryptography: pip install -e '.[dev]'")
+
 from adb_shell import exceptions as adb_exc
 from adb_shell.adb_device import AdbDeviceTcp
 from cryptography.hazmat.primitives import hashes, serialization
@@ -229,12 +232,9 @@ def _v2(client, command: str) -> tuple[bytes, bytes, int]:
     return out, err, code
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "build", "host", "et_bench")),
-                    reason="build/host/et_bench is not built (make runner)")
-def test_host_built_runner_pushed_like_the_bridge_runs(adb_test_device):
+def test_host_built_runner_pushed_like_the_bridge_runs(adb_test_device, et_bench):
     c = adb_test_device.connect(timeout_s=20)
-    runner = os.path.join(os.path.dirname(__file__), "..", "build", "host", "et_bench")
-    c.push(runner, "/data/local/tmp/amc_mobile/et_bench", st_mode=stat.S_IFREG | 0o755)
+    c.push(str(et_bench), "/data/local/tmp/amc_mobile/et_bench", st_mode=stat.S_IFREG | 0o755)
     out, err, code = _v2(c, "/data/local/tmp/amc_mobile/et_bench --model_path /data/local/tmp/amc_mobile/missing.pte")
     # ARCHITECTURE.md: a missing model file is exit code 2 with one line on stderr
     assert (code, out) == (2, b""), err

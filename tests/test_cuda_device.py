@@ -144,6 +144,12 @@ class _Oom(nn.Module):
 CFG = MeasureConfig(warmup=3, iterations=20)
 
 
+def fastest(stats) -> float:
+    """The fastest sample: host noise (a late launch, another process) only ever adds time, so latency
+    comparisons here are made on it; a comparison of medians is a benchmark (benchmarks/cuda_smoke.py)."""
+    return min(stats.samples_ms)
+
+
 @pytest.fixture(scope="module")
 def gpu():
     return open_device("cuda:0")
@@ -188,7 +194,7 @@ def test_measure_three_convs_in_order(gpu):
     assert all(r.ok for r in res), [r.error for r in res]
     assert all(r.n == CFG.iterations == len(r.samples_ms) for r in res)
     assert all(r.median_ms > 0 and r.load_ms is not None for r in res)
-    assert res[2].median_ms > res[0].median_ms * 5, [r.median_ms for r in res]
+    assert fastest(res[2]) > fastest(res[0]) * 5, [r.median_ms for r in res]
     assert calls == [1, 1, 1]
     # the caller's modules are untouched: still fp32 on the CPU, still in training mode
     for c in cands:
@@ -204,11 +210,11 @@ def test_fp16(gpu):
     cands = _candidates()
     res = dev.measure(cands, CFG)
     assert all(r.ok and r.n == CFG.iterations for r in res), [r.error for r in res]
-    assert res[2].median_ms > res[0].median_ms
+    assert fastest(res[2]) > fastest(res[0])
     assert next(cands[2].module.parameters()).dtype == torch.float32
     fp32_big = gpu.measure(cands[2:], CFG)[0]
     # tensor cores: half precision should not be slower than fp32/TF32 on a big conv stack
-    assert res[2].median_ms < fp32_big.median_ms * 1.2, (res[2].median_ms, fp32_big.median_ms)
+    assert fastest(res[2]) < fastest(fp32_big) * 1.2, (res[2].median_ms, fp32_big.median_ms)
     cl = CudaDevice(0, dtype="fp16", channels_last=True).measure(cands, CFG)
     assert all(r.ok for r in cl), [r.error for r in cl]
 
@@ -249,7 +255,7 @@ def test_graph_replay_removes_launch_cost(gpu):
     graphed = open_device("cuda:0?graph=1").measure([tiny], cfg)[0]
     assert eager.ok and graphed.ok, (eager.error, graphed.error)
     assert graphed.n == 50
-    assert graphed.median_ms < eager.median_ms * 0.8, (graphed.median_ms, eager.median_ms)
+    assert fastest(graphed) < fastest(eager) * 0.8, (graphed.median_ms, eager.median_ms)
 
 
 class _HostSync(nn.Module):
@@ -275,6 +281,6 @@ def test_batch_option():
     one = open_device("cuda:0").measure([medium], cfg)[0]
     many = open_device("cuda:0?batch=32").measure([medium, big], cfg)
     assert one.ok and many[0].ok, (one.error, many[0].error)
-    assert many[0].median_ms > one.median_ms  # 32 images of 64x56x56 cost more than one
+    assert fastest(many[0]) > fastest(one)  # 32 images of 64x56x56 cost more than one
     assert not many[1].ok and "batch size 1" in many[1].error  # big's example has batch 8
     assert medium.example_input.shape[0] == 1  # the caller's input is untouched

@@ -8,6 +8,7 @@ test_latency_tables_local.py (slow).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -121,6 +122,47 @@ def test_mobilenet_v2_space_is_one_dimensional_and_deduplicated():
 
 
 # --------------------------------------------------------------------------------- store + schema
+
+
+def test_the_shipped_table_loads_read_only_and_fits_its_own_calibration():
+    """The table shipped in the package (measured on the dev machine) is read as a table of the default
+    model as it is now: the same architecture hash, every layer covered, a stored fit that is the fit of
+    its own calibration rows; and loading it writes nothing into the package."""
+    import hashlib
+
+    import latency_tables
+    from latency_tables.calibrate import calibration_for, fit_overhead
+    from latency_tables.loading import calibration_points, compile_for, table_grid
+
+    shipped = [p for p in Path(latency_tables.__file__).parent.iterdir() if (p / "meta.json").is_file()]
+    assert [p.name[:len("local-amd-epyc-")] for p in shipped] == ["local-amd-epyc-"], shipped
+    folder = shipped[0]
+
+    def digest():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    before = digest()
+    store = TableStore(folder)
+    target = resolve_target("mobilenet_v2")
+    assert store.fingerprint.kind == "local" and store.fingerprint.backend == "xnnpack"
+    assert target.hash in {b["model_hash"] for b in store.meta()["builds"]}  # the default model, unchanged
+    rows, duplicates = read_unit_rows(store.units_path)
+    assert duplicates == 0 and len(rows) == sum(b["measured"] for b in store.meta()["builds"])  # none lost
+    lat = compile_for(target, store)
+    assert table_grid(store, target) == 8 and lat.source == str(folder)
+    # where the table has a measurement the model looks it up; interpolation only fills the gaps
+    medians = np.array(sorted(r.stats.median_ms for r in rows.values()))
+    looked_up = lat.lut[lat.exact]
+    assert 0 < looked_up.size < lat.lut.size
+    assert np.allclose(medians[np.searchsorted(medians, looked_up).clip(0, medians.size - 1)], looked_up)
+    half = {g: lat.graph.groups[g].size // 2 for g in lat.groups}
+    assert 0 < lat.predict(half) < lat.full_latency_ms
+    assert lat.predict(half) == pytest.approx(lat.reference_predict(half))
+    sums, measured, used = calibration_points(lat, calibration_for(store.calibration(), target.hash))
+    assert lat.calibration["points"] == len(used) >= 3
+    fit = fit_overhead(sums, measured)
+    assert (lat.scale, lat.offset, lat.calibration["method"]) == (fit.scale, fit.offset, fit.method)
+    assert digest() == before
 
 
 def test_store_round_trip(tmp_path):
@@ -463,6 +505,25 @@ def test_cli_dry_run(tmp_path):
     assert "scope decoupled, grid 32" in r.stdout and "reachable configurations" in r.stdout
 
 
+def test_cli_plot_of_the_shipped_table(tmp_path):
+    """`table plot` draws the shipped table (to a PNG elsewhere: nothing is written into the package);
+    a layer filter that matches nothing is a one-line error."""
+    import latency_tables
+
+    folder = next(p for p in Path(latency_tables.__file__).parent.iterdir() if (p / "meta.json").is_file())
+    listing = sorted(p.name for p in folder.iterdir())
+    png = tmp_path / "plot.png"
+    base = ["table", "plot", "--model", "mobilenet_v2", "--table-dir", str(folder), "--allow-fingerprint-mismatch"]
+    r = _cli(*base, "--layers", r"blocks\.1[0-6]\.", "--out", str(png))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = _cli(*base, "--layers", "no-such-layer", "--out", str(tmp_path / "none.png"))
+    assert r.returncode == 2 and not (tmp_path / "none.png").exists()
+    assert r.stderr.strip() == "amc-mobile: error: no layer to plot: none depends on a pruned group and matches " \
+                               "'no-such-layer'"
+    assert sorted(p.name for p in folder.iterdir()) == listing
+
+
 def test_validate_on_the_formula_device(tmp_path):
     _build("resnet20", tmp_path, grid=16)
     out = tmp_path / "val"
@@ -480,6 +541,26 @@ def test_validate_on_the_formula_device(tmp_path):
     again = validate_table("resnet20", FormulaDevice(), samples=6, seed=3, out_dir=out, tables_dir=tmp_path,
                            config=FAST, progress=False, plot=False)
     assert (out / "samples.csv").read_text().splitlines() == lines and len(again.samples) == 6  # nothing re-measured
+
+
+def test_report_of_a_real_validation_folder(tmp_path):
+    """`amc-mobile report` on what `table validate` writes (not on invented file names): its metrics from
+    summary.json, its scatter plot, and the samples."""
+    from amc_mobile.report import build_report, fmt_value, write_report
+
+    _build("resnet20", tmp_path, grid=16)
+    out = tmp_path / "val"
+    res = validate_table("resnet20", FormulaDevice(), samples=4, seed=1, out_dir=out, tables_dir=tmp_path,
+                         config=FAST, progress=False)
+    assert json.loads((out / "run.json").read_text())["kind"] == "table-validate"
+    report = build_report(out)
+    assert "Table accuracy" in [getattr(b, "text", None) for b in report.blocks]
+    assert {out / "summary.json", out / "scatter.png"} <= report.used
+    html_path, _ = write_report(out)
+    html = html_path.read_text()
+    assert "metrics.within_10pct" in html and "metrics.spearman" in html
+    assert f"<td>metrics.rmspe_pct</td><td class=\"num\">{fmt_value(res.metrics['rmspe_pct'])}</td>" in html
+    assert html.count("data:image/png;base64,") == 1 and "samples.csv" in html
 
 
 def test_validate_says_when_the_stored_calibration_is_stale(tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from amc_mobile.cli import main
 from amc_mobile.compare import run_compare
-from amc_mobile.report import build_report, write_report
+from amc_mobile.report import Code, Heading, Image, build_report, write_report
 from amc_mobile.runs import write_manifest
 from device import Device, Fingerprint, LatencyStats, MeasureConfig
 
@@ -161,25 +161,16 @@ def test_search_kind_best_policy_and_reward_curve(tmp_path):
     assert len(embedded_pngs(html)) == 1
 
 
-def test_table_validate_kind_shows_metrics(tmp_path):
-    write_manifest(tmp_path, "table-validate", ["amc-mobile", "table", "validate"])
-    (tmp_path / "metrics.json").write_text(json.dumps({"mape": 0.042, "spearman": 0.97, "n_models": 20,
-                                                       "per_family": {"resnet20": {"mape": 0.03}}}))
-    (tmp_path / "predictions.csv").write_text("model,predicted_ms,measured_ms\na,1.0,1.1\n")
-    small_png(tmp_path / "predicted_vs_measured.png")
-    html = build_report_html(tmp_path)
-    assert "Table accuracy" in html and "mape" in html and "per_family.resnet20.mape" in html
-    assert "0.042" in html and "predicted_ms" in html
-    assert len(embedded_pngs(html)) == 1
-
-
 def test_missing_files_of_a_kind_are_a_note_not_an_error(tmp_path):
     write_manifest(tmp_path, "search", ["amc-mobile", "search"])
     html = build_report_html(tmp_path)
     assert "No best-policy, reward-curve or episode file found" in html
-    write_manifest(tmp_path, "compare", ["amc-mobile", "compare"])
+    write_manifest(tmp_path, "compare", ["amc-mobile", "compare", "resnet20"])
     report = build_report(tmp_path)  # a compare folder that died before its CSV
-    assert report.blocks
+    headings = [b.text for b in report.blocks if isinstance(b, Heading)]
+    assert headings[0] == "Run" and "Versions" in headings
+    assert "Latency and speedup" not in headings and not any(isinstance(b, Image) for b in report.blocks)
+    assert any(isinstance(b, Code) and b.text == "amc-mobile compare resnet20" for b in report.blocks)
 
 
 def build_report_html(run_dir) -> str:

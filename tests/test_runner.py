@@ -371,7 +371,9 @@ def test_iterations_and_min_time(runner, pte):
 def test_bigger_conv_is_slower(runner, pte):
     proc = run(runner, "--model_path", pte, "--methods", "tiny,big", "--iterations", 10)
     stats = parse_stats(proc.stdout)
-    assert stats["big"].median_ms > 20 * stats["tiny"].median_ms
+    # on the fastest sample of each: noise only adds time, so this holds unless all ten tiny runs are slowed
+    # 20x, and it fails when the runner times the wrong method
+    assert min(stats["big"].samples_ms) > 20 * min(stats["tiny"].samples_ms)
 
 
 @pytest.mark.slow
