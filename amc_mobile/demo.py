@@ -62,7 +62,6 @@ def _step(i: int, n: int, text: str) -> float:
 
 def run_demo(cfg: DemoConfig) -> dict:
     from amc_mobile.data import FashionMNIST, load_fashion_mnist
-    from amc_mobile.models import build_model, model_config
     from amc_mobile.runs import new_run_dir, write_manifest
     from amc_mobile.search.loop import run_search
     from amc_mobile.train import get_or_train
