@@ -170,16 +170,20 @@ def test_unauthorised_phone_is_one_line_and_does_not_hang(adb_home, adb_test_dev
 
 
 def test_devices_lists_local_and_the_phones_named_in_amc_adb_tcp(adb_home, adb_test_device, monkeypatch, capsys):
-    """`amc-mobile devices`: this CPU, the test phone (asked for its model over ADB), and a line saying why
-    a malformed entry was not listed; no CUDA line without a GPU."""
+    """`amc-mobile devices`: this CPU, the test phone (asked for its model over ADB), a named phone that does
+    not answer with the reason, no CUDA line without a GPU; a malformed entry is a one-line error."""
     import torch
 
-    monkeypatch.setenv("AMC_ADB_TCP", f"{adb_test_device.host}:{adb_test_device.port}, 127.0.0.1:notaport")
+    monkeypatch.setenv("AMC_ADB_TCP", f"{adb_test_device.host}:{adb_test_device.port}, 127.0.0.1:1")
     assert main(["devices"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[0] == "local" and "executorch 1.4.1 xnnpack" in lines[0]
     phone = [line for line in lines if line.split()[0] == adb_test_device.uri]
     assert len(phone) == 1 and ", Android " in phone[0] and phone[0].endswith(" cores"), lines
-    bad = [line for line in lines if line.startswith("adb-tcp:127.0.0.1:notaport")]
-    assert len(bad) == 1 and "bad AMC_ADB_TCP entry" in bad[0], lines
+    silent = [line for line in lines if line.startswith("adb-tcp:127.0.0.1:1")]
+    assert len(silent) == 1 and "?" not in silent[0].split()[0] and len(silent[0].split()) > 1, lines
     assert any(line.startswith("cuda:") for line in lines) == torch.cuda.is_available()
+    monkeypatch.setenv("AMC_ADB_TCP", "127.0.0.1:notaport")
+    assert main(["devices"]) == 2
+    err = capsys.readouterr().err
+    assert "bad AMC_ADB_TCP entry '127.0.0.1:notaport'" in err and err.count("\n") == 1

@@ -156,10 +156,10 @@ def test_search_on_an_image_folder_through_the_cli(tmp_path, monkeypatch):
     pruned, _ = load_pruned(out / "pruned")
     assert pruned(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     # fine-tuning takes the search's images by default; compare takes the factory and the pruned folder
-    assert main(["finetune", str(out), "--epochs", "1", "--train-images", "200", "--eval-images", "100",
+    assert main(["finetune", str(out), "--epochs", "1", "--train-images", "100", "--eval-images", "50",
                  "--quiet", "--no-plots"]) == 0
     ft = json.loads((out / "finetune.json").read_text())
-    assert '"train_images_used": 200' in json.dumps(ft)
+    assert '"train_images_used": 100' in json.dumps(ft)
     assert main(["compare", f"{model_file}:make", str(out / "pruned"), "--devices", "local", "--iterations", "5",
                  "--warmup", "2", "--no-report", "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "compare.csv").is_file()

@@ -22,9 +22,10 @@ from _search_helpers import fashion
 pytestmark = pytest.mark.slow
 
 QUICK = MeasureConfig(warmup=3, iterations=10, min_time_ms=2.0, repeats=1)
-# two of the pattern families, each with the target it can reach (the others run the same code paths in
-# test_pruning_patterns.py, and all of them in benchmarks/pattern_nets.py)
-NETS = {"mobilenet_v3_small": 0.7, "shufflenet_v2": 0.7}
+# the pattern family with the most to follow (split, cat, shuffle), with a target it can reach; the other
+# families run the same code paths in test_pruning_patterns.py, and all of them end to end in
+# benchmarks/pattern_nets.py (CI time)
+NETS = {"shufflenet_v2": 0.7}
 
 
 @pytest.fixture(scope="module")

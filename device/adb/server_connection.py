@@ -24,7 +24,7 @@ import time
 from amc_mobile.errors import AmcError
 
 from . import host_protocol as hp
-from .connection import (AUTH_PROMPT, DEFAULT_AUTH_TIMEOUT_S, DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S,
+from .connection import (AUTH_PROMPT, USB_PROMPT, DEFAULT_AUTH_TIMEOUT_S, DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S,
                          RC_MARKER, AdbConnectionLost)
 
 log = logging.getLogger("device.adb")
@@ -123,7 +123,8 @@ class ServerConnection:
                     raise self._lost_or(state_error(self.uri, self.address, entry))
                 if entry.state == "unauthorized" and not self._prompted:
                     self._prompted = True
-                    print(AUTH_PROMPT.format(key=f"of the adb server at {self.address}"), file=sys.stderr, flush=True)
+                    print(AUTH_PROMPT.format(prompt=USB_PROMPT, key=f"of the adb server at {self.address}"), file=sys.stderr,
+                          flush=True)
                 time.sleep(0.25)
             try:
                 self._shell_v2 = "shell_v2" in hp.device_features(self.address, self.serial, self.connect_timeout_s)
