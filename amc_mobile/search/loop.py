@@ -54,8 +54,11 @@ BEST_FILE = "best_policy.json"
 SUMMARY_FILE = "summary.json"
 PRUNED_DIR = "pruned"
 LOG_COLUMNS = ("episode", "phase", "sigma", "reward", "accuracy", "loss", "cost", "cost_ratio", "walked_back",
-               "prune_s", "eval_s", "discarded", "actions", "ratios", "channels")
-TIMING_COLUMNS = ("prune_s", "eval_s")
+               "prune_s", "eval_s", "predict_s", "agent_s", "episode_s", "discarded", "actions", "ratios", "channels")
+# Where an episode's time goes: building the pruned model (slicing + cached reconstructed weights),
+# scoring it, the action wall's latency predictions (and the env's state), the agent (actions, updates),
+# and the whole episode (the rest is the log and checkpoints).
+TIMING_COLUMNS = ("prune_s", "eval_s", "predict_s", "agent_s", "episode_s")
 # Fields that may differ between a run and its resumption; everything else must match.
 RESUMABLE_OVERRIDES = ("episodes", "resume", "out", "progress", "measure_final", "checkpoint_every", "threads")
 
@@ -364,14 +367,16 @@ def policy_dict(setup: SearchSetup, ep: Episode, episode: int) -> dict:
     }
 
 
-def _row(episode: int, phase: str, sigma: float, ep: Episode, full_cost: float) -> dict:
+def _row(episode: int, phase: str, sigma: float, ep: Episode, full_cost: float, timing: dict | None = None) -> dict:
     sc = ep.score
+    timing = timing or {}
     return {
         "episode": episode, "phase": phase, "sigma": "" if math.isnan(sigma) else f"{sigma:.6g}",
         "reward": "" if ep.reward is None else f"{ep.reward:.6f}",
         "accuracy": f"{sc.accuracy:.6f}" if sc else "", "loss": f"{sc.loss:.6f}" if sc else "",
         "cost": f"{ep.cost:.6g}", "cost_ratio": f"{ep.cost / full_cost:.6f}", "walked_back": ep.walked_back,
         "prune_s": f"{sc.prune_s:.4f}" if sc else "", "eval_s": f"{sc.eval_s:.4f}" if sc else "",
+        **{k: f"{timing[k]:.4f}" for k in ("predict_s", "agent_s", "episode_s") if k in timing},
         "discarded": int(ep.discarded),
         "actions": json.dumps([round(a, 6) for a in ep.actions]),
         "ratios": json.dumps([round(r, 6) for r in ep.ratios]),
@@ -475,27 +480,37 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
         for e in range(start, cfg.episodes):
             phase = "warmup" if e < warmup else "explore"
             sigma = agent.sigma(e, warmup) if phase == "explore" else float("nan")
+            t_start = time.perf_counter()
+            agent_s = 0.0
             s = env.reset()
             transitions = []
             while True:
+                t0 = time.perf_counter()
                 a = agent.random_action() if phase == "warmup" else agent.select_action(s, sigma)
+                agent_s += time.perf_counter() - t0
                 s2, done, ep = env.step(a)
                 transitions.append((s, a, s2, done))
                 s = s2
                 if done:
                     break
+            t_env = time.perf_counter() - t_start - agent_s
             if ep.discarded:
                 warnings.warn(f"episode {e}: accuracy/loss is NaN for channels {ep.channels}; episode discarded",
                               SearchWarning, stacklevel=2)
             else:
+                t0 = time.perf_counter()
                 for s_, a_, s2_, d_ in transitions:
                     agent.observe(s_, a_, ep.reward, s2_, d_)
                     if e >= warmup:
                         agent.update()
+                agent_s += time.perf_counter() - t0
                 if best is None or ep.reward > best["reward"]:
                     best = policy_dict(setup, ep, e)
                     _write_json(run_dir / BEST_FILE, best)
-            row = _row(e, phase, sigma, ep, setup.cost.full_cost)
+            scored = (ep.score.prune_s + ep.score.eval_s) if ep.score else 0.0
+            row = _row(e, phase, sigma, ep, setup.cost.full_cost,
+                       {"predict_s": max(t_env - scored, 0.0), "agent_s": agent_s,
+                        "episode_s": time.perf_counter() - t_start})
             episode_log.append(row)
             done_count = e + 1
             if cfg.checkpoint_every and done_count % cfg.checkpoint_every == 0 and done_count < cfg.episodes:
@@ -543,7 +558,10 @@ def _finish(setup: SearchSetup, run_dir: Path, best: dict) -> SearchResult:
     pruned = setup.builder.build(channels)
     for p in pruned.parameters():
         p.requires_grad_(True)
-    summary = {"best": best, "setup": setup.info}
+    from .timing import phase_timing
+
+    summary = {"best": best, "setup": setup.info,
+               "timing": phase_timing(read_log(run_dir / LOG_FILE, with_timings=True), setup.info)}
     full_val = setup.data.val
     if len(full_val) > len(setup.scorer.val):  # the search scored on a prefix: report the whole split too
         summary["pruned_full_val_accuracy"], _ = evaluate_split(pruned, full_val, cfg.score_metric, cfg.eval_batch)
