@@ -119,6 +119,9 @@ class SearchConfig:
     data_dir: str | None = _f(None, "folder with the Fashion-MNIST IDX files")
     table_dir: str | None = _f(None, "folder with latency tables (latency cost)")
     measure_final: bool = _f(True, "measure the pruned and original models on the device at the end")
+    compute: str | None = _f(None, "where episodes are scored and the reconstruction's features collected: cpu, "
+                                   "cuda or cuda:N (default: cuda when torch sees one, else cpu); latency is still "
+                                   "measured on --device")
     threads: int | None = _f(None, "torch CPU threads for the search (default: torch's choice)")
     progress: bool = _f(True, "show a progress bar")
     agent: DDPGConfig = field(default_factory=DDPGConfig, metadata={"help": "DDPG hyper-parameters"})

@@ -60,7 +60,8 @@ LOG_COLUMNS = ("episode", "phase", "sigma", "reward", "accuracy", "loss", "cost"
 # and the whole episode (the rest is the log and checkpoints).
 TIMING_COLUMNS = ("prune_s", "eval_s", "predict_s", "agent_s", "episode_s")
 # Fields that may differ between a run and its resumption; everything else must match.
-RESUMABLE_OVERRIDES = ("episodes", "resume", "out", "progress", "measure_final", "checkpoint_every", "threads")
+RESUMABLE_OVERRIDES = ("episodes", "resume", "out", "progress", "measure_final", "checkpoint_every", "threads",
+                       "compute")
 
 
 @dataclass
@@ -258,8 +259,12 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
             saved_info: dict | None = None) -> SearchSetup:
     """Load the model and data, analyse the graph, build the cost model, the reconstruction cache and the
     scorer. `saved_info` (a resumed run's setup.json) restores the budget instead of measuring again."""
-    info: dict = {}
-    model = (model if model is not None else load_model(cfg.model, cfg)).cpu().eval()  # the search runs on the CPU
+    from amc_mobile.compute import describe, resolve_compute
+
+    compute = resolve_compute(cfg.compute)  # before loading anything: a wrong --compute fails at once
+    info: dict = {"compute": describe(compute)}
+    # the original and the pruning machinery stay on the CPU; scoring and feature collection run on `compute`
+    model = (model if model is not None else load_model(cfg.model, cfg)).cpu().eval()
     if getattr(model, "amc_reference", None):
         info["model_reference"] = model.amc_reference  # file + sha256: a resume refuses a changed file
         _check_same_model(saved_info, model.amc_reference)
@@ -289,11 +294,12 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
     reconstructor = None
     t0 = time.perf_counter()
     if cfg.reconstruct:
-        stats = collect_layer_stats(model, graph, groups, _calibration_images(cfg, data), cfg.calib_points, cfg.seed)
+        stats = collect_layer_stats(model, graph, groups, _calibration_images(cfg, data), cfg.calib_points, cfg.seed,
+                                    compute=compute)
         reconstructor = Reconstructor(stats, selector, dict(model.named_modules()))
     info["calibration_s"] = round(time.perf_counter() - t0, 3)
     builder = PrunedModelBuilder(model, graph, reconstructor, selector)
-    scorer = EpisodeScorer(builder, val, cfg.score_metric, cfg.eval_batch)
+    scorer = EpisodeScorer(builder, val, cfg.score_metric, cfg.eval_batch, compute=compute)
     original = scorer({})
     info.update(original_accuracy=original.accuracy, original_loss=original.loss, original_eval_s=round(original.eval_s, 3),
                 scope=scope, val_images=len(val), full_cost=cost.full_cost, cost_unit=cost.unit, budget=budget,
@@ -564,9 +570,11 @@ def _finish(setup: SearchSetup, run_dir: Path, best: dict) -> SearchResult:
                "timing": phase_timing(read_log(run_dir / LOG_FILE, with_timings=True), setup.info)}
     full_val = setup.data.val
     if len(full_val) > len(setup.scorer.val):  # the search scored on a prefix: report the whole split too
-        summary["pruned_full_val_accuracy"], _ = evaluate_split(pruned, full_val, cfg.score_metric, cfg.eval_batch)
+        compute = setup.scorer.compute
+        summary["pruned_full_val_accuracy"], _ = evaluate_split(pruned, full_val, cfg.score_metric, cfg.eval_batch,
+                                                                compute)
         summary["original_full_val_accuracy"], _ = evaluate_split(setup.model, full_val, cfg.score_metric,
-                                                                  cfg.eval_batch)
+                                                                  cfg.eval_batch, compute)
         summary["full_val_images"] = len(full_val)
     try:
         base_config = model_config(setup.model)
