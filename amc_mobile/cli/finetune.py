@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
                          seed=args.seed, eval_images=args.eval_images, device=args.device, data_dir=args.data_dir,
                          data=args.data, input_size=args.input_size, mean=args.mean, std=args.std,
                          progress=not args.quiet).validate()
+    from amc_mobile.train import resolve_device
+
+    resolve_device(cfg.device)  # a --compute this host lacks fails before anything is loaded
     pruned, run_dir = resolve_pruned(args.path)  # fail fast, before loading data
     n = f"the first {cfg.train_images:,}" if cfg.train_images else "all"
     print(f"fine-tuning {pruned} for {cfg.epochs} epoch(s) on {n} training images, lr {cfg.lr} ...", flush=True)

@@ -450,7 +450,10 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
     the table lookup of the latency cost; `on_episode(row)` is called after each episode."""
     from amc_mobile.runs import write_manifest
 
+    from amc_mobile.compute import resolve_compute
+
     cfg = config.validate()
+    resolve_compute(cfg.compute)  # a --compute this host lacks fails before a run folder is made
     run_dir, cfg, resuming = _run_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
