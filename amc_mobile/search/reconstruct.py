@@ -48,12 +48,15 @@ class ChannelSelector:
         self._scores: dict[int, torch.Tensor] = {}
         self._idx: dict[tuple[int, int], torch.Tensor] = {}
 
+    def scores(self, group: int) -> torch.Tensor:
+        if group not in self._scores:
+            self._scores[group] = input_channel_importance(self.model, self.graph, group)
+        return self._scores[group]
+
     def indices(self, group: int, kept: int) -> torch.Tensor:
         key = (group, int(kept))
         if key not in self._idx:
-            if group not in self._scores:
-                self._scores[group] = input_channel_importance(self.model, self.graph, group)
-            self._idx[key] = top_channels(self._scores[group], kept)
+            self._idx[key] = top_channels(self.scores(group), kept)
         return self._idx[key]
 
 
@@ -218,7 +221,9 @@ class Reconstructor:
         self._shapes = {name: tuple(modules[name].weight.shape) for name in stats}
         self._cache: dict[tuple[str, int], torch.Tensor | None] = {}
         self._warned: set[str] = set()
+        self._prefix: dict[str, tuple | None] = {}  # layer -> Cholesky of its Gram in importance order
         self.solves = 0
+        self.prefix_solves = 0  # of which from the layer's one factorisation
 
     def __contains__(self, name: str) -> bool:
         return name in self.stats
@@ -241,6 +246,52 @@ class Reconstructor:
             self._cache[key] = self._solve(name, idx)
         return self._cache[key]
 
+    def _prefix_factor(self, name: str) -> tuple | None:
+        """(channel order by importance, Cholesky factor of the Gram with its columns in that order, B in that
+        order, how many leading columns the factor covers), or None when the layer does not read its group
+        channel for channel. Magnitude selection keeps the most important channels, so every kept set is a
+        prefix of that order, and the Cholesky factor of a leading block is the leading block of the factor:
+        one factorisation per layer serves every kept count (then two triangular solves per count)."""
+        if name not in self._prefix:
+            st = self.stats[name]
+            kk = st.kernel * st.kernel
+            score = self.selector.scores(st.group)
+            if score.numel() * kk != st.columns or not torch.isfinite(st.gram).all():
+                self._prefix[name] = None
+            else:
+                order = torch.argsort(score, descending=True, stable=True)
+                cols = (order[:, None] * kk + torch.arange(kk)[None, :]).reshape(-1)
+                chol, info = torch.linalg.cholesky_ex(st.gram.index_select(0, cols).index_select(1, cols))
+                covered = int(info) - 1 if int(info) > 0 else st.columns  # LAPACK: minor `info` is not PD
+                self._prefix[name] = (order, chol, st.xty.index_select(0, cols), covered)
+        return self._prefix[name]
+
+    def _solve_prefix(self, name: str, idx: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        """The solve for kept channels `idx` from the layer's one factorisation, when `idx` is a prefix of its
+        importance order and the factor is well conditioned there; else None. Rows come back in `idx` order."""
+        pre = self._prefix_factor(name)
+        if pre is None:
+            return None
+        order, chol, xty, covered = pre
+        kk = self.stats[name].kernel ** 2
+        k, m = len(idx), len(idx) * kk
+        if m > covered:
+            return None
+        head = order[:k]
+        ascending = torch.sort(head)
+        if not torch.equal(ascending.values, idx):
+            return None  # ties broken another way, or a layer reading a subset: the general solve
+        lk = chol[:m, :m]
+        diag = lk.diagonal()
+        if diag.min() < 1e-6 * diag.max():
+            return None
+        sol = torch.cholesky_solve(xty[:m], lk)  # rows in importance order, kk per channel
+        sol = sol.reshape(k, kk, -1)[ascending.indices].reshape(m, -1)
+        scale = b.norm()
+        if not torch.isfinite(sol).all() or (scale > 0 and (g @ sol - b).norm() > 1e-8 * scale):
+            return None
+        return sol
+
     def _solve(self, name: str, idx: torch.Tensor) -> torch.Tensor | None:
         st = self.stats[name]
         kk = st.kernel * st.kernel
@@ -250,7 +301,11 @@ class Reconstructor:
         if not (torch.isfinite(g).all() and torch.isfinite(b).all()):
             self._warn(name, "its calibration features are not finite (NaN/inf in the original model's activations)")
             return None
-        sol = _cholesky_solve(g, b)
+        sol = self._solve_prefix(name, idx, g, b)
+        if sol is not None:
+            self.prefix_solves += 1
+        else:
+            sol = _cholesky_solve(g, b)
         if sol is None:
             try:
                 sol = torch.linalg.lstsq(g, b, driver="gelsy").solution  # (kept*k*k, C_out); QR with pivoting: rank-safe
