@@ -4,7 +4,7 @@
         [--models mv2,r18] [--episodes 6] [--val-images 32] [--calib-images 64] [--before REV]
 
 Per model, each step is the CLI a user would type, timed, with the peak RSS of its process tree:
-1. `table build --coarse-step 8 --no-refine` (what finishes on a shared 2-core host), its wall time;
+1. `table build --grid 16 --coarse-step 8 --no-refine` (what finishes on a shared 2-core host), its wall time;
 2. `table validate --samples N` (shares within +-5% / +-10%, Spearman);
 3. a short `search` on an image folder (Fashion-MNIST PNGs, resized to 224x224 by --input-size 224,
    so the decode + uint8 cache path is the one timed) against that table, with the final export and
@@ -32,9 +32,11 @@ MODELS = {
             '{"num_classes": 1000, "in_channels": 3, "input_size": 224}'],
     "r18": [str(ROOT / "benchmarks/models/resnet18.py") + ":resnet18"],
 }
-# what finishes on a shared 2-core host: the coarse pass only, every 8th grid point (plus both ends);
-# interpolation fills the rest (the validation says how well)
-BUILD_EXTRA = ["--coarse-step", "8", "--no-refine"]
+# what finishes on a shared 2-core host: channel counts on a grid of 16, the coarse pass only (every 8th
+# grid point plus both ends); interpolation fills the rest (the validation says how well). The search
+# then rounds kept channels to the same grid.
+GRID = "16"
+BUILD_EXTRA = ["--grid", GRID, "--coarse-step", "8", "--no-refine"]
 
 
 def run(cmd: list[str], pythonpath: Path = ROOT, log: Path | None = None) -> dict:
@@ -82,7 +84,7 @@ def tables(name: str, out: Path, validate_samples: int) -> dict:
     table = sorted(p for p in tdir.iterdir() if p.is_dir())[-1]
     val_dir = out / f"{name}-validate"
     validate = run(cli() + ["table", "validate", "-m", *MODELS[name], "--table-dir", str(table), "--samples",
-                            str(validate_samples), "--passes", "3", "--out", str(val_dir)],
+                            str(validate_samples), "--passes", "3", "--grid", GRID, "--out", str(val_dir)],
                    log=out / f"{name}-validate.log")
     return {"build": build, "validate": validate, "table": str(table),
             "validate_tail": (out / f"{name}-validate.log").read_text().strip().splitlines()[-6:]}
@@ -92,7 +94,7 @@ def search(name: str, out: Path, tag: str, pythonpath: Path, args) -> dict:
     run_dir = out / f"{name}-search-{args.cost}-{tag}"
     if args.cost == "latency":
         table = json.loads((out / f"{name}-tables.json").read_text())["table"]
-        cost = ["--table-dir", table]
+        cost = ["--table-dir", table, "--channel-round", GRID]
     else:  # the side-by-side runs: no table needed, no latency noise in the budget
         cost = ["--cost", "flops", "--no-measure-final"]
     cmd = cli(pythonpath) + ["search", "-m", *MODELS[name], "--data", f"imagefolder:{out / 'images'}",
