@@ -110,7 +110,7 @@ def measure(model, device: str = "local", *, input_shape=None, config=None):
 def build_table(model, device: str = "local", *, input_shape=None, **options):
     """Build (or resume) the model's latency table on `device` and return it as a `LatencyModel`
     (`predict(channels)`, `full_latency_ms`); options as `latency_tables.build.build_table`."""
-    from latency_tables.build import ensure_table
+    from amc_mobile.tables import ensure_table
 
     return ensure_table(_module(model, input_shape), device_uri=device, **options)
 

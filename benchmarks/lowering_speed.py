@@ -39,7 +39,7 @@ def child(kind: str, units: int, seed: int) -> float:
     from device.base import Candidate
     from latency_tables.batching import _quiet
     from latency_tables.space import all_specs, unit_plans
-    from latency_tables.target import resolve_target
+    from amc_mobile.tables import resolve_target
 
     _quiet()
     if kind == "stock":

@@ -159,13 +159,13 @@ def main(argv=None) -> int:
     model, meta = get_or_train(args.model, data=data)
     graph = build_graph(model)
     scope = DEFAULT_SCOPE.get(family_of(model) or "", "all")
-    import latency_tables as lt
+    from amc_mobile.tables import ensure_table, load_latency_model
 
     t = time.perf_counter()
     if args.table_dir:
-        latency = lt.load_latency_model(model, graph, scope, device_uri=args.device, table_dir=args.table_dir)
+        latency = load_latency_model(model, graph, scope, device_uri=args.device, table_dir=args.table_dir)
     else:
-        latency = lt.ensure_table(model, graph, scope, device_uri=args.device, progress=not args.quiet)
+        latency = ensure_table(model, graph, scope, device_uri=args.device, progress=not args.quiet)
     lat_cost = LatencyCost(latency)
     print(f"latency table: {getattr(latency, 'source', args.table_dir)} (predicted original {lat_cost.full_cost:.3f} ms, "
           f"{time.perf_counter() - t:.0f} s)", flush=True)

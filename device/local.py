@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from amc_mobile.errors import AmcError
+from .errors import AmcError
 
 from .base import Candidate, Device, Fingerprint, MeasureConfig, ProgressFn
 from .lowering import lower_to_pte

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from amc_mobile.errors import AmcError
+from .errors import AmcError
 
 from .base import Candidate
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from amc_mobile.errors import AmcError
+from .errors import AmcError
 
 from .base import MeasureConfig
 from .stats import LatencyStats

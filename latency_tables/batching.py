@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 from device.base import Candidate, Device, MeasureConfig
 from device.stats import LatencyStats
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 from device.base import Device, MeasureConfig
 from device.stats import LatencyStats
 

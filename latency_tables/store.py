@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from amc_mobile.errors import AmcError
-from amc_mobile.files import make_folder, read_json
+from device.errors import AmcError
+from device.files import make_folder, read_json
 from device.base import Fingerprint
 
 from .schema import (CALIBRATION_COLUMNS, FAILURE_COLUMNS, ORIGIN_COLUMNS, TABLE_FORMAT, UNIT_COLUMNS, CalibrationRow,

@@ -53,7 +53,7 @@ class BuiltTable:
 
 def build_interrupted_then_resumed(root: Path) -> BuiltTable:
     from device.local import LocalDevice
-    from latency_tables import build_table
+    from amc_mobile.tables import build_table
     from latency_tables.store import find_table
 
     local = LocalDevice()

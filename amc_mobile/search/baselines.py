@@ -433,9 +433,9 @@ def latency_cost_for(model, graph: PruningGraph, scope: str, cfg: SearchConfig) 
     from .cost import LatencyCost
 
     try:
-        import latency_tables as lt
+        from amc_mobile.tables import load_latency_model
 
-        return LatencyCost(lt.load_latency_model(model, graph, scope, device_uri=cfg.device, table_dir=cfg.table_dir))
+        return LatencyCost(load_latency_model(model, graph, scope, device_uri=cfg.device, table_dir=cfg.table_dir))
     except Exception as exc:  # no table, a table without this model's layers, no executorch...
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"no table-predicted latency for the policy on {cfg.device}: {first}")

@@ -131,12 +131,12 @@ def _latency_model(model: nn.Module, graph: PruningGraph, scope: str, cfg: Searc
     """The tables engineer's predictor for this model, scope and device: from --table-dir when given,
     else `ensure_table` (builds whatever the device's table still lacks, then loads it)."""
     try:
-        import latency_tables as lt
+        from amc_mobile.tables import ensure_table, load_latency_model
     except ImportError as exc:
         raise AmcError(f"latency tables are not available in this installation ({exc}); use --cost flops") from exc
     if cfg.table_dir:
-        return lt.load_latency_model(model, graph, scope, device_uri=cfg.device, table_dir=cfg.table_dir)
-    return lt.ensure_table(model, graph, scope, device_uri=cfg.device, progress=cfg.progress)
+        return load_latency_model(model, graph, scope, device_uri=cfg.device, table_dir=cfg.table_dir)
+    return ensure_table(model, graph, scope, device_uri=cfg.device, progress=cfg.progress)
 
 
 def make_cost(name: str, model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig,
@@ -173,7 +173,7 @@ def _recalibrate(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dic
     import latency_tables as lt
     from device import open_device
     from latency_tables.session import SESSION_CONFIG
-    from latency_tables.target import resolve_target
+    from amc_mobile.tables import resolve_target
 
     lat = getattr(cost, "model", None)
     if not isinstance(lat, lt.LatencyModel):

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import parse_qsl
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 
 from device.base import Candidate, Device, Fingerprint, MeasureConfig, ProgressFn
 from device.lowering import lower_to_pte
