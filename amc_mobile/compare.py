@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import atomic_write
 from amc_mobile.model_io import LoadedModel, load_model
 from amc_mobile.runs import new_run_dir, write_manifest
 
@@ -747,9 +748,7 @@ def run_compare(
     result = CompareResult(models, results, config, run_dir)
     table = result.table()
     csv_path = run_dir / CSV_FILE
-    tmp = csv_path.with_suffix(".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, csv_path)
+    atomic_write(csv_path, table.to_csv(index=False))
     result.files["csv"] = csv_path
     for key, fn, name in (("speedup", plot_speedup, SPEEDUP_PNG), ("latency", plot_latency, LATENCY_PNG)):
         try:

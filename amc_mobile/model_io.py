@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from amc_mobile.errors import AmcError
+from device.base import example_input
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _example(module: nn.Module) -> torch.Tensor:
     shape = getattr(module, "input_shape", None)
     if not shape:
         raise AmcError(f"{type(module).__name__} has no `input_shape`; cannot make an example input")
-    return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    return example_input(shape)
 
 
 @dataclass(frozen=True)

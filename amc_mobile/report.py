@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import atomic_write
 from amc_mobile.runs import MANIFEST, read_manifest
 
 HTML_FILE = "report.html"
@@ -737,20 +738,14 @@ def render_markdown(report: Report) -> str:
     return "\n".join(out) + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(run_dir: str | Path, markdown: bool = True) -> tuple[Path, Path | None]:
     """Write report.html (self-contained) and, unless `markdown=False`, report.md into the run folder."""
     report = build_report(run_dir)
     run_dir = Path(run_dir)
     html_path = run_dir / HTML_FILE
-    _atomic_write_text(html_path, render_html(report))
+    atomic_write(html_path, render_html(report), durable=False)
     md_path = None
     if markdown:
         md_path = run_dir / MD_FILE
-        _atomic_write_text(md_path, render_markdown(report))
+        atomic_write(md_path, render_markdown(report), durable=False)
     return html_path, md_path

@@ -17,15 +17,11 @@ from latency_tables.network import Target
 from latency_tables.predict import LatencyModel
 
 from .errors import AmcError
-from .pruning.graph import DEFAULT_SCOPE, SCOPES, PruningGraph, build_graph
+from .pruning.graph import SCOPES, PruningGraph, build_graph, default_scope
 from .pruning.slicing import prune_by_counts
 
 __all__ = ["resolve_target", "default_scope", "build_table", "build_tables", "ensure_table", "load_latency_model",
            "Target"]
-
-
-def default_scope(family: str) -> str:
-    return DEFAULT_SCOPE.get(family, "all")
 
 
 def resolve_target(model, graph: PruningGraph | None = None, scope: str | None = None, options=None) -> Target:

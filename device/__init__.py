@@ -1,6 +1,6 @@
 """Device bridges: measure candidate models on the host CPU, an NVIDIA GPU or an Android phone."""
 
-from .base import Candidate, Device, Fingerprint, MeasureConfig
+from .base import Candidate, Device, Fingerprint, MeasureConfig, example_input
 from .registry import discover, known_schemes, open_device
 from .stats import LatencyStats, merge_repeats
 
@@ -11,6 +11,7 @@ __all__ = [
     "LatencyStats",
     "MeasureConfig",
     "discover",
+    "example_input",
     "known_schemes",
     "merge_repeats",
     "open_device",

@@ -16,6 +16,12 @@ from .stats import LatencyStats
 _METHOD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def example_input(shape: Sequence[int]) -> torch.Tensor:
+    """The input a model of input shape `shape` (C, H, W) is exported and timed with, batch 1: seeded,
+    so the same model lowers to the same `.pte` bytes."""
+    return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+
+
 @dataclass
 class Candidate:
     """One thing to time: a module and an example input; `name` becomes the .pte method name."""

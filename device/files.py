@@ -66,13 +66,17 @@ def read_json(path: str | Path, expect: type = dict, fix: str = "") -> Any:
     return value
 
 
-def atomic_write(path: str | Path, data: str | bytes, *, durable: bool = True) -> Path:
+def atomic_write(path: str | Path, data: str | bytes, *, durable: bool = True, mode: int = 0o644) -> Path:
     """Replace `path` with `data` so that a reader (or a crash) sees the old file or the new one, never
-    a part. `durable`: fsync the data before the rename, for what cannot be measured again cheaply
-    (tables, checkpoints, results); without it a power cut may leave the old file, never a torn one."""
+    a part; the folder is made when missing. `durable`: fsync the data before the rename, for what
+    cannot be measured or computed again cheaply (results, checkpoints, manifests); without it (caches,
+    reports) a power cut may leave the old file, never a torn one. `mode`: mkstemp's 0600 would make
+    shared files (tables, run folders) unreadable to others."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             if durable:
@@ -83,6 +87,11 @@ def atomic_write(path: str | Path, data: str | bytes, *, durable: bool = True) -
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | Path, obj: Any, *, durable: bool = True) -> Path:
+    """`obj` as indented, key-sorted JSON (anything else as str), written atomically."""
+    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", durable=durable)
 
 
 def config_hash(config: dict[str, Any], length: int = 10) -> str:

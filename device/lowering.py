@@ -5,15 +5,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .errors import AmcError
+from .files import atomic_write
 
 from .base import Candidate
 
@@ -159,7 +158,7 @@ def _lower_candidates(candidates: Sequence[Candidate], path: Path, shared: bool)
     if shared:
         buffer = _lower_shared(candidates)
         if buffer is not None:
-            _atomic_write(path, buffer)
+            atomic_write(path, buffer, durable=False)
             return {}
     failed: dict[str, str] = {}
     programs: dict[str, torch.export.ExportedProgram] = {}
@@ -189,7 +188,7 @@ def _lower_candidates(candidates: Sequence[Candidate], path: Path, shared: bool)
         if not good:
             return failed
         buffer = _lower(good)
-    _atomic_write(path, buffer)
+    atomic_write(path, buffer, durable=False)
     return failed
 
 
@@ -199,13 +198,3 @@ def _lower_error(programs) -> str | None:
         return None
     except Exception as exc:
         return _short_reason(exc)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600; tables are shared files
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -10,6 +10,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from device.base import example_input
 from device.files import config_hash
 
 from .units import UnitSpec
@@ -90,7 +91,7 @@ class Target:
         return model_hash(self.graph)
 
     def example_input(self) -> torch.Tensor:
-        return torch.randn(1, *self.graph.input_shape, generator=torch.Generator().manual_seed(0))
+        return example_input(self.graph.input_shape)
 
     def pruned(self, channels: dict[int, int]) -> nn.Module:
         """The model with group g keeping channels[g] (the original when nothing is pruned), in eval mode."""

@@ -39,6 +39,12 @@ SCOPES = ("all", "decoupled")
 # Per-family default scope: where "all" would make the latency table impractically large.
 DEFAULT_SCOPE = {"mobilenet_v2": "decoupled"}
 
+
+def default_scope(family: str | None) -> str:
+    """The scope a search and its table use for a model of `family` unless told otherwise."""
+    return DEFAULT_SCOPE.get(family or "", "all")
+
+
 @dataclass
 class ChannelGroup:
     id: int

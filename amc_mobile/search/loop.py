@@ -18,10 +18,10 @@ from the newest one and reproduces the uninterrupted run's log (timings aside).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from amc_mobile.errors import AmcError
-from amc_mobile.files import read_json
-from amc_mobile.pruning.graph import DEFAULT_SCOPE, Layer, PruningGraph, build_graph, require_prunable
+from amc_mobile.files import atomic_write, read_json, write_json
+from amc_mobile.pruning.graph import Layer, PruningGraph, build_graph, default_scope, require_prunable
 
 from . import checkpoint as ckpt
 from .agent import DDPGAgent
@@ -152,9 +152,9 @@ def make_cost(name: str, model: nn.Module, graph: PruningGraph, scope: str, cfg:
 
 def measure_models(device_uri: str, models: list[tuple[str, nn.Module]], input_shape) -> dict:
     """Measure `models` on the device in ONE batch; {name: LatencyStats dict} or {"error": why}."""
-    from device import Candidate, MeasureConfig, open_device
+    from device import Candidate, MeasureConfig, example_input, open_device
 
-    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    x = example_input(input_shape)
     try:
         with open_device(device_uri) as dev:
             stats = dev.measure([Candidate(n, m.eval(), x) for n, m in models], MeasureConfig())
@@ -262,7 +262,7 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
         _check_same_model(saved_info, model.amc_reference)
     graph = build_graph(model)
     require_prunable(graph)
-    scope = cfg.scope or DEFAULT_SCOPE.get(family_of(model) or "", "all")
+    scope = cfg.scope or default_scope(family_of(model))
     layers = graph.decision_layers(scope)
     if not layers:
         raise AmcError(f"no prunable layers in scope {scope!r}: try --scope all")
@@ -319,12 +319,11 @@ class EpisodeLog:
         """Keep the rows of the first `episodes` episodes (rows written after the last checkpoint go)."""
         with open(self.path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["episode"]) < episodes]
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, LOG_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, LOG_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(self.path, text.getvalue())
 
 
 def read_log(path: Path, with_timings: bool = False) -> list[dict]:
@@ -377,12 +376,6 @@ def _row(episode: int, phase: str, sigma: float, ep: Episode, full_cost: float) 
         "ratios": json.dumps([round(r, 6) for r in ep.ratios]),
         "channels": json.dumps({str(g): int(c) for g, c in ep.channels.items()}),
     }
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------- the run
@@ -443,7 +436,7 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
     run_dir, cfg, resuming = _run_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    _write_json(run_dir / CONFIG_FILE, {k: v for k, v in cfg.to_dict().items() if k != "resume"} | {"resume": None})
+    write_json(run_dir / CONFIG_FILE, {k: v for k, v in cfg.to_dict().items() if k != "resume"} | {"resume": None})
     write_manifest(run_dir, "search")
     saved = None
     if resuming and (run_dir / "setup.json").is_file():
@@ -452,7 +445,7 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
         except (OSError, ValueError):
             saved = None  # unreadable: measure again (the budget may move slightly)
     setup = prepare(cfg, model, data, latency_model, saved_info=saved)
-    _write_json(run_dir / "setup.json", setup.info)
+    write_json(run_dir / "setup.json", setup.info)
 
     _seed_everything(cfg.seed)
     env = PruningEnv(setup.graph, setup.layers, setup.cost, setup.budget, setup.scorer, cfg.reward,
@@ -466,7 +459,7 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
         best = state["loop"].get("best")
         episode_log.truncate(start)
         if best is not None:
-            _write_json(run_dir / BEST_FILE, best)
+            write_json(run_dir / BEST_FILE, best)
         log.info("resuming %s from episode %d", run_dir, start)
 
     warmup = cfg.warmup_episodes
@@ -494,7 +487,7 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
                         agent.update()
                 if best is None or ep.reward > best["reward"]:
                     best = policy_dict(setup, ep, e)
-                    _write_json(run_dir / BEST_FILE, best)
+                    write_json(run_dir / BEST_FILE, best)
             row = _row(e, phase, sigma, ep, setup.cost.full_cost)
             episode_log.append(row)
             done_count = e + 1
@@ -571,5 +564,5 @@ def _finish(setup: SearchSetup, run_dir: Path, best: dict) -> SearchResult:
             measured["speedup"] = o / p
             measured["measured_ratio"] = p / o
         summary["measured"] = measured
-    _write_json(run_dir / SUMMARY_FILE, summary)
+    write_json(run_dir / SUMMARY_FILE, summary)
     return SearchResult(run_dir, cfg, best, channels, pruned.eval(), setup.model, setup.graph, summary)
