@@ -29,6 +29,7 @@ from typing import Callable
 
 from amc_mobile.errors import AmcError
 from amc_mobile.files import atomic_write
+from amc_mobile.formatting import si
 from amc_mobile.runs import MANIFEST, read_manifest
 
 HTML_FILE = "report.html"
@@ -270,8 +271,8 @@ def section_compare(report: Report, manifest: dict) -> None:
                 first = df[df["model"] == m].iloc[0]
                 macs = first.get("macs")
                 ratio = first.get("macs_ratio")
-                row.append(_si(macs) + (f" ({ratio:.0%})" if pd.notna(ratio) else ""))
-                row.append(_si(first.get("params")))
+                row.append(si(macs) + (f" ({ratio:.0%})" if pd.notna(ratio) else ""))
+                row.append(si(first.get("params")))
                 row.append(fmt_value(_py(first.get("size_mb"))))
                 top1 = first.get("top1")
                 row.append(f"{top1 * 100:.2f}%" if pd.notna(top1) else (str(first.get("accuracy_note") or "-")
@@ -313,17 +314,6 @@ def section_compare(report: Report, manifest: dict) -> None:
         report.add(Para(f"Raw samples of every cell: {meas.name} (one JSON line per device).", "note"))
 
 
-def _si(x) -> str:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return "-"
-    if math.isnan(x):
-        return "-"
-    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{suf}"
-    return f"{x:.0f}"
 
 
 _POLICY_KEYS = ("ratios", "preserve_ratios", "policy", "actions", "channels", "group_channels")

@@ -43,7 +43,7 @@ def child(kind: str, units: int, seed: int) -> float:
 
     _quiet()
     if kind == "stock":
-        lowering._speed_up_py_impl = lambda: None
+        lowering.speedups_apply = lambda: False  # stock torch: neither exporter speed-up
         lowering._collector_paused = contextlib.nullcontext
     if kind == "shared-per-partition":
         import device.shared_lowering as shared_lowering

@@ -1,6 +1,6 @@
 """Device bridges: measure candidate models on the host CPU, an NVIDIA GPU or an Android phone."""
 
-from .base import Candidate, Device, Fingerprint, MeasureConfig, example_input
+from .base import Candidate, Device, Fingerprint, MeasureConfig, PteDevice, example_input
 from .registry import discover, known_schemes, open_device
 from .stats import LatencyStats, merge_repeats
 
@@ -10,6 +10,7 @@ __all__ = [
     "Fingerprint",
     "LatencyStats",
     "MeasureConfig",
+    "PteDevice",
     "discover",
     "example_input",
     "known_schemes",

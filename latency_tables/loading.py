@@ -97,8 +97,7 @@ def compile_for(target: Target, store: TableStore, device: str | Device | None =
                                  statistic=statistic)
     sums, measured, used = calibration_points(model, calibration_for(store.calibration(), target.hash))
     fit = fit_overhead(sums, measured)
-    model.scale, model.offset = fit.scale, fit.offset
-    model.calibration = {**fit.to_dict(), "variants": used, "model_hash": target.hash}
+    model.set_calibration(fit.scale, fit.offset, {**fit.to_dict(), "variants": used, "model_hash": target.hash})
     return model
 
 

@@ -250,6 +250,12 @@ class LatencyModel:
                    _base=np.array(bases, dtype=np.int64), _strides=strides, _v0=full.tolist(), _full=full,
                    _gpos=gpos)
 
+    def set_calibration(self, scale: float, offset: float, facts: dict | None = None) -> None:
+        """Use the overhead fit `scale * unit_sum + offset` from now on; `facts` (how it was found) are
+        merged into `calibration`."""
+        self.scale, self.offset = float(scale), float(offset)
+        self.calibration = {**self.calibration, **(facts or {}), "scale": self.scale, "offset": self.offset}
+
     # ------------------------------------------------------------------------------ lookups
     def _vector(self, channels: Mapping[int, int]) -> list[int]:
         v = self._v0.copy()

@@ -108,8 +108,7 @@ def recalibrate(lat: LatencyModel, target: Target, device: str | Device, *, pass
     if not sums:
         raise AmcError("recalibration measured none of the calibration models: " + "; ".join(failures[:3]))
     fit = fit_overhead(sums, measured)
-    lat.scale, lat.offset = fit.scale, fit.offset
-    lat.calibration = {**lat.calibration, **fit.to_dict(), "session": True, "passes": passes}
+    lat.set_calibration(fit.scale, fit.offset, {**fit.to_dict(), "session": True, "passes": passes})
     original = None
     original_ms = None
     if per_pass_full:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from device.base import Device, MeasureConfig
+from device.base import MeasureConfig, PteDevice
 
 QUICK = MeasureConfig(warmup=5, iterations=20, min_time_ms=5.0, repeats=1)
 GRID = 32
 
 
-class InterruptAfter(Device):
+class InterruptAfter(PteDevice):
     """The real local device for the first `n` programs it times, then an interruption (Ctrl-C)."""
 
     uri = "local"

@@ -40,7 +40,7 @@ from .config import SearchConfig
 from .cost import CostModel, FlopsCost
 from .env import Episode, PruningEnv, round_channels
 from .loop import (BEST_FILE, CONFIG_FILE, LOG_FILE, SUMMARY_FILE, EpisodeLog, SearchResult, SearchSetup, _finish,
-                   _row, policy_dict, prepare, run_search)
+                   _row, episode_bar, policy_dict, prepare, run_search)
 
 METHODS = ("uniform", "random", "amc-flops")
 TOLERANCE = 0.03  # equal measured latency means within 3%
@@ -113,7 +113,7 @@ def measure_batch(device_uri: str, models: list, input_shape, config=None, passe
     import statistics
     import tempfile
 
-    from device import Candidate, example_input, open_device
+    from device import Candidate, PteDevice, example_input, open_device
     from device.lowering import lower_to_pte
     from device.stats import LatencyStats
 
@@ -124,7 +124,7 @@ def measure_batch(device_uri: str, models: list, input_shape, config=None, passe
     failed: dict[str, str] = {}
     try:
         with open_device(device_uri) as dev:
-            if callable(getattr(dev, "measure_pte", None)):
+            if isinstance(dev, PteDevice):
                 with tempfile.TemporaryDirectory(prefix="amc-batch-") as tmp:
                     pte = Path(tmp) / "batch.pte"
                     failed = lower_to_pte(cands, pte)
@@ -332,7 +332,7 @@ def run_random(config: SearchConfig, model=None, data=None, setup: SearchSetup |
     log = EpisodeLog(run_dir / LOG_FILE)
     rng = np.random.default_rng(cfg.seed)  # the search's warm-up stream (DDPGAgent.random_action)
     best = None
-    bar = _progress(cfg, "random")
+    bar = episode_bar(cfg, "random")
     try:
         for e in range(cfg.episodes):
             env.reset()
@@ -416,14 +416,6 @@ def _env(setup: SearchSetup) -> PruningEnv:
     cfg = setup.config
     return PruningEnv(setup.graph, setup.layers, setup.cost, setup.budget, setup.scorer, cfg.reward,
                       cfg.lbound, cfg.rbound, cfg.channel_round)
-
-
-def _progress(cfg: SearchConfig, desc: str):
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.episodes, desc=desc, unit="ep", dynamic_ncols=True)
 
 
 def latency_cost_for(model, graph: PruningGraph, scope: str, cfg: SearchConfig) -> CostModel | None:

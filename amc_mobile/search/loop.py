@@ -37,6 +37,7 @@ from torch import nn
 from amc_mobile.errors import AmcError
 from amc_mobile.files import atomic_write, read_json, write_json
 from amc_mobile.pruning.graph import Layer, PruningGraph, build_graph, default_scope, require_prunable
+from latency_tables.predict import LatencyModel
 
 from . import checkpoint as ckpt
 from .agent import DDPGAgent
@@ -93,25 +94,18 @@ class SearchSetup:
 
 
 def load_model(ref: str, cfg: SearchConfig | None = None) -> nn.Module:
-    """A checkpoint folder (config.json + model.pt), FILE.py:FACTORY (with cfg's --model-kwargs,
-    --weights, --input-shape) or a registry name (trained via get_or_train)."""
-    from amc_mobile import train
-    from amc_mobile.model_io import (ModelOptions, apply_options, is_factory_ref, load_factory, parse_input_shape,
-                                     parse_kwargs)
+    """The model a search prunes: `model_io.load_model` with cfg's --model-kwargs, --weights and
+    --input-shape, trained weights for a registry name."""
+    from amc_mobile.model_io import ModelOptions, parse_input_shape, parse_kwargs
+    from amc_mobile.model_io import load_model as load_reference
 
     options = ModelOptions(parse_kwargs(cfg.model_kwargs), cfg.weights, parse_input_shape(cfg.input_shape)) \
         if cfg is not None else None
-    path = Path(ref)
-    if not path.exists() and is_factory_ref(ref):
-        # the user's own network, with the weights its factory (or --weights) gives it
-        return apply_options(load_factory(ref, options.kwargs if options else None), options)
-    if path.exists():
-        if not path.is_dir():
-            raise AmcError(f"--model {ref}: expected a checkpoint folder (config.json + model.pt) or a model name")
-        model, _ = train.load_checkpoint(path)
-        return model
-    model, _ = train.get_or_train(ref, device="cpu")
-    return model
+    loaded = load_reference(ref, options=options, trained=True)
+    if loaded.module is None:
+        raise AmcError(f"--model {ref} is a compiled .pte: a search needs the model's layers (pass its pruned-model "
+                       f"folder, checkpoint folder, FILE.py:FACTORY or a model name)")
+    return loaded.module
 
 
 def _check_same_model(saved_info: dict | None, reference: dict) -> None:
@@ -175,8 +169,8 @@ def _recalibrate(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dic
     from latency_tables.session import SESSION_CONFIG
     from amc_mobile.tables import resolve_target
 
-    lat = getattr(cost, "model", None)
-    if not isinstance(lat, lt.LatencyModel):
+    lat = cost.model if isinstance(cost, LatencyCost) else None
+    if not isinstance(lat, LatencyModel):
         return None
     try:
         store = lt.TableStore(lat.source) if lat.source else None
@@ -191,7 +185,7 @@ def _recalibrate(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dic
         warnings.warn(f"could not re-time the calibration models on {cfg.device} ({exc}): the table's stored "
                       f"calibration is used", SearchWarning, stacklevel=2)
         return None
-    cost.full_cost = float(lat.predict({}))
+    cost.refresh()
     info["recalibration"] = rec.to_dict()
     if rec.original is None:
         return None
@@ -241,10 +235,10 @@ def _restore_budget(cost: CostModel, saved: dict, info: dict) -> float | None:
     """On resume: the interrupted run's budget and session overhead fit, not new measurements (a
     resumed search continues exactly; a fresh measurement would move the budget)."""
     rec = saved.get("recalibration")
-    lat = getattr(cost, "model", None)
-    if rec and lat is not None and hasattr(lat, "scale"):
-        lat.scale, lat.offset = float(rec["fit"]["scale"]), float(rec["fit"]["offset"])
-        cost.full_cost = float(lat.predict({}))
+    lat = cost.model if isinstance(cost, LatencyCost) else None
+    if rec and isinstance(lat, LatencyModel):
+        lat.set_calibration(float(rec["fit"]["scale"]), float(rec["fit"]["offset"]))
+        cost.refresh()
     for k in ("recalibration", "original_measured", "original_measured_ms"):
         if k in saved:
             info[k] = saved[k]
@@ -463,7 +457,7 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
         log.info("resuming %s from episode %d", run_dir, start)
 
     warmup = cfg.warmup_episodes
-    bar = _progress(cfg, start)
+    bar = episode_bar(cfg, start=start)
     try:
         for e in range(start, cfg.episodes):
             phase = "warmup" if e < warmup else "explore"
@@ -518,12 +512,13 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
     return _finish(setup, run_dir, best)
 
 
-def _progress(cfg: SearchConfig, start: int):
+def episode_bar(cfg: SearchConfig, desc: str = "search", start: int = 0):
+    """The episodes' progress bar (tqdm.auto: a widget in a notebook), None when cfg.progress is off."""
     if not cfg.progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.episodes, initial=start, desc="search", unit="ep", dynamic_ncols=True)
+    return tqdm(total=cfg.episodes, initial=start, desc=desc, unit="ep", dynamic_ncols=True)
 
 
 def _finish(setup: SearchSetup, run_dir: Path, best: dict) -> SearchResult:
