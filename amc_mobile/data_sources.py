@@ -178,7 +178,9 @@ def load_image_folder(root: str | os.PathLike, tf: ImageTransform = ImageTransfo
     classes = _classes(train_dir)
     if not classes:
         raise AmcError(f"{train_dir} has no class folders: put each class's images in {train_dir}/<class name>/")
-    cache = Path(cache_dir or os.environ.get("AMC_CACHE_DIR") or Path.home() / ".cache" / "amc_mobile") / "images"
+    from device.user_dirs import cache_dir as user_cache
+
+    cache = Path(cache_dir or user_cache()) / "images"
     images, labels = _decoded(train_dir, classes, tf, cache)
     train = Split(_normalise(images, tf), labels)
     val_dir = root / "val"

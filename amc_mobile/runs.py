@@ -14,6 +14,7 @@ from pathlib import Path
 
 from amc_mobile.errors import AmcError
 from amc_mobile.files import make_folder, read_json, write_json
+from device.user_dirs import data_dir, in_checkout
 
 MANIFEST = "run.json"
 
@@ -31,11 +32,12 @@ def versions() -> dict[str, str]:
 
 
 def new_run_dir(kind: str, out: str | Path | None = None, root: str | Path | None = None) -> Path:
-    """`out` if given, else runs/<kind>-<UTC timestamp>/ (root: AMC_RUNS_DIR or ./runs)."""
+    """`out` if given, else <root>/<kind>-<UTC timestamp>/; root: $AMC_RUNS_DIR, else ./runs in a checkout,
+    else the user data folder's runs/ (device/user_dirs.py)."""
     if out is not None:
         path = Path(out)
     else:
-        base = Path(root or os.environ.get("AMC_RUNS_DIR", "runs"))
+        base = Path(root or os.environ.get("AMC_RUNS_DIR") or ("runs" if in_checkout() else data_dir() / "runs"))
         path = base / f"{kind}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
     return make_folder(path, "run folder", "pass another --out, or set AMC_RUNS_DIR")
 

@@ -33,8 +33,9 @@ from amc_mobile.data import FashionMNIST, Split, load_fashion_mnist
 from amc_mobile.errors import AmcError
 from amc_mobile.files import atomic_write
 from amc_mobile.models import DEFAULT_MODEL, build_model, config_hash, model_config, rebuild
+from device.user_dirs import ENV_CACHE as CACHE_ENV  # noqa: F401 - the variable tests set
+from device.user_dirs import cache_dir
 
-CACHE_ENV = "AMC_CACHE_DIR"
 PRETRAINED_DIR = Path(__file__).resolve().parent / "models" / "pretrained"
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
@@ -372,8 +373,7 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
 
 
 def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "amc_mobile"
+    return cache_dir()
 
 
 def cache_key(model_cfg: dict[str, Any], train_cfg: TrainConfig) -> dict[str, Any]:

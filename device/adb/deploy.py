@@ -22,14 +22,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from device.errors import AmcError
-
-from .connection import AdbConnection, q
+from ..errors import AmcError
 from ..files import sha256_file
+from ..user_dirs import REPO_ROOT
+from .connection import AdbConnection, q
 
 log = logging.getLogger("device.adb")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REMOTE_DIR = "/data/local/tmp/amc_mobile"
 ENV_RUNNER = "AMC_ANDROID_RUNNER"
 ENV_EXECUTOR_RUNNER = "AMC_ANDROID_EXECUTOR_RUNNER"
