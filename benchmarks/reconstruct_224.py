@@ -7,7 +7,9 @@ scopes), the two costs of an episode's "build + reconstruct" phase that grow at 
 1. the feature pass over the calibration images (`collect_layer_stats`), and
 2. the least-squares solves for new (layer, kept count) pairs: here 3 seeded random counts per decision
    layer, solved from scratch by each implementation (the old one at revision `--before`, loaded from
-   `git show`, the current one from the checkout), with the largest relative difference of the weights.
+   `git show`, the current one from the checkout) from the same normal equations, with the largest
+   relative difference of the weights. Use enough images that every layer has more sampled rows
+   (10 per image) than columns, or the solves are under-determined (the search warns about it).
 Old and new alternate (old, new, old, new, ...); wall and process CPU seconds are printed for each, so a
 shared host's load shows as wall >> CPU and the CPU seconds remain comparable.
 """
@@ -48,12 +50,12 @@ def timed(fn):
     return out, time.perf_counter() - w, time.process_time() - c
 
 
-def models():
+def models(size: int = 224):
     from amc_mobile.models import build_model
     import resnet18
 
-    yield "mobilenet_v2", build_model("mobilenet_v2", num_classes=1000, in_channels=3, input_size=224), "decoupled"
-    yield "resnet18", resnet18.resnet18(), "all"
+    yield "mobilenet_v2", build_model("mobilenet_v2", num_classes=1000, in_channels=3, input_size=size), "decoupled"
+    yield "resnet18", resnet18.resnet18(input_size=size), "all"
 
 
 def main() -> int:
@@ -65,6 +67,10 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--models", default="mobilenet_v2,resnet18")
+    ap.add_argument("--solve-input", type=int, default=64,
+                    help="input size of the features the solves use: the normal equations' sizes depend on the "
+                         "channels only, so a smaller input gives the same solves with enough rows cheaply")
+    ap.add_argument("--solve-images", type=int, default=480, help="10 rows each: ResNet-18 needs 461 for 4,608 columns")
     args = ap.parse_args()
     old = old_module(args.before)
     print(f"torch threads {torch.get_num_threads()}; {args.images} calibration images of 3x224x224; "
@@ -85,7 +91,15 @@ def main() -> int:
                 print(f"{name} features {tag}: wall {w:.1f} s, cpu {c:.1f} s")
         diff = max(float((stats["old"][k].gram - stats["new"][k].gram).abs().max()
                          / stats["old"][k].gram.abs().max().clamp_min(1e-30)) for k in stats["old"])
-        print(f"{name} features: largest relative Gram difference old vs new {diff:.2e}")
+        print(f"{name} features: largest relative Gram difference old vs new {diff:.2e} (other random points "
+              f"when the batches differ: the old pass took all images in one batch)")
+        solve_model = dict((n, m) for n, m, _ in models(args.solve_input))[name].eval()
+        solve_graph = build_graph(solve_model)
+        x = torch.randn(args.solve_images, 3, args.solve_input, args.solve_input, generator=torch.Generator().manual_seed(1))
+        stats = {"new": new.collect_layer_stats(solve_model, solve_graph, groups, x, points=10, seed=0)}
+        model, graph = solve_model, solve_graph
+        print(f"{name} solves from {args.solve_images} images of {args.solve_input}x{args.solve_input} "
+              f"(same channels, so the same normal-equation sizes as at 224x224)")
         rng = random.Random(0)
         picks = [(l.name, l.in_group, rng.randrange(1, graph.groups[l.in_group].size // 8 + 1) * 8)
                  for l in layers for _ in range(3)]
@@ -93,9 +107,11 @@ def main() -> int:
         for r in range(args.repeats):
             weights = {}
             for tag, mod in (("old", old), ("new", new)):
+                # the same normal equations for both, so that the weights can be compared (under-determined
+                # layers have no unique answer, and the two feature passes sampled different points)
                 sel = mod.ChannelSelector(model, graph)
-                rec = mod.Reconstructor(stats[tag], sel, modules)
-                keep = [(n, sel.indices(g, min(k, graph.groups[g].size))) for n, g, k in picks if n in stats[tag]]
+                rec = mod.Reconstructor(stats["new"], sel, modules)
+                keep = [(n, sel.indices(g, min(k, graph.groups[g].size))) for n, g, k in picks if n in stats["new"]]
                 ws, w, c = timed(lambda: [rec.weight(n, idx) for n, idx in keep])
                 weights[tag] = ws
                 print(f"{name} solves {tag}: {len(keep)} (layer, kept) pairs, wall {w:.1f} s, cpu {c:.1f} s")

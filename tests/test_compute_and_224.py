@@ -215,3 +215,17 @@ def test_one_factorisation_per_layer_gives_the_least_squares_weights_of_every_ke
     cols = (odd[:, None] * 9 + torch.arange(9)[None, :]).reshape(-1)
     want = torch.linalg.lstsq(st.gram[cols][:, cols], st.xty[cols]).solution.T.reshape(16, 12, 3, 3)
     assert torch.allclose(w.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_too_few_calibration_rows_is_named_with_the_fix():
+    from amc_mobile.pruning import build_graph
+    from amc_mobile.search.config import SearchWarning
+    from amc_mobile.search.reconstruct import collect_layer_stats
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 3, 1, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    model.input_shape = (3, 8, 8)
+    graph = build_graph(model)
+    groups = [l.in_group for l in graph.decision_layers("all")]
+    with pytest.warns(SearchWarning, match=r"under-determined .*288 columns\): raise --calib-images to at least 29"):
+        collect_layer_stats(model, graph, groups, torch.randn(4, 3, 8, 8), points=10)

@@ -209,6 +209,15 @@ def collect_layer_stats(model: nn.Module, graph: PruningGraph, groups: list[int]
             h.remove()
     for st in stats.values():
         st.gram, st.xty = st.gram.cpu(), st.xty.cpu()
+    # Fewer sampled rows than columns: the normal equations are singular, every solve of that layer takes the
+    # slow rank-revealing path (seconds per kept count at ResNet-18's 4,608 columns) and fits noise.
+    # (Convs only: a linear layer gets one row per image, and its solves stay cheap.)
+    short = [st for st in stats.values() if st.kind == "conv" and st.rows < st.columns]
+    if short:
+        need = max(-(-st.columns // max(st.rows // max(len(images), 1), 1)) for st in short)
+        warnings.warn(f"reconstruction is under-determined for {len(short)} layer(s) ({short[0].name}: "
+                      f"{short[0].rows} sampled rows for {short[0].columns} columns): raise --calib-images to at "
+                      f"least {need} (or --calib-points)", SearchWarning, stacklevel=2)
     return stats
 
 
@@ -262,8 +271,14 @@ class Reconstructor:
                 order = torch.argsort(score, descending=True, stable=True)
                 cols = (order[:, None] * kk + torch.arange(kk)[None, :]).reshape(-1)
                 chol, info = torch.linalg.cholesky_ex(st.gram.index_select(0, cols).index_select(1, cols))
-                covered = int(info) - 1 if int(info) > 0 else st.columns  # LAPACK: minor `info` is not PD
-                self._prefix[name] = (order, chol, st.xty.index_select(0, cols), covered)
+                diag = chol.diagonal()
+                # Only a well-conditioned Gram: then every leading block is too (its factor's diagonal is a
+                # part of this one). A singular one (dead channels of an untrained net, too few rows) goes to
+                # the rank-revealing solve, whose minimum-norm answer is the one to keep.
+                if int(info) != 0 or not diag.min() >= 1e-6 * diag.max():
+                    self._prefix[name] = None
+                else:
+                    self._prefix[name] = (order, chol, st.xty.index_select(0, cols), st.columns)
         return self._prefix[name]
 
     def _solve_prefix(self, name: str, idx: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
