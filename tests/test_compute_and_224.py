@@ -1,6 +1,5 @@
 """`--compute`, the per-phase timing of a search, and the code paths that ImageNet-sized inputs take
-(ImageNet strides, 3-channel resized image folders, the calibration pass's batching and sampling, the
-Cholesky solves), at small sizes: a 3x64x64 MobileNet-V2 runs the 224x224 strides. The 224x224 figures
+(ImageNet strides, 3-channel resized image folders, the calibration pass's batching and sampling), at small sizes: a 3x64x64 MobileNet-V2 runs the 224x224 strides. The 224x224 figures
 are in benchmarks/imagenet_shaped.py and docs/BENCHMARKS.md."""
 
 from __future__ import annotations
@@ -113,19 +112,6 @@ def test_calibration_batch_scales_with_pixels():
     assert calibration_batch(torch.zeros(500, 3, 1024, 1024)) == 1
 
 
-def test_cholesky_solve_is_the_least_squares_solution_and_falls_back_when_singular():
-    from amc_mobile.search.reconstruct import _cholesky_solve
-
-    gen = torch.Generator().manual_seed(0)
-    X = torch.randn(400, 30, dtype=torch.float64, generator=gen)
-    Y = torch.randn(400, 6, dtype=torch.float64, generator=gen)
-    g, b = X.T @ X, X.T @ Y
-    want = torch.linalg.lstsq(X, Y).solution
-    assert torch.allclose(_cholesky_solve(g, b), want, atol=1e-10)
-    thin = X[:20]  # 20 rows, 30 columns: G is singular, the pivoting QR must take it
-    assert _cholesky_solve(thin.T @ thin, thin.T @ Y[:20]) is None
-
-
 # ------------------------------------------------------------------------------------ a 224-strided search
 
 
@@ -181,40 +167,6 @@ def test_phase_timing_summary_and_line():
     line = describe(t)
     assert line.startswith("per episode 1.75 s median over 2: evaluation 57%") and "features 4 s once" in line
     assert phase_timing([{"prune_s": "1", "eval_s": "1"}]) == {}  # a log from before these columns
-
-
-def test_one_factorisation_per_layer_gives_the_least_squares_weights_of_every_kept_count():
-    """Every kept set of magnitude selection is a prefix of the importance order, so the Reconstructor
-    factorises each layer's Gram once; the weights must equal an independent lstsq on the sampled rows."""
-    from amc_mobile.pruning import build_graph
-    from amc_mobile.search.reconstruct import ChannelSelector, Reconstructor, collect_layer_stats
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1), nn.BatchNorm2d(24), nn.ReLU(), nn.Conv2d(24, 16, 3, 1, 1),
-                          nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
-    model.input_shape = (3, 12, 12)
-    model.eval()
-    graph = build_graph(model)
-    layer = next(l for l in graph.decision_layers("all") if l.name == "3")
-    images = torch.randn(40, 3, 12, 12)
-    stats = collect_layer_stats(model, graph, [layer.in_group], images, points=20)
-    selector = ChannelSelector(model, graph)
-    rec = Reconstructor(stats, selector, dict(model.named_modules()))
-    # the reference: X, Y at the same sampled points, lstsq on X itself
-    st = stats["3"]
-    for kept in (8, 16, 24):
-        idx = selector.indices(layer.in_group, kept)
-        w = rec.weight("3", idx)
-        cols = (idx[:, None] * 9 + torch.arange(9)[None, :]).reshape(-1)
-        want = torch.linalg.lstsq(st.gram[cols][:, cols], st.xty[cols]).solution.T.reshape(16, kept, 3, 3)
-        assert torch.allclose(w.double(), want, rtol=1e-4, atol=1e-5), kept
-    assert rec.prefix_solves == 3  # the one-factorisation path was taken
-    # a position set that is not a prefix of the importance order takes the general solve, same answer
-    odd = torch.arange(0, 24, 2)
-    w = rec.weight("3", odd)
-    cols = (odd[:, None] * 9 + torch.arange(9)[None, :]).reshape(-1)
-    want = torch.linalg.lstsq(st.gram[cols][:, cols], st.xty[cols]).solution.T.reshape(16, 12, 3, 3)
-    assert torch.allclose(w.double(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_too_few_calibration_rows_is_named_with_the_fix():

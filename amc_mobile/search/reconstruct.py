@@ -15,8 +15,7 @@ every episode. So:
   normal equations  G = X^T X,  B = X^T Y  in float64. Memory is G's (C*k*k)^2, independent of the
   number of images.
 - `Reconstructor.weight(layer, kept)` solves  G[kept, kept] W = B[kept]  with torch.linalg.lstsq
-  (same minimiser as the lstsq on X itself; by Cholesky when G is well
-  conditioned, QR with pivoting otherwise) and caches the result.
+  (same minimiser as the lstsq on X itself) and caches the result.
 - `PrunedModelBuilder.build(channels)` makes the pruned model from the original by slicing and
   swapping in cached weights, without deep-copying any tensor.
 """
@@ -28,7 +27,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from amc_mobile.pruning.graph import PruningGraph
@@ -230,9 +228,7 @@ class Reconstructor:
         self._shapes = {name: tuple(modules[name].weight.shape) for name in stats}
         self._cache: dict[tuple[str, int], torch.Tensor | None] = {}
         self._warned: set[str] = set()
-        self._prefix: dict[str, tuple | None] = {}  # layer -> Cholesky of its Gram in importance order
         self.solves = 0
-        self.prefix_solves = 0  # of which from the layer's one factorisation
 
     def __contains__(self, name: str) -> bool:
         return name in self.stats
@@ -255,58 +251,6 @@ class Reconstructor:
             self._cache[key] = self._solve(name, idx)
         return self._cache[key]
 
-    def _prefix_factor(self, name: str) -> tuple | None:
-        """(channel order by importance, Cholesky factor of the Gram with its columns in that order, B in that
-        order, how many leading columns the factor covers), or None when the layer does not read its group
-        channel for channel. Magnitude selection keeps the most important channels, so every kept set is a
-        prefix of that order, and the Cholesky factor of a leading block is the leading block of the factor:
-        one factorisation per layer serves every kept count (then two triangular solves per count)."""
-        if name not in self._prefix:
-            st = self.stats[name]
-            kk = st.kernel * st.kernel
-            score = self.selector.scores(st.group)
-            if score.numel() * kk != st.columns or not torch.isfinite(st.gram).all():
-                self._prefix[name] = None
-            else:
-                order = torch.argsort(score, descending=True, stable=True)
-                cols = (order[:, None] * kk + torch.arange(kk)[None, :]).reshape(-1)
-                chol, info = torch.linalg.cholesky_ex(st.gram.index_select(0, cols).index_select(1, cols))
-                diag = chol.diagonal()
-                # Only a well-conditioned Gram: then every leading block is too (its factor's diagonal is a
-                # part of this one). A singular one (dead channels of an untrained net, too few rows) goes to
-                # the rank-revealing solve, whose minimum-norm answer is the one to keep.
-                if int(info) != 0 or not diag.min() >= 1e-6 * diag.max():
-                    self._prefix[name] = None
-                else:
-                    self._prefix[name] = (order, chol, st.xty.index_select(0, cols), st.columns)
-        return self._prefix[name]
-
-    def _solve_prefix(self, name: str, idx: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-        """The solve for kept channels `idx` from the layer's one factorisation, when `idx` is a prefix of its
-        importance order and the factor is well conditioned there; else None. Rows come back in `idx` order."""
-        pre = self._prefix_factor(name)
-        if pre is None:
-            return None
-        order, chol, xty, covered = pre
-        kk = self.stats[name].kernel ** 2
-        k, m = len(idx), len(idx) * kk
-        if m > covered:
-            return None
-        head = order[:k]
-        ascending = torch.sort(head)
-        if not torch.equal(ascending.values, idx):
-            return None  # ties broken another way, or a layer reading a subset: the general solve
-        lk = chol[:m, :m]
-        diag = lk.diagonal()
-        if diag.min() < 1e-6 * diag.max():
-            return None
-        sol = torch.cholesky_solve(xty[:m], lk)  # rows in importance order, kk per channel
-        sol = sol.reshape(k, kk, -1)[ascending.indices].reshape(m, -1)
-        scale = b.norm()
-        if not torch.isfinite(sol).all() or (scale > 0 and (g @ sol - b).norm() > 1e-8 * scale):
-            return None
-        return sol
-
     def _solve(self, name: str, idx: torch.Tensor) -> torch.Tensor | None:
         st = self.stats[name]
         kk = st.kernel * st.kernel
@@ -316,17 +260,15 @@ class Reconstructor:
         if not (torch.isfinite(g).all() and torch.isfinite(b).all()):
             self._warn(name, "its calibration features are not finite (NaN/inf in the original model's activations)")
             return None
-        sol = self._solve_prefix(name, idx, g, b)
-        if sol is not None:
-            self.prefix_solves += 1
-        else:
-            sol = _cholesky_solve(g, b)
-        if sol is None:
-            try:
-                sol = torch.linalg.lstsq(g, b, driver="gelsy").solution  # (kept*k*k, C_out); QR with pivoting: rank-safe
-            except RuntimeError as exc:
-                self._warn(name, f"lstsq failed ({str(exc).splitlines()[0][:120]})")
-                return None
+        # QR with pivoting, rank-revealing: the Grams of untrained nets (dead channels) and of too few sampled
+        # rows are singular. (A Cholesky path, also one factorisation per layer, was measured in session 7: no
+        # gain on the 224x224 models, whose Grams are singular or ill-conditioned, and a risk of other answers
+        # on ill-conditioned ones; see docs/BENCHMARKS.md.)
+        try:
+            sol = torch.linalg.lstsq(g, b, driver="gelsy").solution  # (kept*k*k, C_out)
+        except RuntimeError as exc:
+            self._warn(name, f"lstsq failed ({str(exc).splitlines()[0][:120]})")
+            return None
         self.solves += 1
         c_out = b.shape[1]
         w = sol.T.reshape((c_out, len(idx), st.kernel, st.kernel) if st.kind == "conv" else (c_out, len(idx)))
@@ -339,23 +281,6 @@ class Reconstructor:
         if name not in self._warned:
             self._warned.add(name)
             warnings.warn(f"no reconstruction for {name} (plain slicing): {why}", SearchWarning, stacklevel=2)
-
-
-def _cholesky_solve(g: torch.Tensor, b: torch.Tensor, tol: float = 1e-8) -> torch.Tensor | None:
-    """G W = B by Cholesky when G (a Gram matrix: symmetric, PSD) is positive definite and the solution
-    reproduces B (relative residual under `tol`), else None (the caller falls back to QR with pivoting).
-    The same minimiser as lstsq; 3-5x faster at ResNet-18's 4,608 columns (a solve took seconds there)."""
-    chol, info = torch.linalg.cholesky_ex(g)
-    if int(info) != 0:
-        return None
-    diag = chol.diagonal()
-    if diag.min() < 1e-6 * diag.max():  # cond(G) over ~1e12: nearly rank-deficient, leave it to the pivoting QR
-        return None
-    sol = torch.cholesky_solve(b, chol)
-    scale = b.norm()
-    if not torch.isfinite(sol).all() or (scale > 0 and (g @ sol - b).norm() > tol * scale):
-        return None
-    return sol
 
 
 def shallow_copy(model: nn.Module) -> nn.Module:
