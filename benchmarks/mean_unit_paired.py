@@ -43,7 +43,7 @@ def predictions(graph, target, store, df, session_rows):
     from latency_tables.calibrate import calibration_for, fit_overhead
     from latency_tables.loading import calibration_points
     from latency_tables.predict import LatencyModel
-    from latency_tables.validate import accuracy_metrics, channels_of
+    from amc_mobile.table_validation import accuracy_metrics, channels_of
 
     out = {}
     for stat, column in (("median", "median_ms"), ("p10", "p10_ms")):
@@ -59,11 +59,10 @@ def predictions(graph, target, store, df, session_rows):
 
 def one(name, args, out):
     from amc_mobile.pruning import build_graph
-    from latency_tables.build import build_table
+    from amc_mobile.table_validation import CALIBRATION_FILE, validate_table
+    from amc_mobile.tables import build_table, resolve_target
     from latency_tables.loading import open_table
     from latency_tables.schema import read_calibration_rows
-    from latency_tables.target import resolve_target
-    from latency_tables.validate import CALIBRATION_FILE, validate_table
 
     torch.manual_seed(0)
     model = randomise_bn(PATTERN_NETS[name](in_ch=1, size=28))
