@@ -239,9 +239,8 @@ def _restore_budget(cost: CostModel, saved: dict, info: dict) -> float | None:
     """On resume: the interrupted run's budget and session overhead fit, not new measurements (a
     resumed search continues exactly; a fresh measurement would move the budget)."""
     rec = saved.get("recalibration")
-    lat = cost.model if isinstance(cost, LatencyCost) else None
-    if rec and isinstance(lat, LatencyModel):
-        lat.set_calibration(float(rec["fit"]["scale"]), float(rec["fit"]["offset"]))
+    if rec and isinstance(cost, LatencyCost):
+        cost.model.set_calibration(float(rec["fit"]["scale"]), float(rec["fit"]["offset"]))
         cost.refresh()
     for k in ("recalibration", "original_measured", "original_measured_ms"):
         if k in saved:
