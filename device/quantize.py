@@ -20,7 +20,9 @@ with the reason in `QuantizedModel.layers`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -249,9 +251,40 @@ def _layer_report(converted: QuantizedModule, policy: QuantPolicy, forced: dict[
         actual = "int8" if int8 else "fp32"
         reason = None
         if requested == "int8" and not int8:
-            reason = forced.get(layer) or f"the XNNPACK quantizer has no int8 pattern for this {op}"
+            reason = forced.get(layer) or (f"the XNNPACK quantizer leaves this {op.rsplit('.', 1)[0]} unquantized "
+                                           f"(none of its int8 patterns takes it)")
         out.append(LayerPrecision(layer, op, requested, actual, reason))
     return out
+
+
+class _WhyNotDelegated(logging.Handler):
+    """Collects XNNPACK's `WhyNoPartition` debug records: {node name: reason}."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.reasons: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        why = record.msg
+        node, reason = getattr(why, "node", None), getattr(why, "reason", None)
+        if node is not None and reason:
+            self.reasons.setdefault(node.name, str(reason).strip())
+
+
+@contextlib.contextmanager
+def _partitioner_reasons():
+    logger = logging.getLogger("executorch.backends.xnnpack")
+    handler = _WhyNotDelegated()
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # the records are for us, not for the user's console
+    logger.addHandler(handler)
+    try:
+        yield handler.reasons
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _undelegated_layers(converted: QuantizedModule, example_input: torch.Tensor) -> dict[str, str]:
@@ -262,7 +295,7 @@ def _undelegated_layers(converted: QuantizedModule, example_input: torch.Tensor)
     from .lowering import _collector_paused, _prepare_exporter
 
     _prepare_exporter()
-    with torch.no_grad(), _collector_paused():
+    with torch.no_grad(), _collector_paused(), _partitioner_reasons() as reasons:
         program = torch.export.export(converted.graph_module, (example_input,), strict=False)
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     left: dict[str, str] = {}
@@ -272,7 +305,8 @@ def _undelegated_layers(converted: QuantizedModule, example_input: torch.Tensor)
             continue
         layer = _layer_of(node)
         if layer is not None:
-            left[layer] = f"XNNPACK does not delegate its int8 form ({op.rsplit('.', 1)[0]} left to portable kernels)"
+            why = reasons.get(node.name, "no reason given")
+            left[layer] = f"XNNPACK does not delegate its int8 form: {why}"
     return left
 
 

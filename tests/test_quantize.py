@@ -1,0 +1,172 @@
+"""Per-layer int8 quantization (device/quantize.py): policies, calibration checks, which ops follow which
+layer, and real lowering: the .pte runs in ExecuTorch and in et_bench; layers XNNPACK cannot run in
+int8 stay fp32 with the partitioner's reason."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from amc_mobile.errors import AmcError
+from device import Candidate, MeasureConfig
+from device.lowering import lower_to_pte
+from device.quantize import (MIN_CALIBRATION_IMAGES, QuantPolicy, _export, check_calibration, node_precisions,
+                             quantize_model)
+
+
+class Block(nn.Module):
+    """conv-bn-relu, conv-bn, a residual add, relu: the add sits between two layers."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class Tiny(nn.Module):
+    input_shape = (1, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.block = Block(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.block(torch.relu(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _tiny():
+    torch.manual_seed(0)
+    m = Tiny().eval()
+    for bn in (m.bn, m.block.bn1, m.block.bn2):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def _images(n=16):
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_policy_parse_and_bad_policies(tmp_path):
+    assert QuantPolicy.parse("int8") == QuantPolicy("int8")
+    assert QuantPolicy.parse("fp32").all_fp32
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"default": "int8", "layers": {"fc": "fp32"}}))
+    p = QuantPolicy.parse(str(f))
+    assert p.precision_of("fc") == "fp32" and p.precision_of("stem") == "int8" and p.label() == "int8+1xfp32"
+    assert QuantPolicy.from_dict(p.to_dict()) == p
+    with pytest.raises(AmcError, match="'int4' for 'fc' is not one of fp32, int8"):
+        QuantPolicy(layers={"fc": "int4"})
+    with pytest.raises(AmcError, match="expected int8, fp32 or a policy .json"):
+        QuantPolicy.parse("int16")
+    f.write_text(json.dumps({"default": "int8", "layer": {}}))
+    with pytest.raises(AmcError, match=r"unknown key\(s\) \['layer'\]"):
+        QuantPolicy.parse(str(f))
+    f.write_text("[1]")
+    with pytest.raises(AmcError, match="p.json"):
+        QuantPolicy.parse(str(f))
+    with pytest.raises(AmcError, match="missing.json"):
+        QuantPolicy.parse(str(tmp_path / "missing.json"))
+
+
+def test_calibration_set_checks():
+    x = torch.zeros(1, 1, 8, 8)
+    with pytest.raises(AmcError, match="calibration set is empty"):
+        check_calibration(torch.zeros(0, 1, 8, 8), x)
+    with pytest.raises(AmcError, match="calibration set is empty"):
+        check_calibration(None, x)
+    with pytest.raises(AmcError, match=f"has 3 image\\(s\\): at least {MIN_CALIBRATION_IMAGES}"):
+        check_calibration(torch.zeros(3, 1, 8, 8), x)
+    with pytest.raises(AmcError, match=r"shape \(3, 8, 8\); the model takes \(1, 8, 8\)"):
+        check_calibration(torch.zeros(16, 3, 8, 8), x)
+    bad = torch.zeros(16, 1, 8, 8)
+    bad[3, 0, 0, 0] = float("nan")
+    with pytest.raises(AmcError, match="NaN"):
+        check_calibration(bad, x)
+    # the error reaches quantize_model's callers before any export work
+    with pytest.raises(AmcError, match="has 2 image"):
+        quantize_model(_tiny(), x, torch.zeros(2, 1, 8, 8), QuantPolicy())
+
+
+def test_ops_follow_the_layers_that_feed_them():
+    m = _tiny()
+    gm, batched = _export(m, torch.zeros(1, 1, 8, 8))
+    assert batched  # calibration runs in batches
+    prec = node_precisions(gm, QuantPolicy("int8", {"block.conv2": "fp32"}))
+    by_op = {}
+    for node in gm.graph.nodes:
+        if node.name in prec:
+            by_op.setdefault(str(node.target).split(".", 1)[1], []).append(prec[node.name])
+    # conv2d: stem, block.conv1 int8, block.conv2 fp32; its BN follows it; the add mixes int8 and fp32: fp32
+    assert by_op["conv2d.default"] == ["int8", "int8", "fp32"]
+    assert by_op["batch_norm.default"] == ["int8", "int8", "fp32"] or \
+        by_op.get("_native_batch_norm_legit_no_training.default") == ["int8", "int8", "fp32"]
+    assert by_op["add.Tensor"] == ["fp32"]
+    assert by_op["linear.default"] == ["int8"]
+
+
+@pytest.mark.slow
+def test_mixed_policy_lowers_runs_and_matches(tmp_path, et_bench):
+    """int8 where asked, fp32 elsewhere; the .pte computes what the quantized module computes (ExecuTorch's
+    own runtime) and runs in our runner; the int8 model stays close to the fp32 one."""
+    from executorch.runtime import Runtime
+
+    from device.local import LocalDevice
+
+    m = _tiny()
+    x = _images(1)
+    qm = quantize_model(m, x, _images(32), QuantPolicy("int8", {"block.conv2": "fp32"}))
+    got = {l.layer: l.actual for l in qm.layers}
+    assert got == {"stem": "int8", "block.conv1": "int8", "block.conv2": "fp32", "fc": "int8"}
+    assert not qm.fallbacks and qm.calibration_images == 32
+    pte = tmp_path / "q.pte"
+    assert lower_to_pte([Candidate("q", qm.module, x), Candidate("f", m, x)], pte, shared=False) == {}
+    program = Runtime.get().load_program(pte)
+    with torch.no_grad():
+        want_q, want_f = qm.module(x), m(x)
+    torch.testing.assert_close(program.load_method("q").execute([x])[0], want_q, rtol=0.05, atol=0.05)
+    # int8 vs fp32: the same function up to quantization error (a bug, e.g. a lost BN, breaks this)
+    assert torch.nn.functional.cosine_similarity(want_q.flatten(), want_f.flatten(), dim=0) > 0.98
+    res = LocalDevice().measure_pte(pte, ["q", "f"], MeasureConfig(warmup=1, iterations=3))
+    assert [r.ok for r in res] == [True, True]
+
+
+class WithGroupedTransposed(nn.Module):
+    """A grouped transposed conv: the XNNPACK quantizer skips it (and XNNPACK would refuse its per-channel
+    int8 form)."""
+
+    input_shape = (4, 6, 6)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2)
+
+    def forward(self, x):
+        return self.up(torch.relu(self.conv(x)))
+
+
+@pytest.mark.slow
+def test_layer_xnnpack_cannot_run_in_int8_stays_fp32_with_the_reason(tmp_path, et_bench):
+    from device.local import LocalDevice
+
+    torch.manual_seed(0)
+    m = WithGroupedTransposed().eval()
+    x = torch.randn(1, 4, 6, 6)
+    qm = quantize_model(m, x, torch.randn(16, 4, 6, 6), QuantPolicy("int8"))
+    layers = {l.layer: l for l in qm.layers}
+    assert layers["conv"].actual == "int8"
+    up = layers["up"]
+    assert (up.requested, up.actual) == ("int8", "fp32")
+    assert up.reason == ("the XNNPACK quantizer leaves this aten.conv_transpose2d unquantized "
+                         "(none of its int8 patterns takes it)")
+    assert qm.fallbacks == [up]
+    res = LocalDevice().measure([Candidate("q", qm.module, x)], MeasureConfig(warmup=1, iterations=3))
+    assert res[0].ok, res[0].error
