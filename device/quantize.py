@@ -197,6 +197,16 @@ def node_precisions(gm: fx.GraphModule, policy: QuantPolicy, forced_fp32: set[st
     return prec
 
 
+def check_layers(gm: fx.GraphModule, policy: QuantPolicy) -> None:
+    """A policy that names a layer the model does not have is a typo, not a no-op."""
+    names = [_layer_of(n) or n.name for n in gm.graph.nodes if _op_name(n) in _LAYER_OPS]
+    unknown = sorted(set(policy.layers) - set(names))
+    if unknown:
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise AmcError(f"quantization policy names layer(s) the model does not have: {', '.join(unknown)} "
+                       f"(its conv/linear layers: {shown}; `amc-mobile inspect` lists them)")
+
+
 def _export(module: nn.Module, example_input: torch.Tensor) -> tuple[fx.GraphModule, bool]:
     """The model as an ATen graph; the batch dimension dynamic when the model allows (True)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -227,6 +237,7 @@ def _quantize_once(module, example_input, images, policy, forced_fp32):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     gm, batched = _export(module, example_input)
+    check_layers(gm, policy)
     prec = node_precisions(gm, policy, forced_fp32)
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     # The annotators ask about every node of a pattern, weights and biases (get_attr) included:
@@ -322,6 +333,7 @@ def quantize_model(module: nn.Module, example_input: torch.Tensor, calibration: 
     forced: dict[str, str] = {}
     if policy.all_fp32:
         gm, _ = _export(module, example_input)
+        check_layers(gm, policy)
         layers = [LayerPrecision(_layer_of(n) or n.name, _op_name(n), "fp32", "fp32")
                   for n in gm.graph.nodes if _op_name(n) in _LAYER_OPS]
         return QuantizedModel(module, example_input, policy, layers, len(images))

@@ -95,6 +95,22 @@ def test_calibration_set_checks():
         quantize_model(_tiny(), x, torch.zeros(2, 1, 8, 8), QuantPolicy())
 
 
+def test_policy_naming_a_layer_the_model_lacks_is_an_error():
+    with pytest.raises(AmcError, match=r"does not have: block\.conv3 \(its conv/linear layers: stem, block\.conv1"):
+        quantize_model(_tiny(), torch.zeros(1, 1, 8, 8), _images(), QuantPolicy("fp32", {"block.conv3": "int8"}))
+
+
+def test_cli_bad_calibration_and_policy_are_one_line_errors(tmp_path, capsys):
+    from amc_mobile.cli import main
+
+    for argv, msg in ((["quantize", "resnet20", "--out", str(tmp_path), "--calib-images", "0"], "calibration set is empty"),
+                      (["quantize", "resnet20", "--out", str(tmp_path), "--policy", "int4"], "expected int8, fp32"),
+                      (["bench", "-m", "resnet20", "--quantize", "int8", "--calib-images", "3"], "has 3 image(s)")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+
+
 def test_ops_follow_the_layers_that_feed_them():
     m = _tiny()
     gm, batched = _export(m, torch.zeros(1, 1, 8, 8))
