@@ -8,10 +8,11 @@ weights, asymmetric per-tensor int8 activations, static ranges) -> calibration o
 int8 op; XNNPACK's partitioner folds those into int8 kernels.
 
 Which ops are int8: a conv or linear node takes its layer's precision from the policy; every other
-op (BN, activation, add, pool, cat, ...) takes the precision of the layers that feed it, and is int8
-only when all of them are. So a layer's fused units (conv+BN+act, the add closing its block) go with
-it, and an add between an int8 and an fp32 branch stays fp32: a q/dq boundary sits on each edge
-between an int8 and an fp32 op, never inside a fused unit.
+op (BN, activation, add, pool, cat, ...) follows the ops that feed it, and is int8 when any of them
+is. So a layer's fused units (conv+BN+act) go with it, and an add joining an int8 and an fp32 branch
+is int8, its fp32 input quantized on the edge. (The stricter "all inputs int8" would make one fp32
+layer turn the whole residual stream after it fp32, identity adds and all.) A q/dq boundary sits on
+each edge between an fp32 and an int8 op, never inside a fused unit.
 
 A layer asked to be int8 that the quantizer leaves unannotated, or whose int8 form XNNPACK does not
 delegate (it would then need quantized portable kernels the runner does not register), stays fp32,
@@ -193,7 +194,7 @@ def node_precisions(gm: fx.GraphModule, policy: QuantPolicy, forced_fp32: set[st
             prec[node.name] = "fp32" if layer in forced_fp32 else policy.precision_of(layer)
             continue
         fed = [prec[a.name] for a in node.all_input_nodes if a.name in prec]
-        prec[node.name] = "int8" if fed and all(p == "int8" for p in fed) else "fp32"
+        prec[node.name] = "int8" if "int8" in fed else "fp32"
     return prec
 
 

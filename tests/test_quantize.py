@@ -120,12 +120,15 @@ def test_ops_follow_the_layers_that_feed_them():
     for node in gm.graph.nodes:
         if node.name in prec:
             by_op.setdefault(str(node.target).split(".", 1)[1], []).append(prec[node.name])
-    # conv2d: stem, block.conv1 int8, block.conv2 fp32; its BN follows it; the add mixes int8 and fp32: fp32
+    # conv2d: stem, block.conv1 int8, block.conv2 fp32; its BN follows it; the add joins int8 (the stem's
+    # relu) and fp32 (block.conv2's BN): int8, block.conv2's output quantized on the edge
     assert by_op["conv2d.default"] == ["int8", "int8", "fp32"]
     assert by_op["batch_norm.default"] == ["int8", "int8", "fp32"] or \
         by_op.get("_native_batch_norm_legit_no_training.default") == ["int8", "int8", "fp32"]
-    assert by_op["add.Tensor"] == ["fp32"]
+    assert by_op["add.Tensor"] == ["int8"]
     assert by_op["linear.default"] == ["int8"]
+    prec = node_precisions(gm, QuantPolicy("fp32", {"block.conv1": "int8"}))
+    assert [prec[n.name] for n in gm.graph.nodes if str(n.target) == "aten.add.Tensor"] == ["fp32"]
 
 
 @pytest.mark.slow
@@ -186,3 +189,43 @@ def test_layer_xnnpack_cannot_run_in_int8_stays_fp32_with_the_reason(tmp_path, e
     assert qm.fallbacks == [up]
     res = LocalDevice().measure([Candidate("q", qm.module, x)], MeasureConfig(warmup=1, iterations=3))
     assert res[0].ok, res[0].error
+
+
+def test_unit_dtypes_follow_the_policy_and_int8_units_build_quantized():
+    from amc_mobile.models import build_model
+    from amc_mobile.precision import unit_dtypes, units_at
+    from amc_mobile.pruning.graph import build_graph
+    from device.quantize import QuantizedModule
+    from latency_tables.units import UnitSpec
+
+    model = build_model("resnet20").eval()
+    graph = build_graph(model)
+    names = [u.name for u in graph.units]
+    policy = QuantPolicy("int8", {"blocks.0.conv2.conv": "fp32"})
+    dtypes = dict(zip(names, unit_dtypes(model, graph, policy)))
+    assert dtypes["blocks.0.conv1.conv"] == "int8" and dtypes["blocks.0.conv2.conv"] == "fp32"
+    assert dtypes["add"] == "int8"  # fed by the fp32 conv and the int8 stem: int8, q on the fp32 edge
+    other = dict(zip(names, unit_dtypes(model, graph, QuantPolicy("fp32", {"blocks.0.conv1.conv": "int8"}))))
+    assert other["blocks.0.conv1.conv"] == "int8" and other["add"] == "fp32"  # fed by fp32 only
+    specs = units_at(graph, list(dtypes.values()))
+    assert specs[1].key().endswith("-int8-b1") and specs[2].key().endswith("-fp32-b1")
+    with pytest.raises(AmcError, match="unknown unit dtype 'fp16'"):
+        UnitSpec("conv", 4, 4, 8, 8, 3, dtype="fp16")
+    module, x = UnitSpec("conv", 6, 6, 4, 8, 3, padding=1, act="relu", dtype="int8").build()
+    assert isinstance(module, QuantizedModule)
+    assert any("quantize_per_tensor" in str(n.target) for n in module.graph_module.graph.nodes)
+    fp32, _ = UnitSpec("conv", 6, 6, 4, 8, 3, padding=1, act="relu").build()
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(module(x).flatten(), fp32(x).flatten(), dim=0) > 0.98
+
+
+@pytest.mark.slow
+def test_int8_units_measure_in_one_batch_like_fp32_ones(et_bench):
+    from device.local import LocalDevice
+    from latency_tables.units import UnitSpec
+
+    specs = [UnitSpec("conv", 8, 8, 8, 16, 3, padding=1, act="relu", dtype=d) for d in ("fp32", "int8")]
+    specs.append(UnitSpec("add", 8, 8, 16, 16, dtype="int8"))
+    cands = [Candidate(f"u{i}", *s.build()) for i, s in enumerate(specs)]
+    res = LocalDevice().measure(cands, MeasureConfig(warmup=1, iterations=3))
+    assert [r.ok for r in res] == [True, True, True], [r.error for r in res]
