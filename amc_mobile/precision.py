@@ -45,3 +45,12 @@ def unit_dtypes(model: nn.Module, graph: PruningGraph, policy: QuantPolicy) -> l
 def units_at(graph: PruningGraph, dtypes: list[str], channels: dict[int, int] | None = None) -> list[UnitSpec]:
     """The concrete units at `channels`, each keyed by its dtype."""
     return [replace(spec, dtype=d) for spec, d in zip(graph.units_for(channels or {}), dtypes)]
+
+
+def with_dtypes(graph: PruningGraph, dtypes: list[str] | str) -> PruningGraph:
+    """`graph` with its units keyed by `dtypes` (one per unit, or one for all): what a table of int8 or
+    mixed-precision units is built from (same channel plans, the dtype in every key)."""
+    if isinstance(dtypes, str):
+        dtypes = [dtypes] * len(graph.units)
+    units = [replace(u, spec=replace(u.spec, dtype=d)) for u, d in zip(graph.units, dtypes)]
+    return replace(graph, units=units)

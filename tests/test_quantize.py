@@ -229,3 +229,33 @@ def test_int8_units_measure_in_one_batch_like_fp32_ones(et_bench):
     cands = [Candidate(f"u{i}", *s.build()) for i, s in enumerate(specs)]
     res = LocalDevice().measure(cands, MeasureConfig(warmup=1, iterations=3))
     assert [r.ok for r in res] == [True, True, True], [r.error for r in res]
+
+
+@pytest.mark.slow
+def test_table_build_int8_units_are_measured_and_keyed_by_dtype(tmp_path, et_bench, capsys):
+    """int8 rows go through the same batched, resumable build as fp32 ones (one multi-method .pte per batch)."""
+    import csv
+
+    from amc_mobile.cli import main
+
+    net = tmp_path / "net.py"
+    net.write_text("from torch import nn\n"
+                   "class Net(nn.Module):\n"
+                   "    input_shape = (1, 8, 8)\n"
+                   "    def __init__(self):\n"
+                   "        super().__init__()\n"
+                   "        self.a = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())\n"
+                   "        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())\n"
+                   "        self.fc = nn.Linear(8, 4)\n"
+                   "    def forward(self, x):\n"
+                   "        return self.fc(self.b(self.a(x)).mean((2, 3)))\n"
+                   "def build():\n"
+                   "    return Net()\n")
+    table = tmp_path / "table"
+    argv = ["table", "build", "-m", f"{net}:build", "--dtype", "int8", "--table-dir", str(table), "--grid", "4",
+            "--max-configs", "3", "--iterations", "3", "--warmup", "1", "--quiet", "--workers", "1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    with open(table / "units.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(r["dtype"] == "int8" and "-int8-" in r["key"] for r in rows), rows
+    assert all(float(r["median_ms"]) > 0 for r in rows)
