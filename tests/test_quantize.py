@@ -259,3 +259,14 @@ def test_table_build_int8_units_are_measured_and_keyed_by_dtype(tmp_path, et_ben
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and all(r["dtype"] == "int8" and "-int8-" in r["key"] for r in rows), rows
     assert all(float(r["median_ms"]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_python_measure_of_a_quantized_model(et_bench):
+    from amc_mobile import measure
+
+    stats = measure(_tiny(), quantize="int8", calibration=(_images(16), None),
+                    config=MeasureConfig(warmup=1, iterations=3))
+    assert stats.ok and stats.n == 3
+    with pytest.raises(AmcError, match="calibration set is empty"):
+        measure(_tiny(), quantize="int8", calibration=torch.zeros(0, 1, 8, 8))
