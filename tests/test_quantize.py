@@ -270,3 +270,69 @@ def test_python_measure_of_a_quantized_model(et_bench):
     assert stats.ok and stats.n == 3
     with pytest.raises(AmcError, match="calibration set is empty"):
         measure(_tiny(), quantize="int8", calibration=torch.zeros(0, 1, 8, 8))
+
+
+def test_precision_env_wall_keeps_every_policy_within_the_budget():
+    """The action wall on a cost where each fp32 layer adds its weight: whatever the agent asks, the finished
+    policy is within the budget; a budget below all-int8 is refused before any episode."""
+    import numpy as np
+
+    from amc_mobile.search.precision_search import PrecisionEnv, search_precision
+
+    layers = ["a", "b", "c", "d"]
+    extra = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+
+    def cost(choice):
+        return 1.0 + sum(extra[n] for n, p in choice.items() if p == "fp32")
+
+    scores = []
+
+    def score(choice):  # more fp32 layers -> more accurate: the agent wants fp32 everywhere
+        scores.append(dict(choice))
+        return 0.5 + 0.1 * sum(p == "fp32" for p in choice.values())
+
+    env = PrecisionEnv(layers, np.eye(4), cost, 6.0, score)
+    s = env.reset()
+    for _ in layers:  # ask for fp32 every time
+        s, done, ep = env.step(1.0)
+    assert ep.precisions == ["fp32", "fp32", "int8", "int8"] and ep.predicted_ms == 4.0  # a+b fit, c would not
+    best = search_precision(env, episodes=6, warmup=3, seed=0)
+    assert all(cost(c) <= 6.0 for c in scores) and best.predicted_ms <= 6.0
+    assert best.accuracy == max(0.5 + 0.1 * sum(p == "fp32" for p in c.values()) for c in scores)
+    with pytest.raises(AmcError, match="below the all-int8 prediction 1.000 ms"):
+        PrecisionEnv(layers, np.eye(4), cost, 0.5, score)
+
+
+@pytest.mark.slow
+def test_precision_search_end_to_end(tmp_path, et_bench, capsys):
+    import csv
+
+    from amc_mobile.cli import main
+
+    net = tmp_path / "net.py"
+    net.write_text("from torch import nn\n"
+                   "class Net(nn.Module):\n"
+                   "    input_shape = (1, 28, 28)\n"
+                   "    def __init__(self):\n"
+                   "        super().__init__()\n"
+                   "        self.a = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())\n"
+                   "        self.b = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())\n"
+                   "        self.fc = nn.Linear(64, 10)\n"
+                   "    def forward(self, x):\n"
+                   "        return self.fc(self.b(self.a(x)).mean((2, 3)))\n"
+                   "def build():\n"
+                   "    return Net()\n")
+    out = tmp_path / "ps"
+    argv = ["precision-search", f"{net}:build", "--out", str(out), "--target", "0.8", "--episodes", "3",
+            "--warmup-episodes", "2", "--val-images", "20", "--calib-images", "16", "--iterations", "5",
+            "--warmup", "2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    result = json.loads((out / "result.json").read_text())
+    assert result["predicted_ms"] <= result["budget_ms"]
+    assert set(result) >= {"measured_ms", "fp32_measured_ms", "top1", "int8_layers", "measured_over_budget"}
+    policy = QuantPolicy.parse(str(out / "policy.json"))
+    assert set(policy.layers) == {"a.0", "b.0", "fc"}
+    with open(out / "episodes.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    rows = (out / "unit_costs.csv").read_text().splitlines()
+    assert rows[0] == "key,median_ms" and any("-int8-" in r for r in rows) and rows[-1].startswith("model-fp32,")
