@@ -99,11 +99,11 @@ def measure(model, device: str = "local", *, input_shape=None, config=None, quan
     `quantize`: "int8", a `QuantPolicy` or a policy file: the model is quantized first (PT2E, XNNPACK
     quantizer), its activation ranges calibrated on `calibration` (images, or an (images, labels) pair;
     default: the first 128 Fashion-MNIST training images)."""
-    from device.base import Candidate, MeasureConfig
+    from device.base import Candidate, MeasureConfig, example_input
     from device.registry import open_device
 
     module = _module(model, input_shape)
-    x = torch.randn(1, *module.input_shape, generator=torch.Generator().manual_seed(0))
+    x = example_input(module.input_shape)
     if quantize is not None:
         from device.quantize import QuantPolicy, quantize_model
 
@@ -126,7 +126,7 @@ def measure(model, device: str = "local", *, input_shape=None, config=None, quan
 def build_table(model, device: str = "local", *, input_shape=None, **options):
     """Build (or resume) the model's latency table on `device` and return it as a `LatencyModel`
     (`predict(channels)`, `full_latency_ms`); options as `latency_tables.build.build_table`."""
-    from latency_tables.build import ensure_table
+    from amc_mobile.tables import ensure_table
 
     return ensure_table(_module(model, input_shape), device_uri=device, **options)
 

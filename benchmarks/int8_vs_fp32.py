@@ -80,7 +80,8 @@ def whole_models(args, dev, tmp: Path) -> None:
     for name in args.models:
         f, q = times[f"{name}_fp32"], times[f"{name}_int8"]
         ratios = [b / a for a, b in zip(f, q)]
-        acc = {k: pte_accuracy(tmp / f"{name}_{k}.pte", data.val, args.eval_images)["top1"] for k in ("fp32", "int8")}
+        acc = {k: pte_accuracy(tmp / f"{name}_{k}.pte", data.val, args.eval_images, method=f"{name}_{k}")["top1"]
+               for k in ("fp32", "int8")}
         qm = quantized[name]
         print(f"{name:14s} {statistics.median(f):8.3f} {statistics.median(q):8.3f} {statistics.median(ratios):9.3f} "
               f"{min(ratios):6.3f}-{max(ratios):.3f} {sizes[name + '_fp32']:8.3f} {sizes[name + '_int8']:8.3f} "

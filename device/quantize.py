@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from amc_mobile.errors import AmcError
+from .errors import AmcError
 
 PRECISIONS = ("fp32", "int8")
 # Fewer images than this give activation ranges from a handful of samples: a min/max observer over
@@ -95,7 +95,7 @@ class QuantPolicy:
         path = Path(text)
         if path.suffix != ".json" and not path.exists():
             raise AmcError(f"--quantize {text!r}: expected int8, fp32 or a policy .json file")
-        from amc_mobile.files import read_json
+        from .files import read_json
 
         return cls.from_dict(read_json(path, dict, "a policy is {\"default\": \"int8\", \"layers\": {\"LAYER\": \"fp32\"}}"), str(path))
 
@@ -304,10 +304,9 @@ def _undelegated_layers(converted: QuantizedModule, example_input: torch.Tensor)
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from .lowering import _collector_paused, _prepare_exporter
+    from .lowering import _collector_paused, exporter_speedups
 
-    _prepare_exporter()
-    with torch.no_grad(), _collector_paused(), _partitioner_reasons() as reasons:
+    with torch.no_grad(), _collector_paused(), exporter_speedups(), _partitioner_reasons() as reasons:
         program = torch.export.export(converted.graph_module, (example_input,), strict=False)
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     left: dict[str, str] = {}

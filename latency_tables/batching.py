@@ -32,8 +32,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from amc_mobile.errors import AmcError
-from device.base import Candidate, Device, MeasureConfig
+from device.errors import AmcError
+from device.base import Candidate, Device, MeasureConfig, PteDevice
 from device.stats import LatencyStats
 
 from .units import UnitSpec
@@ -155,7 +155,7 @@ class BatchRunner:
         self.batch_size = max(1, int(batch_size))
         self.workers = max(1, int(workers))
         self.warm_workers = warm_workers
-        self.use_pool = self.workers > 1 and callable(getattr(device, "measure_pte", None))
+        self.use_pool = self.workers > 1 and isinstance(device, PteDevice)
         self._pool: cf.ProcessPoolExecutor | None = None
         self.stats = RunStats()
 
@@ -312,7 +312,7 @@ class Programs:
         self.materialize = materialize
         self.passes = 0
         self.failed: dict[str, str] = {}
-        self.prebuilt = callable(getattr(runner.device, "measure_pte", None))
+        self.prebuilt = isinstance(runner.device, PteDevice)
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._programs: list[tuple[str, list[Job]]] = []
         if self.jobs and self.prebuilt:

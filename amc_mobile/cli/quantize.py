@@ -38,18 +38,12 @@ def register(sub) -> None:
 
 
 def load_trained(ref: str, options, allow_pickle: bool = False):
-    """(module, example input, label): a registry name with its trained weights, anything else as loaded."""
+    """(module, example input, label): a registry name with its trained weights (accuracy needs them),
+    anything else as loaded."""
     from amc_mobile.errors import AmcError
-    from amc_mobile.model_io import _example, load_model
-    from amc_mobile.models import MODEL_NAMES
+    from amc_mobile.model_io import load_model
 
-    if ref in MODEL_NAMES and (options is None or options.empty):
-        from amc_mobile.train import get_or_train
-
-        module, _ = get_or_train(ref, device="cpu", progress=False)
-        module.eval()
-        return module, _example(module), ref
-    loaded = load_model(ref, allow_pickle=allow_pickle, options=options)
+    loaded = load_model(ref, allow_pickle=allow_pickle, options=options, trained=True)
     if loaded.module is None:
         raise AmcError(f"{ref} is a compiled .pte: quantize the model it came from")
     return loaded.module.eval(), loaded.example_input, loaded.label
