@@ -22,7 +22,6 @@ with the reason in `QuantizedModel.layers`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -344,11 +343,3 @@ def quantize_model(module: nn.Module, example_input: torch.Tensor, calibration: 
             converted = _quantize_once(module, example_input, images, policy, set(forced))
     return QuantizedModel(converted, example_input, policy, _layer_report(converted, policy, forced), len(images))
 
-
-def policy_for_layers(layers: list[str], precisions: list[str]) -> QuantPolicy:
-    """A policy that names every layer (what a search writes)."""
-    return QuantPolicy(default="fp32", layers=dict(zip(layers, precisions)))
-
-
-def write_policy(policy: QuantPolicy, path: Path) -> None:
-    Path(path).write_text(json.dumps(policy.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -42,8 +42,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from amc_mobile.cli.quantize import load_trained
     from amc_mobile.data_sources import load_data
     from amc_mobile.errors import AmcError
