@@ -93,13 +93,29 @@ def _dataset(train_data, val_data, val_size: int, seed: int) -> tuple[FashionMNI
                                                              "val_images": len(val)}
 
 
-def measure(model, device: str = "local", *, input_shape=None, config=None):
-    """The model's latency statistics (`LatencyStats`: median_ms, p10_ms, p90_ms, ...) on `device`."""
+def measure(model, device: str = "local", *, input_shape=None, config=None, quantize=None, calibration=None):
+    """The model's latency statistics (`LatencyStats`: median_ms, p10_ms, p90_ms, ...) on `device`.
+
+    `quantize`: "int8", a `QuantPolicy` or a policy file: the model is quantized first (PT2E, XNNPACK
+    quantizer), its activation ranges calibrated on `calibration` (images, or an (images, labels) pair;
+    default: the first 128 Fashion-MNIST training images)."""
     from device.base import Candidate, MeasureConfig, example_input
     from device.registry import open_device
 
     module = _module(model, input_shape)
     x = example_input(module.input_shape)
+    if quantize is not None:
+        from device.quantize import QuantPolicy, quantize_model
+
+        policy = quantize if isinstance(quantize, QuantPolicy) else QuantPolicy.parse(str(quantize))
+        if calibration is None:
+            from amc_mobile.data import load_fashion_mnist
+
+            calibration = load_fashion_mnist().train.images[:128]
+        elif isinstance(calibration, (tuple, list)):
+            calibration = calibration[0]
+        if not policy.all_fp32:
+            module = quantize_model(module, x, calibration, policy).module
     with open_device(device) as dev:
         stats = dev.measure([Candidate("model", module, x)], config or MeasureConfig())[0]
     if not stats.ok:

@@ -27,6 +27,10 @@ ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswi
 REDUCTIONS = ("mean", "sum", "amax")
 # kinds whose output has the input's channels
 _CHANNEL_KEEPING = ("dwconv", "add", "pool", "avgpool", "gate", "mul", "act", "copy", "bn", "layernorm") + REDUCTIONS
+# fp32, or int8 as ExecuTorch's XNNPACK quantizer makes it (device/quantize.py): a unit measured in int8
+# takes and returns fp32, so its time includes the quantize of its input and the dequantize of its output
+DTYPES = ("fp32", "int8")
+INT8_CALIBRATION = 16  # random inputs of the unit's shape: a unit's weights are random too
 
 
 @dataclass(frozen=True, order=True)
@@ -49,6 +53,8 @@ class UnitSpec:
     def __post_init__(self) -> None:
         if self.kind not in UNIT_KINDS:
             raise AmcError(f"unknown unit kind {self.kind!r}: expected one of {', '.join(UNIT_KINDS)}")
+        if self.dtype not in DTYPES:
+            raise AmcError(f"unknown unit dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.act not in ACTIVATIONS:
             raise AmcError(f"unknown activation {self.act!r} in a {self.kind} unit: expected one of {', '.join(ACTIVATIONS)}")
         if min(self.c_in, self.c_out, self.h, self.w, self.stride, self.batch) < 1 or self.kernel < 0:
@@ -114,6 +120,12 @@ class UnitSpec:
                     m.running_mean.uniform_(-0.1, 0.1, generator=gen)
                     m.running_var.uniform_(0.5, 1.5, generator=gen)
         x = torch.randn(self.input_shape(), generator=gen)
+        if self.dtype == "int8":
+            from device.quantize import QuantPolicy, quantize_model
+
+            calib = torch.randn((INT8_CALIBRATION, *self.input_shape()[1:]), generator=gen)
+            # no delegation check: a unit lowered with portable int8 ops fails in the runner, with its reason
+            return quantize_model(module.eval(), x, calib, QuantPolicy("int8"), check_delegation=False).module, x
         return module.eval(), x
 
     def to_dict(self) -> dict:

@@ -42,7 +42,9 @@ def _parsed(argv):
 
 @pytest.mark.parametrize("command", [["devices"], ["bench", "-m", "resnet20"], ["search"], ["compare", "resnet20"],
                                      ["table", "build", "-m", "resnet20"], ["inspect", "resnet20"],
-                                     ["report", "runs/x"], ["finetune", "runs/x"], ["train"]])
+                                     ["report", "runs/x"], ["finetune", "runs/x"], ["train"],
+                                     ["quantize", "resnet20", "--out", "q"],
+                                     ["precision-search", "resnet20", "--out", "q"]])
 def test_quiet_and_verbose_are_accepted_by_every_subcommand(command):
     for argv in (["-q", *command], [*command, "-q"], [*command, "--quiet", "--verbose"]):
         args = _parsed(argv)

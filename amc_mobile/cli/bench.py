@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from amc_mobile.cli.common import add_measure_options, dump_json, measure_config, stats_table
 from amc_mobile.cli.model_options import add_model_options, model_options
+from amc_mobile.cli.quantize import QUANTIZE_HELP, add_calibration_options
 from amc_mobile.errors import AmcError
 from device import LatencyStats
 
@@ -20,6 +22,10 @@ def register(sub) -> None:
     p.add_argument("--device", "-d", default="local", help="device URI (default: local)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a fully pickled module (.pt)")
     p.add_argument("--json", action="store_true", help="print JSON (with raw samples) instead of a table")
+    p.add_argument("--quantize", action="append", default=None, metavar="POLICY",
+                   help="measure each model quantized: " + QUANTIZE_HELP + "; repeatable, e.g. "
+                        "`--quantize fp32 --quantize int8` times both side by side in one program")
+    add_calibration_options(p, 128)
     add_model_options(p)
     add_measure_options(p, iterations=100, warmup=20)
     p.set_defaults(func=run)
@@ -28,6 +34,31 @@ def register(sub) -> None:
 def method_label(name: str) -> str:
     """A method name as a row label: quoted when it is empty or not a plain identifier (e.g. "a,b")."""
     return name if name.isidentifier() else json.dumps(name)
+
+
+def _candidates(modules, args) -> list[tuple[int, str, "Candidate"]]:
+    """(model index, row label, candidate) for each model, once per --quantize policy (as loaded without)."""
+    from device import Candidate
+
+    if not args.quantize:
+        return [(i, m.label, Candidate(f"m{i}", m.module, m.example_input)) for i, m in modules]
+    from amc_mobile.data_sources import load_data
+    from amc_mobile.quantization import calibration_images
+    from device.quantize import QuantPolicy, quantize_model
+
+    policies = [QuantPolicy.parse(q) for q in args.quantize]
+    calib = None
+    if not all(p.all_fp32 for p in policies):
+        calib = calibration_images(load_data(args.data, data_dir=args.data_dir).train, args.calib_images)
+    rows = []
+    for i, m in modules:
+        for k, policy in enumerate(policies):
+            qm = quantize_model(m.module, m.example_input, calib, policy) if not policy.all_fp32 else None
+            for f in (qm.fallbacks if qm else []):
+                print(f"amc-mobile: note: {m.label}: layer {f.layer} stays fp32: {f.reason}", file=sys.stderr)
+            rows.append((i, f"{m.label} [{policy.label()}]",
+                         Candidate(f"m{i}_q{k}", qm.module if qm else m.module, m.example_input)))
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
         results: list[tuple[int, str, LatencyStats]] = []  # (model index, row label, stats)
         modules = [(i, m) for i, m in enumerate(models) if m.module is not None]
         if modules:
-            cands = [Candidate(f"m{i}", m.module, m.example_input) for i, m in modules]
-            for (i, m), s in zip(modules, dev.measure(cands, config)):
-                results.append((i, m.label, s))
+            rows = _candidates(modules, args)
+            for (i, label, cand), s in zip(rows, dev.measure([c for _, _, c in rows], config)):
+                results.append((i, label, s))
         for i, m in enumerate(models):
             if m.pte_path is not None:
                 if not isinstance(dev, PteDevice):

@@ -74,6 +74,10 @@ def register(sub) -> None:
                    help="processes lowering batches in parallel (default %(default)s)")
     b.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="methods per .pte (default %(default)s)")
     b.add_argument("--retry-failed", action="store_true", help="measure again the units that failed before")
+    b.add_argument("--dtype", choices=("fp32", "int8"), default="fp32",
+                   help="precision of the units: int8 units are quantized as `amc-mobile quantize` does (XNNPACK "
+                        "quantizer) and keyed by dtype next to fp32 ones (default %(default)s; int8 builds units "
+                        "only, no whole-model calibration yet)")
     b.add_argument("--dry-run", action="store_true", help="print what would be measured and stop")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_measure_options(b, iterations=UNIT_CONFIG.iterations, warmup=UNIT_CONFIG.warmup)
@@ -142,6 +146,11 @@ def run_build(args: argparse.Namespace) -> int:
     check_at_least(args, grid=1, coarse_step=1, max_configs=1, calibration_variants=1, workers=1, batch_size=1)
     check_positive(args, "tolerance", "budget_minutes")
     target = resolve_target(args.model, scope=args.scope, options=model_options(args))
+    if args.dtype != "fp32":
+        from amc_mobile.precision import with_dtypes
+
+        target.graph = with_dtypes(target.graph, args.dtype)
+        args.no_calibrate = True  # the calibration models would be fp32: not what int8 rows are used with
     devices = list(dict.fromkeys(args.device or ["local"]))
     if args.dry_run:
         args.device = devices[0]

@@ -1,0 +1,115 @@
+"""`amc-mobile precision-search`: stage two of the two-stage pipeline (AMC prunes, then a second DDPG agent
+picks each layer's precision under a measured latency budget)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+from amc_mobile.cli.common import add_measure_options, measure_config
+from amc_mobile.cli.model_options import MODEL_HELP, add_model_options, model_options
+from amc_mobile.cli.quantize import add_calibration_options
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "precision-search", help="a DDPG agent picks int8/fp32 per layer under a latency budget (two-stage stage 2)",
+        description="Stage two of the two-stage pipeline: MODEL (e.g. a search run's pruned/ folder) gets a "
+        "precision per conv/linear layer, int8 or fp32, from a second DDPG agent (AMC's agent, HAQ's state), "
+        "reward -error after post-training quantization, the budget enforced by an action wall on the "
+        "predicted latency (every fused unit measured on DEVICE at both precisions, plus the fp32 model's "
+        "overhead). The chosen model is then quantized, lowered and MEASURED next to the fp32 one. "
+        "OUT: unit_costs.csv, episodes.csv, policy.json (a --policy for `amc-mobile quantize`), result.json.")
+    p.add_argument("model", metavar="MODEL", help=f"{MODEL_HELP}; a registry name gets its trained weights")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", "-d", default="local", help="device URI (default: local)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target", type=float, default=None,
+                   help="budget as a fraction of MODEL's measured fp32 latency (default 0.5)")
+    g.add_argument("--budget-ms", type=float, default=None, help="budget in ms (e.g. 0.3x the unpruned original)")
+    p.add_argument("--episodes", type=int, default=20, help="default %(default)s")
+    p.add_argument("--warmup-episodes", type=int, default=5, help="random episodes first (default %(default)s)")
+    p.add_argument("--val-images", type=int, default=500, help="reward on the first N validation images "
+                                                               "(default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    add_calibration_options(p, 128)
+    add_model_options(p)
+    add_measure_options(p, iterations=50, warmup=10)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from amc_mobile.cli.quantize import load_trained
+    from amc_mobile.data_sources import load_data
+    from amc_mobile.errors import AmcError
+    from amc_mobile.pruning.graph import build_graph
+    from amc_mobile.quantization import calibration_images
+    from amc_mobile.search.precision_search import make_env, measure_unit_costs, policy_of, search_precision, write_json
+    from amc_mobile.train import evaluate
+    from device import Candidate, open_device
+    from device.quantize import check_calibration, quantize_model
+
+    config = measure_config(args)
+    if args.target is not None and not 0 < args.target <= 1:
+        raise AmcError(f"--target must be in (0, 1], got {args.target:g}")
+    if args.budget_ms is not None and not args.budget_ms > 0:
+        raise AmcError(f"--budget-ms must be positive, got {args.budget_ms:g}")
+    if args.val_images < 1:
+        raise AmcError(f"--val-images must be >= 1, got {args.val_images}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    module, x, label = load_trained(args.model, model_options(args))
+    data = load_data(args.data, data_dir=args.data_dir)
+    calib = check_calibration(calibration_images(data.train, args.calib_images), x)
+    val = data.val.subset(args.val_images)
+    graph = build_graph(module)
+    with open_device(args.device) as dev:
+        costs = measure_unit_costs(module, graph, dev, config, out / "unit_costs.csv")
+        fp32_ms = costs.ms["model-fp32"]
+        budget = args.budget_ms if args.budget_ms is not None else (args.target or 0.5) * fp32_ms
+        cache: dict[tuple, float] = {}
+
+        def score(choice: dict[str, str]) -> float:
+            key = tuple(sorted(choice.items()))
+            if key not in cache:
+                qm = quantize_model(module, x, calib, policy_of(list(choice), list(choice.values())),
+                                    check_delegation=False)
+                cache[key] = evaluate(qm.module, val, topk=(1,))["top1"]
+            return cache[key]
+
+        env = make_env(module, graph, costs, budget, score)
+        log = open(out / "episodes.csv", "w", newline="")
+        w = csv.writer(log)
+        w.writerow(["episode", "int8_layers", "predicted_ms", "top1", "reward", "precisions"])
+
+        def on_episode(e, ep):
+            w.writerow([e, ep.precisions.count("int8"), f"{ep.predicted_ms:.4f}", f"{ep.accuracy:.4f}",
+                        f"{ep.reward:.4f}", " ".join(ep.precisions)])
+            log.flush()
+            print(f"episode {e}: {ep.precisions.count('int8')}/{len(ep.precisions)} int8, predicted "
+                  f"{ep.predicted_ms:.3f} ms, top-1 {ep.accuracy:.4f}", file=sys.stderr)
+
+        try:
+            best = search_precision(env, args.episodes, args.warmup_episodes, args.seed, on_episode=on_episode)
+        finally:
+            log.close()
+        policy = policy_of(env.layers, best.precisions)
+        write_json(out / "policy.json", policy.to_dict())
+        qm = quantize_model(module, x, calib, policy)
+        fp, q = dev.measure([Candidate("fp32", module, x), Candidate("chosen", qm.module, x)], config)
+    if not (fp.ok and q.ok):
+        raise AmcError(f"measuring the result failed: {fp.error or q.error}")
+    result = {"model": label, "device": args.device, "budget_ms": budget, "fp32_measured_ms": fp.median_ms,
+              "measured_ms": q.median_ms, "predicted_ms": best.predicted_ms,
+              "measured_over_budget": q.median_ms / budget, "top1_fp32": evaluate(module, val, topk=(1,))["top1"],
+              "top1": best.accuracy, "val_images": len(val), "int8_layers": qm.int8_layers,
+              "fallbacks": [f.to_dict() for f in qm.fallbacks], "episodes": args.episodes}
+    write_json(out / "result.json", result)
+    print(f"{label}: {len(qm.int8_layers)}/{len(qm.layers)} layers int8; measured {q.median_ms:.3f} ms "
+          f"(fp32 {fp.median_ms:.3f} ms, budget {budget:.3f} ms, predicted {best.predicted_ms:.3f} ms); "
+          f"top-1 {best.accuracy:.4f} (fp32 {result['top1_fp32']:.4f}) on {len(val)} validation images; "
+          f"policy {out / 'policy.json'}")
+    return 0
