@@ -10,7 +10,7 @@ from amc_mobile.cli.common import add_measure_options, dump_json, measure_config
 from amc_mobile.cli.model_options import add_model_options, model_options
 from amc_mobile.cli.quantize import QUANTIZE_HELP, add_calibration_options
 from amc_mobile.errors import AmcError
-from device import LatencyStats
+from device import Candidate, LatencyStats
 
 
 def register(sub) -> None:
@@ -36,10 +36,8 @@ def method_label(name: str) -> str:
     return name if name.isidentifier() else json.dumps(name)
 
 
-def _candidates(modules, args) -> list[tuple[int, str, "Candidate"]]:
+def _candidates(modules, args) -> list[tuple[int, str, Candidate]]:
     """(model index, row label, candidate) for each model, once per --quantize policy (as loaded without)."""
-    from device import Candidate
-
     if not args.quantize:
         return [(i, m.label, Candidate(f"m{i}", m.module, m.example_input)) for i, m in modules]
     from amc_mobile.data_sources import load_data
@@ -64,7 +62,7 @@ def _candidates(modules, args) -> list[tuple[int, str, "Candidate"]]:
 def run(args: argparse.Namespace) -> int:
     from amc_mobile.model_io import load_model
     from amc_mobile.models import DEFAULT_MODEL
-    from device import Candidate, PteDevice, open_device
+    from device import PteDevice, open_device
 
     config = measure_config(args)
     refs = args.model or [DEFAULT_MODEL]
