@@ -19,7 +19,8 @@
  * selection is timed in groups of at most --group methods (default 32), each
  * group in rounds that run every method once in an order shuffled by --seed.
  * --reference NAME runs in every round of every group; records then add
- *   "interleaved": true, "seed", "group", "rounds", "reference": str|null,
+ *   "interleaved": true, "seed", "group", "rounds" (that this method took part in; a method
+ *   leaves once it has its --iterations, --min_time_ms and CI), "reference": str|null,
  *   "reference_us": [...] (the reference's sample of the same round as each of ours),
  * and with --ci_target X (a relative half-width, e.g. 0.02) rounds go on past
  * --iterations until every method's 95 % median CI (of its ratio to the reference
@@ -815,31 +816,32 @@ void bench_interleaved(const et::Program& program, const std::vector<std::string
     std::vector<std::unique_ptr<LoadedMethod>> ms;
     for (size_t i = start; i < std::min(work.size(), start + group); ++i) ms.push_back(load_for_bench(program, work[i]));
     for (auto& m : ms) warm(*m, args.warmup);
-    // Indices into ms; -1 is the reference.
-    std::vector<long> order;
-    for (size_t i = 0; i < ms.size(); ++i) order.push_back((long)i);
-    if (ref) order.push_back(-1);
+    // A method leaves the rounds once it has what it needs (--iterations, --min_time_ms, and with
+    // --ci_target a converged CI), so a 2 us unit needing 30 ms timed does not drag a 1 ms unit
+    // through 15000 rounds; the reference runs in every round while any method is still in.
+    std::vector<bool> done(ms.size(), false);
+    std::vector<double> cis(ms.size(), -1.0);
     long rounds = 0;
     double group_timed_ms = 0.0;
-    bool converged = args.ci_target <= 0;
-    std::vector<double> cis(ms.size(), -1.0);
+    std::vector<long> order;
     while (true) {
-      bool need_more = rounds < args.iterations;
-      if (!need_more && args.min_time_ms > 0) {
-        for (auto& m : ms) need_more |= m->timed_ms < args.min_time_ms && m->us.size() < kMaxSamples;
-      }
-      if (!need_more && args.ci_target > 0) {
-        // Checked every few rounds: sorting is cheap next to a method's run, but not free.
-        if (rounds % 5 == 0 || group_timed_ms >= args.max_time_ms) {
-          converged = true;
-          for (size_t i = 0; i < ms.size(); ++i) {
-            cis[i] = ci_of(*ms[i]);
-            converged &= cis[i] <= args.ci_target;
-          }
+      bool capped = args.ci_target > 0 && group_timed_ms >= args.max_time_ms;
+      bool check_ci = rounds % 5 == 0 || capped;
+      order.clear();
+      for (size_t i = 0; i < ms.size(); ++i) {
+        if (done[i]) continue;
+        const auto& m = *ms[i];
+        bool more = (long)m.us.size() < args.iterations ||
+                    (m.timed_ms < args.min_time_ms && m.us.size() < kMaxSamples);
+        if (!more && args.ci_target > 0) {
+          if (check_ci) cis[i] = ci_of(m);
+          more = !capped && m.us.size() < kMaxSamples && !(cis[i] >= 0 && cis[i] <= args.ci_target);
         }
-        need_more = !converged && group_timed_ms < args.max_time_ms && (size_t)rounds < kMaxSamples;
+        if (more) order.push_back((long)i);
+        else done[i] = true;
       }
-      if (!need_more) break;
+      if (order.empty()) break;
+      if (ref) order.push_back(-1);
       for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng.next() % i]);  // Fisher-Yates
       double ref_x = 0.0;
       for (long k : order) {
@@ -851,14 +853,16 @@ void bench_interleaved(const et::Program& program, const std::vector<std::string
           group_timed_ms += time_once(*ms[(size_t)k]) / 1000.0;
         }
       }
-      if (ref) for (auto& m : ms) m->reference_us.push_back(ref_x);
+      if (ref) {
+        for (long k : order) if (k >= 0) ms[(size_t)k]->reference_us.push_back(ref_x);
+      }
       ++rounds;
     }
     for (size_t i = 0; i < ms.size(); ++i) {
       RoundInfo ri;
       ri.on = true;
       ri.group = gi;
-      ri.rounds = rounds;
+      ri.rounds = (long)ms[i]->us.size();  // the rounds this method took part in
       ri.reference = ref ? &args.reference : nullptr;
       if (args.ci_target > 0) {
         ri.ci_rel = cis[i] >= 0 ? cis[i] : ci_of(*ms[i]);

@@ -133,12 +133,18 @@ class LocalDevice(Device):
         if not candidates:
             return []
         runner = self.runner  # fail before spending minutes on lowering
+        self.reference_error = None  # set when the reference fails
         with tempfile.TemporaryDirectory(prefix="amc-local-") as tmp:
             pte = Path(tmp) / "batch.pte"
             failed = lower_to_pte(candidates, pte)
             for _ in failed:
                 _tick(progress)
             names = [c.name for c in candidates if c.name not in failed]
+            if config.reference is not None and config.reference in failed:
+                self.reference_error = (f"the drift reference {config.reference!r} did not lower "
+                                        f"({failed[config.reference]}); measured without it (rows unreferenced)")
+                log.warning(self.reference_error)
+                config = replace(config, reference=None)
             measured = self._measure_methods(runner, pte, names, config, progress) if names else {}
         return [
             LatencyStats.failed(c.name, failed[c.name]) if c.name in failed else measured[c.name]
@@ -162,6 +168,7 @@ class LocalDevice(Device):
         methods = list(methods)
         if not methods:
             return []
+        self.reference_error = None  # set when the reference fails
         measured = self._measure_methods(runner, path, methods, config, progress)
         return [measured[m] for m in methods]
 
@@ -198,7 +205,6 @@ class LocalDevice(Device):
         samples: dict[str, list[LatencyStats]] = {n: [] for n in names}
         errors: dict[str, str] = {}
         repeats = max(1, int(config.repeats))
-        self.reference_error = None  # set below when the reference fails
         for rep in range(repeats):
             todo = [n for n in names if n not in errors]
             timeouts = 0
