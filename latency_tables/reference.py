@@ -124,3 +124,74 @@ def anchored_medians(units: dict, refs: dict[str, ReferenceRow], ref_level_ms: f
         r = refs.get(k)
         out[k] = r.ratio * ref_level_ms if r is not None and not math.isnan(r.ratio) else row.median_ms
     return out
+
+
+# Timed against the reference by `amc-mobile noise`: a bigger unit, so the rounds are not all reference.
+PROBE_SPEC = UnitSpec("conv", 16, 16, 64, 64, kernel=3, stride=1, padding=1, act="relu")
+
+
+@dataclass(frozen=True)
+class NoiseReport:
+    device: str
+    seconds: float
+    rounds: int
+    reference_ms: float  # the reference's median
+    spread: float  # its robust spread (the noise figure)
+    drift: float  # spread of the medians of 5 consecutive slices
+    ratio_ci: float  # 95 % CI half-width of the probe/reference ratio
+    tolerance: float
+
+    @property
+    def noisy(self) -> bool:
+        from device.noise import is_noisy
+
+        return is_noisy(self.spread, self.tolerance)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {**asdict(self), "noisy": self.noisy}
+
+    def summary(self) -> str:
+        from device.noise import noise_sentence
+
+        return "\n".join([
+            f"device {self.device}: {self.rounds} interleaved rounds in {self.seconds:.1f} s timed",
+            f"reference unit {REFERENCE_SPEC.key()}: median {self.reference_ms:.4f} ms, spread "
+            f"{100 * self.spread:.1f} %, drift between 5 slices {100 * self.drift:.1f} %",
+            f"ratio of {PROBE_SPEC.key()} to it: 95 % CI ±{100 * self.ratio_ci:.2f} %",
+            noise_sentence(self.spread, self.tolerance),
+        ])
+
+
+def measure_noise(device, seconds: float = 3.0, tolerance: float = 0.10) -> NoiseReport:
+    """Time the reference and PROBE_SPEC in interleaved rounds for about `seconds` of timed runs."""
+    from device.base import Candidate, Device, MeasureConfig
+    from device.noise import pass_drift
+    from device.registry import open_device
+    from device.stats import median_ci_rel
+
+    from amc_mobile.errors import AmcError
+
+    owned = not isinstance(device, Device)
+    dev = open_device(device) if owned else device
+    try:
+        cands = []
+        for name, spec in ((REFERENCE_NAME, REFERENCE_SPEC), ("probe", PROBE_SPEC)):
+            module, x = spec.build()
+            cands.append(Candidate(name, module, x))
+        cfg = MeasureConfig(warmup=20, iterations=30, min_time_ms=seconds * 1000.0 / 2, reference=REFERENCE_NAME)
+        ref, probe = dev.measure(cands, cfg)
+        if not ref.ok:
+            raise AmcError(f"the reference unit could not be measured on {dev.uri}: {ref.error}")
+        if not probe.ok:
+            raise AmcError(f"the probe unit could not be measured on {dev.uri}: {probe.error}")
+        from device.stats import robust_cv
+
+        ratios = np.asarray(probe.samples_ms) / np.asarray(probe.reference_ms) if probe.has_reference else []
+        return NoiseReport(dev.uri, float(sum(ref.samples_ms) + sum(probe.samples_ms)) / 1000.0, probe.n,
+                           ref.median_ms, robust_cv(ref.samples_ms), pass_drift(ref.samples_ms),
+                           median_ci_rel(ratios) if len(ratios) else float("nan"), tolerance)
+    finally:
+        if owned:
+            dev.close()

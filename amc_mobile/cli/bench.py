@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from amc_mobile.cli.common import add_measure_options, dump_json, measure_config, stats_table
+from dataclasses import replace
+
+from amc_mobile.cli.common import add_measure_options, dump_json, measure_config, ratio_lines, stats_table
 from amc_mobile.cli.model_options import add_model_options, model_options
 from amc_mobile.errors import AmcError
 from device import LatencyStats
@@ -44,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         modules = [(i, m) for i, m in enumerate(models) if m.module is not None]
         if modules:
             cands = [Candidate(f"m{i}", m.module, m.example_input) for i, m in modules]
+            if config.interleaved:  # the first model is the drift reference of the others
+                config = replace(config, reference=cands[0].name)
             for (i, m), s in zip(modules, dev.measure(cands, config)):
                 results.append((i, m.label, s))
         for i, m in enumerate(models):
@@ -63,4 +67,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"device {args.device}: {fp.hardware} | {fp.runtime} | {fp.backend} | threads {fp.threads}")
         print(stats_table(labelled))
+        if config.interleaved:
+            from device.noise import noise_sentence, robust_cv
+
+            for line in ratio_lines(labelled):
+                print(line)
+            why = getattr(dev, "reference_error", None)
+            if why:
+                print(f"drift reference: {why}")
+            ref = [s for _, label, s in results if s.ok and s.name == config.reference]
+            print(noise_sentence(robust_cv(ref[0].samples_ms) if ref else float("nan")))
     return 0 if all(s.ok for _, s in labelled) else 1
