@@ -163,16 +163,17 @@ class BatchRunner:
         self.reference: Job | None = None
         self.reference_error: str | None = None  # why programs ran without it, when they did
 
-    def with_reference(self, jobs: list[Job]) -> list[Job]:
-        if self.reference is None or self.config.reference is None:
+    def with_reference(self, jobs: list[Job], config: MeasureConfig | None = None) -> list[Job]:
+        if self.reference is None or (config or self.config).reference is None:
             return jobs
         return [*jobs, self.reference]
 
-    def measure_program(self, device: Device, path: str, jobs: list[Job]) -> list[LatencyStats]:
+    def measure_program(self, device: Device, path: str, jobs: list[Job],
+                        config: MeasureConfig | None = None) -> list[LatencyStats]:
         """`device.measure_pte` of a program lowered with `with_reference`: the jobs' results (paired
         with the reference when it ran). A reference that did not lower or run is dropped, once said."""
         names = [j.name for j in jobs]
-        cfg = self.config
+        cfg = config or self.config
         if self.reference is not None and cfg.reference is not None:
             try:
                 out = device.measure_pte(path, [*names, self.reference.name], cfg)
@@ -373,10 +374,11 @@ class Programs:
                     self.materialize(j)
             parts = [p for p in (chunk[i::n] for i in range(n)) if p]
             paths = [str(Path(self._tmp.name) / f"r{r:03d}-{i}.pte") for i in range(len(parts))]
+            lowered = [runner.with_reference(p, self.config) for p in parts]
             if runner.use_pool:
-                outcomes = runner._lower_parts(parts, paths)
+                outcomes = runner._lower_parts(lowered, paths)
             else:
-                outcomes = [_lower_chunk(p, path) for p, path in zip(parts, paths)]
+                outcomes = [_lower_chunk(p, path) for p, path in zip(lowered, paths)]
             for p, path, (failed, _) in zip(parts, paths, outcomes):
                 self.failed.update(failed)
                 ok = [j for j in p if j.name not in failed]
@@ -399,8 +401,8 @@ class Programs:
         if self.prebuilt:
             for path, jobs in self._programs:
                 try:
-                    measured = {s.name: s for s in self.runner.device.measure_pte(path, [j.name for j in jobs],
-                                                                                  self.config)}
+                    measured = {s.name: s for s in self.runner.measure_program(self.runner.device, path, jobs,
+                                                                               self.config)}
                 except AmcError as exc:
                     if on_batch is not None:
                         _hand_over_partial(exc, jobs, on_batch)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -158,6 +158,11 @@ def build_table(model, device: str | Device | Sequence[str | Device] = "local", 
     t_start = time.perf_counter()
     target = model if isinstance(model, Target) else resolve_target(model, graph, scope)
     config = config or UNIT_CONFIG
+    # Every build has the drift reference unless the caller names another (or "" for none).
+    if config.reference is None:
+        config = replace(config, reference=REFERENCE_NAME)
+    elif not config.reference:
+        config = replace(config, reference=None)
     model_config = model_config or MODEL_CONFIG
     opened: list[tuple[Device, bool]] = []
     limits = _Limits(max_configs, budget_minutes)
