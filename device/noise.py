@@ -19,9 +19,9 @@ def noise_sentence(noise: float, tolerance: float = 0.10) -> str:
     if noise is None or math.isnan(noise):
         return "device noise: not measured (no drift reference in these measurements)"
     if noise > tolerance:
-        return (f"device too noisy for ±{100 * tolerance:.0f} %: reference spread {100 * noise:.0f} %; "
+        return (f"device too noisy for ±{100 * tolerance:g} %: reference spread {100 * noise:.0f} %; "
                 f"results kept, marked noisy")
-    return f"device noise: reference spread {100 * noise:.1f} % (within ±{100 * tolerance:.0f} %)"
+    return f"device noise: reference spread {100 * noise:.1f} % (within ±{100 * tolerance:g} %)"
 
 
 def is_noisy(noise: float, tolerance: float = 0.10) -> bool:
