@@ -103,3 +103,16 @@ def test_noise_command_under_the_injector_warns_and_keeps_going(et_bench):
     bad = subprocess.run([sys.executable, "-m", "amc_mobile", "noise", "--seconds", "0"], capture_output=True,
                          text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--seconds" in bad.stderr
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "--ci-target", "2"], "--ci-target must be a fraction"),
+    (["bench", "--ci-target", "0.02", "--max-time-ms", "0"], "--max-time-ms must be between"),
+    (["noise", "--tolerance", "1.5"], "--tolerance must be a fraction"),
+])
+def test_bad_noise_options_are_one_line_errors(argv, says, capsys):
+    from amc_mobile.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "\n" not in err
