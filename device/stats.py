@@ -131,7 +131,7 @@ def merge_repeats(name: str, repeats: list[LatencyStats]) -> LatencyStats:
         ci = median_ci_rel(np.asarray(samples) / np.asarray(reference)) if reference else median_ci_rel(samples)
     return LatencyStats.from_samples(name, samples, load_ms=float(np.median(loads)) if loads else None,
                                      reference_ms=reference, ci_rel=ci,
-                                     converged=None if ci is None else ci <= max(asked) or all(r.converged for r in ok))
+                                     converged=None if ci is None else all(bool(r.converged) for r in ok))
 
 
 def median_ci_rel(samples) -> float:
