@@ -571,6 +571,9 @@ def _measured_pick(setup: SearchSetup, best: dict, top: list[dict]) -> tuple[dic
                       f"kept, its budget unchecked", SearchWarning, stacklevel=2)
         return best, {"error": str(exc)}
     entry = pick.to_dict()
+    # which candidate the search would have exported without this wall (the best by predicted reward)
+    entry["best_predicted"] = next((c["label"] for c in entry["candidates"] if c["channels"] == best["channels"]),
+                                   None)
     log.info(pick.line())
     if pick.picked is None:
         warnings.warn(pick.line(), SearchWarning, stacklevel=2)
