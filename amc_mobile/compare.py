@@ -266,10 +266,10 @@ def measure_device(device, models: Sequence[ModelEntry], config, log: Log | None
                     else:
                         stats = dev.measure(cands, cfg)
                     if cfg.interleaved and stats and stats[0].ok:
-                        from device.noise import noise_sentence
-                        from device.stats import robust_cv
+                        from device.noise import noise_figure, noise_sentence, pass_drift, robust_cv
 
-                        log(f"{uri}: {noise_sentence(robust_cv(stats[0].samples_ms))}")
+                        ref = stats[0].samples_ms
+                        log(f"{uri}: {noise_sentence(noise_figure(robust_cv(ref), pass_drift(ref)))}")
                 except AmcError as exc:  # runner missing, bad affinity, ...: the device cannot run at all
                     return _finish(_skip_all(uri, models, one_line(exc)), fp, t0)
                 except Exception as exc:

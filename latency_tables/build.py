@@ -74,7 +74,7 @@ class BuildReport:
     failures: list[str] = field(default_factory=list)
     devices: dict[str, int] = field(default_factory=dict)  # configurations measured per device (pooled builds)
     lost: dict[str, str] = field(default_factory=dict)  # devices that left the pool, and why
-    noise: float = float("nan")  # median drift-reference spread of this run's rows (NaN: no reference)
+    noise: float = float("nan")  # this run's noise figure: max(median row noise, level spread) (NaN: no reference)
     noisy: int = 0  # rows of this run marked noisy
     referenced: int = 0  # rows of this run stored with their reference
     reference_error: str | None = None  # why rows went without the reference, when some did
@@ -279,6 +279,7 @@ def _sample_units(store: TableStore, plans, runner: BatchRunner, limits: _Limits
     counter = [0]
     bar = _progress_bar(progress, "table build")
     noise: list[float] = []
+    levels: list[float] = []
     with store.unit_log() as log, store.failure_log() as flog, store.origin_log() as olog, \
             store.reference_log() as rlog:
         def on_batch(results: list[tuple[Job, LatencyStats]], device_uri: str | None = None) -> None:
@@ -295,6 +296,7 @@ def _sample_units(store: TableStore, plans, runner: BatchRunner, limits: _Limits
                         report.referenced += 1
                         report.noisy += ref.noisy
                         noise.append(ref.noise)
+                        levels.append(ref.ref_median_ms)
                     olog.append(f"{row.key},{clean_field(uri)},{row.stats.measured_at}\n")
                     values[row.key] = row.median_ms
                     report.measured += 1
@@ -342,7 +344,9 @@ def _sample_units(store: TableStore, plans, runner: BatchRunner, limits: _Limits
     if finite:
         import numpy as np
 
-        report.noise = float(np.median(finite))
+        from device.noise import level_spread, noise_figure
+
+        report.noise = noise_figure(float(np.median(finite)), level_spread(levels))
     report.sampled = len(sampled)
     report.rounds = sampler.round
     report.refined = sampler.refined_intervals

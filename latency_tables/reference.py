@@ -7,8 +7,8 @@ REFERENCE_NAME, so each unit row has the reference's latency in the very rounds 
     key, ref_key, median_ms, ref_median_ms, ratio, noise, ci_rel, noisy, measured_at
 
 `ratio` is the median of the per-round ratios unit/reference: what a slow stretch of the device
-cancels out of. `noise` is the reference's robust spread over those rounds (1.4826 MAD / median): the
-device's noise while the row was taken. `noisy` is 1 when that spread exceeds NOISY_SPREAD or the
+cancels out of. `noise` is the device's noise while the row was taken: the larger of the reference's
+robust spread over those rounds (1.4826 MAD / median) and the drift between five slices of them. `noisy` is 1 when that spread exceeds NOISY_SPREAD or the
 runner's adaptive rounds did not reach their CI target before the time cap (the row is kept).
 
 A table built before this (no `references.csv`) still loads; `reference_status` says it is
@@ -53,7 +53,9 @@ class ReferenceRow:
 
     @classmethod
     def of(cls, key: str, s: LatencyStats, measured_at: str | None = None) -> "ReferenceRow":
-        noise = s.noise
+        from device.noise import noise_figure, pass_drift
+
+        noise = noise_figure(s.noise, pass_drift(s.reference_ms))
         ci = float("nan") if s.ci_rel is None else float(s.ci_rel)
         noisy = (not math.isnan(noise) and noise > NOISY_SPREAD) or s.converged is False
         return cls(key, REFERENCE_SPEC.key(), s.median_ms, s.ref_median_ms, s.ratio, noise, ci, noisy,
@@ -90,6 +92,13 @@ class ReferenceStatus:
     noisy: int
     noise: float  # median reference spread over the referenced rows (NaN when none)
     ref_median_ms: float  # the reference's median level over the build (NaN when none)
+    level_spread: float = float("nan")  # how far its level moved between rows: (p90 - p10) / median
+
+    @property
+    def figure(self) -> float:
+        from device.noise import noise_figure
+
+        return noise_figure(self.noise, self.level_spread)
 
     @property
     def label(self) -> str:
@@ -102,8 +111,8 @@ class ReferenceStatus:
     def line(self) -> str:
         s = f"drift reference: {self.label}"
         if self.referenced:
-            s += (f"; device noise during the build {100 * self.noise:.1f} % (reference spread), "
-                  f"{self.noisy} rows marked noisy")
+            s += (f"; device noise during the build: reference spread {100 * self.noise:.1f} % within rows, its "
+                  f"level moved {100 * self.level_spread:.1f} % between them; {self.noisy} rows marked noisy")
         return s
 
 
@@ -111,9 +120,11 @@ def reference_status(units: dict, refs: dict[str, ReferenceRow]) -> ReferenceSta
     rows = [refs[k] for k in units if k in refs]
     noise = [r.noise for r in rows if not math.isnan(r.noise)]
     level = [r.ref_median_ms for r in rows if not math.isnan(r.ref_median_ms)]
+    from device.noise import level_spread
+
     return ReferenceStatus(len(units), len(rows), sum(r.noisy for r in rows),
                            float(np.median(noise)) if noise else float("nan"),
-                           float(np.median(level)) if level else float("nan"))
+                           float(np.median(level)) if level else float("nan"), level_spread(level))
 
 
 def anchored_medians(units: dict, refs: dict[str, ReferenceRow], ref_level_ms: float) -> dict[str, float]:
@@ -142,15 +153,21 @@ class NoiseReport:
     tolerance: float
 
     @property
+    def figure(self) -> float:
+        from device.noise import noise_figure
+
+        return noise_figure(self.spread, self.drift)
+
+    @property
     def noisy(self) -> bool:
         from device.noise import is_noisy
 
-        return is_noisy(self.spread, self.tolerance)
+        return is_noisy(self.figure, self.tolerance)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
-        return {**asdict(self), "noisy": self.noisy}
+        return {**asdict(self), "figure": self.figure, "noisy": self.noisy}
 
     def summary(self) -> str:
         from device.noise import noise_sentence
@@ -160,7 +177,7 @@ class NoiseReport:
             f"reference unit {REFERENCE_SPEC.key()}: median {self.reference_ms:.4f} ms, spread "
             f"{100 * self.spread:.1f} %, drift between 5 slices {100 * self.drift:.1f} %",
             f"ratio of {PROBE_SPEC.key()} to it: 95 % CI ±{100 * self.ratio_ci:.2f} %",
-            noise_sentence(self.spread, self.tolerance),
+            noise_sentence(self.figure, self.tolerance),
         ])
 
 

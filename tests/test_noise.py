@@ -116,3 +116,14 @@ def test_bad_noise_options_are_one_line_errors(argv, says, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and "\n" not in err
+
+
+def test_the_figure_takes_the_largest_spread_and_a_build_sees_its_level_move():
+    from device.noise import level_spread, noise_figure
+    from latency_tables.reference import ReferenceStatus
+
+    assert noise_figure(0.02, float("nan"), 0.15) == 0.15 and math.isnan(noise_figure(float("nan")))
+    assert level_spread([0.05, 0.05, 0.05, 0.05]) == 0 and level_spread([0.04, 0.05, 0.06, 0.05]) > 0.2
+    # per-row spread 2 %, but the reference's level moved 30 % between batches: the figure says 30 %
+    st = ReferenceStatus(10, 10, 0, 0.02, 0.05, 0.30)
+    assert st.figure == 0.30 and "moved 30.0 % between them" in st.line()

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"device {args.device}: {fp.hardware} | {fp.runtime} | {fp.backend} | threads {fp.threads}")
         print(stats_table(labelled))
         if config.interleaved:
-            from device.noise import noise_sentence, robust_cv
+            from device.noise import noise_figure, noise_sentence, pass_drift, robust_cv
 
             for line in ratio_lines(labelled):
                 print(line)
@@ -76,5 +76,6 @@ def run(args: argparse.Namespace) -> int:
             if why:
                 print(f"drift reference: {why}")
             ref = [s for _, label, s in results if s.ok and s.name == config.reference]
-            print(noise_sentence(robust_cv(ref[0].samples_ms) if ref else float("nan")))
+            print(noise_sentence(noise_figure(robust_cv(ref[0].samples_ms), pass_drift(ref[0].samples_ms))
+                                 if ref else float("nan")))
     return 0 if all(s.ok for _, s in labelled) else 1

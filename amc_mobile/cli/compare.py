@@ -90,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{d.uri}: {d.error or 'no fingerprint'}")
         if config.interleaved and d.cells and d.cells[0].ok:
-            from device.noise import noise_sentence
-            from device.stats import robust_cv
+            from device.noise import noise_figure, noise_sentence, pass_drift, robust_cv
 
-            # the original ran in every round: its spread is the device's noise during this comparison
-            print(f"{d.uri}: {noise_sentence(robust_cv(d.cells[0].stats.samples_ms))}")
+            # the original ran in every round: its spread (and drift) is the device's noise here
+            ref = d.cells[0].stats.samples_ms
+            print(f"{d.uri}: {noise_sentence(noise_figure(robust_cv(ref), pass_drift(ref)))}")
             for c in d.cells[1:]:
                 if c.ok and c.stats.has_reference:
                     print(f"{d.uri}: {c.model}: {c.stats.ratio:.4f}x the original in the same rounds")

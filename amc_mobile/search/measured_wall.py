@@ -44,7 +44,7 @@ class Measured:
 class MeasuredPick:
     target: float  # the ratio the budget asks for (target_ms / the original's median when given in ms)
     original_ms: float
-    noise: float  # the original's robust spread over the rounds
+    noise: float  # the original's robust spread over the rounds, or its drift between 5 slices if larger
     picked: Measured | None
     walked_back: int
     candidates: list[Measured] = field(default_factory=list)
@@ -108,7 +108,10 @@ def pick_measured(candidates: list[dict], *, device_uri: str, original: torch.nn
     for (name, _), c in zip(models, pool):
         out.append(_row(name, {int(g): int(n) for g, n in c["channels"].items()}, c.get("accuracy"), c["cost"],
                         by[name], target))
-    result = MeasuredPick(target, orig.median_ms, robust_cv(orig.samples_ms), None, 0, out)
+    from device.noise import noise_figure, pass_drift
+
+    result = MeasuredPick(target, orig.median_ms, noise_figure(robust_cv(orig.samples_ms), pass_drift(orig.samples_ms)),
+                          None, 0, out)
     ok = [m for m in out if m.meets]
     if ok:
         result.picked = max(ok, key=lambda m: m.accuracy)
