@@ -95,11 +95,11 @@ def _dataset(train_data, val_data, val_size: int, seed: int) -> tuple[FashionMNI
 
 def measure(model, device: str = "local", *, input_shape=None, config=None):
     """The model's latency statistics (`LatencyStats`: median_ms, p10_ms, p90_ms, ...) on `device`."""
-    from device.base import Candidate, MeasureConfig
+    from device.base import Candidate, MeasureConfig, example_input
     from device.registry import open_device
 
     module = _module(model, input_shape)
-    x = torch.randn(1, *module.input_shape, generator=torch.Generator().manual_seed(0))
+    x = example_input(module.input_shape)
     with open_device(device) as dev:
         stats = dev.measure([Candidate("model", module, x)], config or MeasureConfig())[0]
     if not stats.ok:
@@ -110,7 +110,7 @@ def measure(model, device: str = "local", *, input_shape=None, config=None):
 def build_table(model, device: str = "local", *, input_shape=None, **options):
     """Build (or resume) the model's latency table on `device` and return it as a `LatencyModel`
     (`predict(channels)`, `full_latency_ms`); options as `latency_tables.build.build_table`."""
-    from latency_tables.build import ensure_table
+    from amc_mobile.tables import ensure_table
 
     return ensure_table(_module(model, input_shape), device_uri=device, **options)
 

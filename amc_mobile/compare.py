@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import atomic_write
+from amc_mobile.formatting import si
 from amc_mobile.model_io import LoadedModel, load_model
 from amc_mobile.runs import new_run_dir, write_manifest
 
@@ -230,7 +232,7 @@ def measure_device(device, models: Sequence[ModelEntry], config, log: Log | None
     """Every model on one device (a URI, or an opened `device.Device`); never raises for a device
     problem: its cells say why. `prebuilt`: (the PyTorch models already lowered into one .pte as
     m0, m1, ..., {name: why it failed to lower}) for a device that can time a .pte."""
-    from device import Candidate, open_device
+    from device import Candidate, PteDevice, open_device
 
     t0 = time.perf_counter()
     log = log or (lambda _msg: None)
@@ -261,7 +263,7 @@ def measure_device(device, models: Sequence[ModelEntry], config, log: Log | None
                 # --interleave: the first model (the original) is the drift reference in every round
                 cfg = replace(config, reference=cands[0].name) if config.interleaved else config
                 try:
-                    if prebuilt is not None and callable(getattr(dev, "measure_pte", None)):
+                    if prebuilt is not None and isinstance(dev, PteDevice):
                         stats = _measure_prebuilt(dev, cands, prebuilt, cfg)
                     else:
                         stats = dev.measure(cands, cfg)
@@ -280,15 +282,14 @@ def measure_device(device, models: Sequence[ModelEntry], config, log: Log | None
             for m in models:
                 if not m.is_pte:
                     continue
-                measure_pte = getattr(dev, "measure_pte", None)
-                if measure_pte is None:
+                if not isinstance(dev, PteDevice):
                     cells[m.label] = Cell(m.label, uri, "skipped", error=(
                         f"skipped: {m.label} is a .pte (ExecuTorch program); {uri} runs PyTorch modules, "
                         f"not .pte files: measure it on local or adb, or pass its pruned-model folder"))
                     continue
                 log(f"{uri}: measuring {m.label} (.pte) ...")
                 try:
-                    s = _pick_pte_result(measure_pte(m.loaded.pte_path, None, config))
+                    s = _pick_pte_result(dev.measure_pte(m.loaded.pte_path, None, config))
                 except Exception as exc:
                     cells[m.label] = Cell(m.label, uri, "failed", error=f"failed: {one_line(exc)}")
                     continue
@@ -500,14 +501,6 @@ def _f(x, fmt: str, dash: str = "-") -> str:
     return format(x, fmt)
 
 
-def _si(x) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    x = float(x)
-    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{suf}"
-    return f"{x:.0f}"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -524,8 +517,8 @@ def format_table(rows: list[dict]) -> str:
             continue
         sp = r["speedup"]
         out.append(left + f"{_f(r['median_ms'], '.3f'):>9s}  {_f(r['p90_ms'], '.3f'):>8s}  "
-                   f"{(_f(sp, '.2f') + 'x') if not math.isnan(sp) else '-':>7s}  {_si(r['macs']):>7s}  "
-                   f"{_si(r['params']):>7s}  {_f(r['size_mb'], '.2f'):>7s}  "
+                   f"{(_f(sp, '.2f') + 'x') if not math.isnan(sp) else '-':>7s}  {si(r['macs']):>7s}  "
+                   f"{si(r['params']):>7s}  {_f(r['size_mb'], '.2f'):>7s}  "
                    f"{(_f(r['top1'] * 100, '.2f') + '%') if not math.isnan(r['top1']) else '-':>6s}")
     return "\n".join(out)
 
@@ -754,9 +747,7 @@ def run_compare(
     result = CompareResult(models, results, config, run_dir)
     table = result.table()
     csv_path = run_dir / CSV_FILE
-    tmp = csv_path.with_suffix(".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, csv_path)
+    atomic_write(csv_path, table.to_csv(index=False))
     result.files["csv"] = csv_path
     for key, fn, name in (("speedup", plot_speedup, SPEEDUP_PNG), ("latency", plot_latency, LATENCY_PNG)):
         try:

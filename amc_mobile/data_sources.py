@@ -17,6 +17,7 @@ seeded (`split_seed`), and the data's `note` says how (the run folder records it
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch
 
 from amc_mobile.data import FashionMNIST, Split
 from amc_mobile.errors import AmcError
+from amc_mobile.files import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEFAULT_VAL_SIZE = 1000
@@ -151,10 +153,9 @@ def _decoded(split_dir: Path, classes: list[str], tf: ImageTransform, cache_dir:
                        f"{', ...' if len(shapes) > 3 else ''}): pass --input-size to resize them to one")
     images = torch.from_numpy(np.stack(arrays))
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"images": images, "labels": labels}, tmp)
-    os.replace(tmp, cache)
+    buf = io.BytesIO()
+    torch.save({"images": images, "labels": labels}, buf)
+    atomic_write(cache, buf.getvalue(), durable=False)  # a cache: decoding again is the worst case
     return images, labels
 
 
@@ -177,7 +178,9 @@ def load_image_folder(root: str | os.PathLike, tf: ImageTransform = ImageTransfo
     classes = _classes(train_dir)
     if not classes:
         raise AmcError(f"{train_dir} has no class folders: put each class's images in {train_dir}/<class name>/")
-    cache = Path(cache_dir or os.environ.get("AMC_CACHE_DIR") or Path.home() / ".cache" / "amc_mobile") / "images"
+    from device.user_dirs import cache_dir as user_cache
+
+    cache = Path(cache_dir or user_cache()) / "images"
     images, labels = _decoded(train_dir, classes, tf, cache)
     train = Split(_normalise(images, tf), labels)
     val_dir = root / "val"

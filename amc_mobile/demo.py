@@ -1,7 +1,7 @@
 """The main job, end to end on one device: model -> latency table -> AMC search at a measured-latency
 target -> brief fine-tune -> measure and report. `make demo` runs it on `local`.
 
-Every step reuses the library (no logic lives here): `train.get_or_train`, `latency_tables.ensure_table`,
+Every step reuses the library (no logic lives here): `train.get_or_train`, `amc_mobile.tables.ensure_table`,
 `search.run_search`, `search.finetune`, `compare`, `report`.
 """
 
@@ -65,7 +65,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from amc_mobile.runs import new_run_dir, write_manifest
     from amc_mobile.search.loop import run_search
     from amc_mobile.train import get_or_train
-    from latency_tables import ensure_table
+    from amc_mobile.tables import ensure_table
 
     t_all = time.perf_counter()
     cfg.validate()

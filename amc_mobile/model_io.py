@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from amc_mobile.errors import AmcError
+from device.base import example_input
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _example(module: nn.Module) -> torch.Tensor:
     shape = getattr(module, "input_shape", None)
     if not shape:
         raise AmcError(f"{type(module).__name__} has no `input_shape`; cannot make an example input")
-    return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    return example_input(shape)
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,12 @@ def load_weights(module: nn.Module, path: str | Path) -> nn.Module:
 
 
 def load_model(ref: str, allow_pickle: bool = False, label: str | None = None,
-               options: ModelOptions | None = None) -> LoadedModel:
+               options: ModelOptions | None = None, trained: bool = False) -> LoadedModel:
     """Resolve `ref` to a model (with `options` applied). Order: existing path (folder/.pte/.pt),
-    FILE.py:FACTORY / package.module:FACTORY, then registry name."""
-    loaded = _load_model(ref, allow_pickle, label, options)
+    FILE.py:FACTORY / package.module:FACTORY, then registry name. A registry name gets random weights
+    (all that latency needs), or with `trained` the shipped or cached trained weights (trained now
+    when there are none: what a search's accuracy needs)."""
+    loaded = _load_model(ref, allow_pickle, label, options, trained)
     if loaded.module is not None and options is not None and not options.empty:
         apply_options(loaded.module, options)
         loaded = LoadedModel(loaded.label, loaded.module, _example(loaded.module), loaded.source, meta=loaded.meta)
@@ -146,7 +149,8 @@ def load_model(ref: str, allow_pickle: bool = False, label: str | None = None,
     return loaded
 
 
-def _load_model(ref: str, allow_pickle: bool, label: str | None, options: ModelOptions | None) -> LoadedModel:
+def _load_model(ref: str, allow_pickle: bool, label: str | None, options: ModelOptions | None,
+                trained: bool = False) -> LoadedModel:
     from amc_mobile.models import MODEL_NAMES, TORCHVISION_PREFIX, build_model
 
     path = Path(ref)
@@ -203,6 +207,11 @@ def _load_model(ref: str, allow_pickle: bool, label: str | None, options: ModelO
         if options is not None and options.input_shape is not None:
             module.input_shape = tuple(options.input_shape)
         return LoadedModel(label or ref, module, _example(module), "factory")
+    if trained and ref in MODEL_NAMES:
+        from amc_mobile.train import get_or_train
+
+        module, _ = get_or_train(ref, kwargs or None, device="cpu")
+        return LoadedModel(label or ref, module.eval(), _example(module), "registry")
     if ref in MODEL_NAMES or ref.startswith(TORCHVISION_PREFIX):
         module = build_model(ref, **kwargs).eval()
         return LoadedModel(label or ref, module, _example(module), "registry")

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import atomic_write
+from amc_mobile.formatting import si
 from amc_mobile.runs import MANIFEST, read_manifest
 
 HTML_FILE = "report.html"
@@ -269,8 +271,8 @@ def section_compare(report: Report, manifest: dict) -> None:
                 first = df[df["model"] == m].iloc[0]
                 macs = first.get("macs")
                 ratio = first.get("macs_ratio")
-                row.append(_si(macs) + (f" ({ratio:.0%})" if pd.notna(ratio) else ""))
-                row.append(_si(first.get("params")))
+                row.append(si(macs) + (f" ({ratio:.0%})" if pd.notna(ratio) else ""))
+                row.append(si(first.get("params")))
                 row.append(fmt_value(_py(first.get("size_mb"))))
                 top1 = first.get("top1")
                 row.append(f"{top1 * 100:.2f}%" if pd.notna(top1) else (str(first.get("accuracy_note") or "-")
@@ -312,17 +314,6 @@ def section_compare(report: Report, manifest: dict) -> None:
         report.add(Para(f"Raw samples of every cell: {meas.name} (one JSON line per device).", "note"))
 
 
-def _si(x) -> str:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return "-"
-    if math.isnan(x):
-        return "-"
-    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{suf}"
-    return f"{x:.0f}"
 
 
 _POLICY_KEYS = ("ratios", "preserve_ratios", "policy", "actions", "channels", "group_channels")
@@ -737,20 +728,14 @@ def render_markdown(report: Report) -> str:
     return "\n".join(out) + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(run_dir: str | Path, markdown: bool = True) -> tuple[Path, Path | None]:
     """Write report.html (self-contained) and, unless `markdown=False`, report.md into the run folder."""
     report = build_report(run_dir)
     run_dir = Path(run_dir)
     html_path = run_dir / HTML_FILE
-    _atomic_write_text(html_path, render_html(report))
+    atomic_write(html_path, render_html(report), durable=False)
     md_path = None
     if markdown:
         md_path = run_dir / MD_FILE
-        _atomic_write_text(md_path, render_markdown(report))
+        atomic_write(md_path, render_markdown(report), durable=False)
     return html_path, md_path

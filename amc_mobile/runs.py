@@ -4,7 +4,6 @@ rebuild a self-contained report from the folder alone."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -12,6 +11,10 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from amc_mobile.errors import AmcError
+from amc_mobile.files import make_folder, read_json, write_json
+from device.user_dirs import data_dir, in_checkout
 
 MANIFEST = "run.json"
 
@@ -29,14 +32,13 @@ def versions() -> dict[str, str]:
 
 
 def new_run_dir(kind: str, out: str | Path | None = None, root: str | Path | None = None) -> Path:
-    """`out` if given, else runs/<kind>-<UTC timestamp>/ (root: AMC_RUNS_DIR or ./runs)."""
+    """`out` if given, else <root>/<kind>-<UTC timestamp>/; root: $AMC_RUNS_DIR, else ./runs in a checkout,
+    else the user data folder's runs/ (device/user_dirs.py)."""
     if out is not None:
         path = Path(out)
     else:
-        base = Path(root or os.environ.get("AMC_RUNS_DIR", "runs"))
+        base = Path(root or os.environ.get("AMC_RUNS_DIR") or ("runs" if in_checkout() else data_dir() / "runs"))
         path = base / f"{kind}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    from amc_mobile.files import make_folder
-
     return make_folder(path, "run folder", "pass another --out, or set AMC_RUNS_DIR")
 
 
@@ -55,16 +57,10 @@ def write_manifest(run_dir: Path, kind: str, argv: list[str] | None = None, **ex
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     data.update(extra)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, data)
 
 
 def read_manifest(run_dir: Path) -> dict:
-    from amc_mobile.errors import AmcError
-    from amc_mobile.files import read_json
-
     path = Path(run_dir) / MANIFEST
     if not path.exists():
         raise AmcError(f"{run_dir} is not a run folder: {MANIFEST} is missing")

@@ -19,7 +19,6 @@ import datetime as _dt
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,9 +31,11 @@ from torch import nn
 from amc_mobile import __version__
 from amc_mobile.data import FashionMNIST, Split, load_fashion_mnist
 from amc_mobile.errors import AmcError
+from amc_mobile.files import atomic_write
 from amc_mobile.models import DEFAULT_MODEL, build_model, config_hash, model_config, rebuild
+from device.user_dirs import ENV_CACHE as CACHE_ENV  # noqa: F401 - the variable tests set
+from device.user_dirs import cache_dir
 
-CACHE_ENV = "AMC_CACHE_DIR"
 PRETRAINED_DIR = Path(__file__).resolve().parent / "models" / "pretrained"
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
@@ -306,17 +307,6 @@ def _tqdm(enabled: bool):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(model: nn.Module, directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
     """Write `model.pt` (CPU state_dict) and `config.json`; returns the directory.
 
@@ -334,8 +324,8 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, meta: dict[s
     meta.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    _atomic_write_bytes(directory / WEIGHTS_FILE, buf.getvalue())
-    _atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(directory / WEIGHTS_FILE, buf.getvalue())
+    atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return directory
 
 
@@ -383,8 +373,7 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
 
 
 def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "amc_mobile"
+    return cache_dir()
 
 
 def cache_key(model_cfg: dict[str, Any], train_cfg: TrainConfig) -> dict[str, Any]:

@@ -48,7 +48,8 @@ def main() -> int:
     from conftest_adb import AdbServerProcess, AdbTestDeviceHandle, make_adb_key
 
     from device import open_device
-    from latency_tables.build import UNIT_CONFIG, build_table
+    from amc_mobile.tables import build_table
+    from latency_tables.build import UNIT_CONFIG
     from latency_tables.store import TableStore
 
     home = Path(tempfile.mkdtemp(prefix="amc-bench-home-"))

@@ -39,11 +39,11 @@ def child(kind: str, units: int, seed: int) -> float:
     from device.base import Candidate
     from latency_tables.batching import _quiet
     from latency_tables.space import all_specs, unit_plans
-    from latency_tables.target import resolve_target
+    from amc_mobile.tables import resolve_target
 
     _quiet()
     if kind == "stock":
-        lowering._speed_up_py_impl = lambda: None
+        lowering.speedups_apply = lambda: False  # stock torch: neither exporter speed-up
         lowering._collector_paused = contextlib.nullcontext
     if kind == "shared-per-partition":
         import device.shared_lowering as shared_lowering

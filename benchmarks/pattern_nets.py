@@ -37,9 +37,9 @@ def one(name: str, args, out: Path) -> dict:
     from amc_mobile.data import load_fashion_mnist
     from amc_mobile.pruning import build_graph
     from amc_mobile.search import SearchConfig, run_search
-    from latency_tables.build import build_table
-    from latency_tables.loading import load_latency_model
-    from latency_tables.validate import validate_table
+    from amc_mobile.tables import build_table
+    from amc_mobile.tables import load_latency_model
+    from amc_mobile.table_validation import validate_table
 
     torch.manual_seed(0)
     cls = PATTERN_NETS[name]

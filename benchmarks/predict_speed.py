@@ -25,7 +25,7 @@ from device.base import Device, Fingerprint, MeasureConfig  # noqa: E402
 from device.stats import LatencyStats  # noqa: E402
 from latency_tables.loading import compile_for, open_table  # noqa: E402
 from latency_tables.space import random_channels  # noqa: E402
-from latency_tables.target import resolve_target  # noqa: E402
+from amc_mobile.tables import resolve_target  # noqa: E402
 
 
 class FlopsDevice(Device):
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
             print(f"no usable {args.device} table ({str(exc)[:120]}...): using a formula table", file=sys.stderr)
             store = None
     if store is None:
-        from latency_tables.build import build_table
+        from amc_mobile.tables import build_table
 
         tmp = tempfile.TemporaryDirectory()
         rep = build_table(target, FlopsDevice(), tables_dir=tmp.name, progress=False, calibrate=False,

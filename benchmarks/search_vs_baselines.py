@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     import torch
 
     from amc_mobile.data import load_fashion_mnist
-    from amc_mobile.pruning.graph import DEFAULT_SCOPE, build_graph
+    from amc_mobile.pruning.graph import build_graph, default_scope
     from amc_mobile.runs import new_run_dir, write_manifest
     from amc_mobile.search.baselines import (annotate, measure_batch, paired_ratio, run_amc_flops, run_random,
                                              run_uniform)
@@ -158,14 +158,14 @@ def main(argv=None) -> int:
     data = load_fashion_mnist(args.data_dir)
     model, meta = get_or_train(args.model, data=data)
     graph = build_graph(model)
-    scope = DEFAULT_SCOPE.get(family_of(model) or "", "all")
-    import latency_tables as lt
+    scope = default_scope(family_of(model))
+    from amc_mobile.tables import ensure_table, load_latency_model
 
     t = time.perf_counter()
     if args.table_dir:
-        latency = lt.load_latency_model(model, graph, scope, device_uri=args.device, table_dir=args.table_dir)
+        latency = load_latency_model(model, graph, scope, device_uri=args.device, table_dir=args.table_dir)
     else:
-        latency = lt.ensure_table(model, graph, scope, device_uri=args.device, progress=not args.quiet)
+        latency = ensure_table(model, graph, scope, device_uri=args.device, progress=not args.quiet)
     lat_cost = LatencyCost(latency)
     print(f"latency table: {getattr(latency, 'source', args.table_dir)} (predicted original {lat_cost.full_cost:.3f} ms, "
           f"{time.perf_counter() - t:.0f} s)", flush=True)

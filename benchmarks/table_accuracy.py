@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latency_tables.build import build_table  # noqa: E402
-from latency_tables.validate import validate_table  # noqa: E402
+from amc_mobile.tables import build_table  # noqa: E402
+from amc_mobile.table_validation import validate_table  # noqa: E402
 
 BARS = (("within_10pct", ">=", 0.95), ("spearman", ">=", 0.95), ("under_predicted_5pct", "<=", 0.05))
 
@@ -34,7 +34,7 @@ def coarse_only_unit_error(model: str, device: str, tables_dir, coarse_step: int
     from latency_tables.loading import open_table
     from latency_tables.predict import index_by_shape, plan_points, reference_latency
     from latency_tables.space import coarse_indices, unit_plans
-    from latency_tables.target import resolve_target
+    from amc_mobile.tables import resolve_target
 
     target = resolve_target(model)
     by_shape = index_by_shape(open_table(device, tables_dir=tables_dir).units().values())

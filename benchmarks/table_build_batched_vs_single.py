@@ -29,7 +29,7 @@ from device.base import Candidate, MeasureConfig  # noqa: E402
 from latency_tables.batching import DEFAULT_BATCH, BatchRunner, Job  # noqa: E402
 from latency_tables.build import UNIT_CONFIG  # noqa: E402
 from latency_tables.space import all_specs, unit_plans  # noqa: E402
-from latency_tables.target import resolve_target  # noqa: E402
+from amc_mobile.tables import resolve_target  # noqa: E402
 
 
 def run_mode(dev, config, jobs, batch, workers):

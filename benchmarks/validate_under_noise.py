@@ -32,7 +32,7 @@ from device.local import cpu_model  # noqa: E402
 from device.noise import noise_sentence  # noqa: E402
 from device.noise_injector import NoiseInjector  # noqa: E402
 from latency_tables.build import MODEL_CONFIG  # noqa: E402
-from latency_tables.validate import validate_table  # noqa: E402
+from amc_mobile.table_validation import validate_table  # noqa: E402
 
 
 def main() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -14,6 +15,12 @@ import torch
 from .stats import LatencyStats
 
 _METHOD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def example_input(shape: Sequence[int]) -> torch.Tensor:
+    """The input a model of input shape `shape` (C, H, W) is exported and timed with, batch 1: seeded,
+    so the same model lowers to the same `.pte` bytes."""
+    return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
 
 
 @dataclass
@@ -108,6 +115,9 @@ class Device(ABC):
     """A measurement target. Each device does its own lowering of the candidates."""
 
     uri: str
+    # Why the last measurement ran without its drift reference (MeasureConfig.reference), when it did:
+    # the reference did not lower or run, the rest was measured without it.
+    reference_error: str | None = None
 
     @abstractmethod
     def fingerprint(self, config: MeasureConfig | None = None) -> Fingerprint:
@@ -138,3 +148,19 @@ class Device(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+class PteDevice(Device):
+    """A device that runs ExecuTorch programs: it can also time a `.pte` lowered elsewhere (a model file
+    the user hands us, or a batch another process lowered), without lowering anything itself."""
+
+    @abstractmethod
+    def measure_pte(
+        self,
+        path: str | os.PathLike,
+        methods: Sequence[str] | None = None,
+        config: MeasureConfig = MeasureConfig(),
+        progress: ProgressFn | None = None,
+    ) -> list[LatencyStats]:
+        """Time the methods of an existing `.pte` (all of them when `methods` is None), one result per
+        method in order; a method that fails gets a result with `error` set."""

@@ -56,7 +56,7 @@ from typing import Sequence
 
 import torch
 
-from amc_mobile.errors import AmcError
+from .errors import AmcError
 
 from .base import Candidate, Device, Fingerprint, MeasureConfig, ProgressFn
 from .stats import LatencyStats, merge_repeats

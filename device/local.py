@@ -25,9 +25,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from amc_mobile.errors import AmcError
+from .errors import AmcError
 
-from .base import Candidate, Device, Fingerprint, MeasureConfig, ProgressFn
+from .base import Candidate, Fingerprint, MeasureConfig, ProgressFn, PteDevice
 from .lowering import lower_to_pte
 from .runner import EXIT_LOAD, EXIT_USAGE, build_argv, find_runner, parse_list, run_runner, runner_error
 from .stats import LatencyStats, merge_repeats
@@ -72,7 +72,7 @@ def discover() -> list[tuple[str, str]]:
     return [("local", f"{cpu_model()}, {os.cpu_count()} cores, executorch {executorch_version()} {BACKEND}")]
 
 
-class LocalDevice(Device):
+class LocalDevice(PteDevice):
     """This machine's CPU, through the host `et_bench` (built by `make runner`)."""
 
     uri = "local"

@@ -5,36 +5,53 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import os
 import re
-import tempfile
+import threading
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from amc_mobile.errors import AmcError
+from .errors import AmcError
+from .files import atomic_write
 
 from .base import Candidate
 
 
-def _cache_cia_op_collection() -> None:
-    """torch.export rebuilds the set of CompositeImplicitAutograd ops on every
-    run_decompositions call (several per method); it never changes within a
-    process, so memoise it. Measured ~25% off the lowering time of small units."""
+# The two exporter speed-ups below replace torch internals, so they are installed only while we
+# lower (`exporter_speedups`, entered by `lower_to_pte`) and only on the torch they were read from:
+# training and search code in the same process run under stock torch.
+_SPEEDUPS_TORCH = "2.13.0"
+_speedups_lock = threading.Lock()
+_speedups_depth = 0
+_saved: dict = {}
+_cia_cached = None  # one memoised wrapper for the whole process, so its cache outlives each batch
+
+
+def _cia_targets():
+    import torch._export.utils as utils
+    import torch.export.decomp_utils as decomp_utils
+    import torch.export.exported_program as exported_program
+
+    return (utils, decomp_utils, exported_program)
+
+
+def _install_cia_cache() -> None:
+    """torch.export rebuilds the set of CompositeImplicitAutograd ops on every run_decompositions
+    call (several per method); it never changes within a process, so memoise it. Measured ~25% off
+    the lowering time of small units."""
+    global _cia_cached
     try:
-        import torch._export.utils as utils
-        import torch.export.decomp_utils as decomp_utils
-        import torch.export.exported_program as exported_program
+        mods = _cia_targets()
     except ImportError:
         return
-    original = getattr(utils, "_collect_all_valid_cia_ops", None)
-    if original is None or hasattr(original, "cache_info"):
-        return
-    cached = functools.lru_cache(maxsize=None)(original)
-    for mod in (utils, decomp_utils, exported_program):
-        if getattr(mod, "_collect_all_valid_cia_ops", None) is original:
-            mod._collect_all_valid_cia_ops = cached
+    original = mods[0]._collect_all_valid_cia_ops
+    if _cia_cached is None or _cia_cached.__wrapped__ is not original:
+        _cia_cached = functools.lru_cache(maxsize=None)(original)
+    for mod in mods:
+        if mod.__dict__.get("_collect_all_valid_cia_ops") is original:
+            _saved[(mod, "_collect_all_valid_cia_ops")] = original
+            mod._collect_all_valid_cia_ops = _cia_cached
 
 
 def _py_impl_without_runtime_annotations(self, k):
@@ -47,7 +64,7 @@ def _py_impl_without_runtime_annotations(self, k):
 
     def inner(fn):
         if type(k) is not DispatchKey:  # modes, tensor subclasses, transforms: torch's own code
-            return _ORIGINAL_PY_IMPL(self, k)(fn)
+            return _saved[("py_impl",)](self, k)(fn)
         if k == DispatchKey.Python:
             raise AssertionError("Please register a mode for the DispatchKey.Python key instead.")
         if k in self.py_kernels:
@@ -59,19 +76,36 @@ def _py_impl_without_runtime_annotations(self, k):
     return inner
 
 
-_ORIGINAL_PY_IMPL = None
+def speedups_apply() -> bool:
+    """Whether this torch is the one the speed-ups were read from (else lowering runs stock torch)."""
+    return torch.__version__.split("+")[0] == _SPEEDUPS_TORCH
 
 
-def _speed_up_py_impl() -> None:
-    """Install the annotation-free `py_impl` once, only over the exact torch version it copies."""
+@contextlib.contextmanager
+def exporter_speedups():
+    """The exporter speed-ups installed for the duration (re-entrant, thread-safe), torch's own
+    functions restored after, also on an error."""
+    global _speedups_depth
     import torch._ops as ops
 
-    global _ORIGINAL_PY_IMPL
-    current = ops.OperatorBase.py_impl
-    if current is _py_impl_without_runtime_annotations or not torch.__version__.startswith("2.13."):
-        return
-    _ORIGINAL_PY_IMPL = current
-    ops.OperatorBase.py_impl = _py_impl_without_runtime_annotations
+    with _speedups_lock:
+        if _speedups_depth == 0 and speedups_apply():
+            _install_cia_cache()
+            _saved[("py_impl",)] = ops.OperatorBase.py_impl
+            ops.OperatorBase.py_impl = _py_impl_without_runtime_annotations
+        _speedups_depth += 1
+    try:
+        yield
+    finally:
+        with _speedups_lock:
+            _speedups_depth -= 1
+            if _speedups_depth == 0:
+                original = _saved.pop(("py_impl",), None)
+                if original is not None:
+                    ops.OperatorBase.py_impl = original
+                for key in [k for k in _saved if k != ("py_impl",)]:
+                    mod, name = key
+                    setattr(mod, name, _saved.pop(key))
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -117,7 +151,6 @@ def _lower(programs: dict[str, torch.export.ExportedProgram]) -> bytes:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    _prepare_exporter()
     edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
     return edge.to_executorch().buffer
 
@@ -133,13 +166,8 @@ def lower_to_pte(candidates: Sequence[Candidate], path: Path, *, shared: bool = 
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise ValueError("candidate names must be unique within a batch")
-    with _collector_paused():
+    with _collector_paused(), exporter_speedups():
         return _lower_candidates(candidates, path, shared)
-
-
-def _prepare_exporter() -> None:
-    _cache_cia_op_collection()
-    _speed_up_py_impl()
 
 
 def _lower_shared(candidates: Sequence[Candidate]) -> bytes | None:
@@ -148,7 +176,6 @@ def _lower_shared(candidates: Sequence[Candidate]) -> bytes | None:
 
     if not worth_sharing(candidates):
         return None
-    _prepare_exporter()
     try:
         return lower_shared(candidates)
     except Exception:  # one candidate that will not export or lower: the per-method path names it
@@ -159,7 +186,7 @@ def _lower_candidates(candidates: Sequence[Candidate], path: Path, shared: bool)
     if shared:
         buffer = _lower_shared(candidates)
         if buffer is not None:
-            _atomic_write(path, buffer)
+            atomic_write(path, buffer, durable=False)
             return {}
     failed: dict[str, str] = {}
     programs: dict[str, torch.export.ExportedProgram] = {}
@@ -189,7 +216,7 @@ def _lower_candidates(candidates: Sequence[Candidate], path: Path, shared: bool)
         if not good:
             return failed
         buffer = _lower(good)
-    _atomic_write(path, buffer)
+    atomic_write(path, buffer, durable=False)
     return failed
 
 
@@ -199,13 +226,3 @@ def _lower_error(programs) -> str | None:
         return None
     except Exception as exc:
         return _short_reason(exc)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600; tables are shared files
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

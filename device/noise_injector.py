@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 
 _HOG = r"""
 import os, sys, time

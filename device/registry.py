@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from amc_mobile.errors import AmcError
+from .errors import AmcError
 
 from .base import Device
 

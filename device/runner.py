@@ -16,17 +16,18 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from amc_mobile.errors import AmcError
+from .errors import AmcError
+from .user_dirs import REPO_ROOT, in_checkout
 
 from .base import MeasureConfig
 from .stats import LatencyStats
 
 ENV_RUNNER = "AMC_ET_BENCH"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNNER = REPO_ROOT / "build" / "host" / "et_bench"
 
 EXIT_USAGE = 2
@@ -35,7 +36,8 @@ EXIT_EXEC = 4
 
 
 def find_runner() -> Path:
-    """The host runner: `$AMC_ET_BENCH`, else `<repo>/build/host/et_bench`."""
+    """The host runner: `$AMC_ET_BENCH`, else `<repo>/build/host/et_bench` in a checkout, else the one
+    in the user cache, built there on first use (device/runner_build.py)."""
     env = os.environ.get(ENV_RUNNER)
     if env:
         path = Path(env).expanduser()
@@ -44,7 +46,14 @@ def find_runner() -> Path:
         return path
     if DEFAULT_RUNNER.is_file() and os.access(DEFAULT_RUNNER, os.X_OK):
         return DEFAULT_RUNNER
-    raise AmcError(f"et_bench runner not built: run `make runner` (or set {ENV_RUNNER})")
+    if in_checkout():
+        raise AmcError(f"et_bench runner not built: run `make runner` (or set {ENV_RUNNER})")
+    from .runner_build import build_runner, cached_runner
+
+    cached = cached_runner()
+    if cached.is_file() and os.access(cached, os.X_OK):
+        return cached
+    return build_runner(cached, log=lambda line: print(line, file=sys.stderr))
 
 
 def build_argv(

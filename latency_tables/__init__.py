@@ -1,18 +1,23 @@
 """Per-device latency lookup tables: build, store, predict, validate.
 
-    from latency_tables import ensure_table, load_latency_model
+    from amc_mobile.tables import ensure_table               # the model side names the model
     lat = ensure_table("mobilenet_v2", device_uri="local")   # builds what is missing, then loads
     lat.predict({group: kept, ...})                           # ms, whole model
     lat.unit_latencies(channels)                              # ms per unit template (unscaled)
     lat.full_latency_ms
 
-Modules: `units` (the fused unit a table is keyed by), `schema` (CSV rows), `store` (a table folder),
+This package knows units, not models: it takes a `network.Target` (a network's unit templates, its
+channel groups, the scope and a `prune(channels)` for whole-model calibration), which
+`amc_mobile.tables` makes from a model name, folder or module. It imports only `device`.
+
+Modules: `units` (the fused unit a table is keyed by), `network` (what a table knows of a network),
+`schema` (CSV rows), `store` (a table folder),
 `space` (channel choices, unit plans), `sampling` (adaptive sampling), `batching` (measure in
 multi-method .pte batches), `build`, `calibrate` (overhead term), `predict` (LatencyModel),
-`loading` (find + compile), `validate`, `plots`.
+`loading` (find + compile), `session` (re-time the calibration models now), `plots`.
 
-The names below are imported lazily: `amc_mobile.pruning.graph` imports `latency_tables.units`,
-and the rest of this package imports the graph.
+The names below are imported lazily, so that `units` and `network` (which the pruning graph
+imports) do not pull in ExecuTorch's lowering.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ _EXPORTS = {
     "channel_choices": "space", "round_channels": "space",
     "TableStore": "store", "tables_root": "store",
     "UnitSpec": "units",
-    "validate_table": "validate",
+    "Target": "network", "UnitNetwork": "network", "UnitTemplate": "network",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -32,8 +32,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from amc_mobile.errors import AmcError
-from device.base import Candidate, Device, MeasureConfig
+from device.errors import AmcError
+from device.base import Candidate, Device, MeasureConfig, PteDevice
 from device.stats import LatencyStats
 
 from .units import UnitSpec
@@ -155,7 +155,7 @@ class BatchRunner:
         self.batch_size = max(1, int(batch_size))
         self.workers = max(1, int(workers))
         self.warm_workers = warm_workers
-        self.use_pool = self.workers > 1 and callable(getattr(device, "measure_pte", None))
+        self.use_pool = self.workers > 1 and isinstance(device, PteDevice)
         self._pool: cf.ProcessPoolExecutor | None = None
         self.stats = RunStats()
         # The drift reference (issue 19): a fixed job lowered into every program and named by
@@ -182,7 +182,7 @@ class BatchRunner:
                     raise
                 self._reference_failed(f"the drift reference was not lowered into this program ({exc})")
                 out = device.measure_pte(path, names, replace(cfg, reference=None))
-            why = getattr(device, "reference_error", None)
+            why = device.reference_error
             if why:
                 self._reference_failed(why)
             return [s for s in out if s.name != self.reference.name]
@@ -281,7 +281,7 @@ class BatchRunner:
             results = {s.name: s for s in (self.device.measure(cands, cfg) if cands else [])}
             if self.reference is not None:
                 results.pop(self.reference.name, None)
-                why = getattr(self.device, "reference_error", None)
+                why = self.device.reference_error
                 if why:
                     self._reference_failed(why)
         except AmcError as exc:
@@ -356,7 +356,7 @@ class Programs:
         self.materialize = materialize
         self.passes = 0
         self.failed: dict[str, str] = {}
-        self.prebuilt = callable(getattr(runner.device, "measure_pte", None))
+        self.prebuilt = isinstance(runner.device, PteDevice)
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._programs: list[tuple[str, list[Job]]] = []
         if self.jobs and self.prebuilt:

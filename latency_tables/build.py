@@ -25,9 +25,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 
-from amc_mobile.pruning.graph import PruningGraph
 from device.base import Device, MeasureConfig
 from device.stats import LatencyStats
 
@@ -41,7 +40,7 @@ from .reference import REFERENCE_NAME, REFERENCE_SPEC, ReferenceRow
 from .sampling import DEFAULT_TOLERANCE, AdaptiveSampler
 from .space import DEFAULT_COARSE_STEP, DEFAULT_GRID, LOWER_BOUND, all_specs, unit_plans
 from .store import TableStore, table_folder
-from .target import Target, resolve_target
+from .network import Target, require_target
 
 # Units take microseconds: time each for at least 30 ms, in 3 runner invocations, and keep the median.
 # Interleaved rounds with the drift reference in every round (issue 19): a slow stretch of the device
@@ -145,18 +144,18 @@ def _check_runner(dev: Device) -> None:
         dev.runner  # noqa: B018 - the property raises AmcError with the fix
 
 
-def build_table(model, device: str | Device | Sequence[str | Device] = "local", *, graph: PruningGraph | None = None,
-                scope: str | None = None, grid: int = DEFAULT_GRID, lbound: float = LOWER_BOUND,
-                tolerance: float = DEFAULT_TOLERANCE, coarse_step: int = DEFAULT_COARSE_STEP, refine: bool = True,
+def build_table(target: Target, device: str | Device | Sequence[str | Device] = "local", *,
+                grid: int = DEFAULT_GRID, lbound: float = LOWER_BOUND, tolerance: float = DEFAULT_TOLERANCE,
+                coarse_step: int = DEFAULT_COARSE_STEP, refine: bool = True,
                 config: MeasureConfig | None = None, model_config: MeasureConfig | None = None,
                 tables_dir: str | os.PathLike | None = None, table_dir: str | os.PathLike | None = None,
                 max_configs: int | None = None, budget_minutes: float | None = None, calibrate: bool = True,
                 calibration_count: int = DEFAULT_VARIANTS, batch_size: int = DEFAULT_BATCH,
                 workers: int = DEFAULT_WORKERS, progress: bool = True, retry_failed: bool = False) -> BuildReport:
-    """Measure what the table for `model` on `device` still lacks; see the module docstring. A list
-    of devices (all of one fingerprint) shares the work out among them."""
+    """Measure what the table for `target` on `device` still lacks; see the module docstring
+    (`amc_mobile.tables.build_table` takes a model name, folder or module). A list of devices (all of one fingerprint) shares the work out among them."""
     t_start = time.perf_counter()
-    target = model if isinstance(model, Target) else resolve_target(model, graph, scope)
+    require_target(target, "build_table")
     config = config or UNIT_CONFIG
     # Every build has the drift reference unless the caller names another (or "" for none).
     if config.reference is None:
@@ -228,7 +227,7 @@ def noise_line(noise: float, noisy: int, referenced: int, tolerance: float = 0.1
     return noise_sentence(noise, tolerance) + (f" ({noisy} of {referenced} rows marked noisy)" if noisy else "")
 
 
-def build_tables(model, devices: Sequence[str | Device], **kw) -> list[BuildReport]:
+def build_tables(target: Target, devices: Sequence[str | Device], **kw) -> list[BuildReport]:
     """`build_table` for several devices: those of one fingerprint share one table, each other
     fingerprint gets its own (built one after the other). A group that fails (every phone of it
     lost) does not stop the others; the first such error is raised at the end, after every
@@ -248,7 +247,7 @@ def build_tables(model, devices: Sequence[str | Device], **kw) -> list[BuildRepo
         reports, first_error = [], None
         for group in groups:
             try:
-                reports.append(build_table(model, group if len(group) > 1 else group[0], **kw))
+                reports.append(build_table(target, group if len(group) > 1 else group[0], **kw))
             except AmcError as exc:
                 if len(groups) == 1:
                     raise
@@ -356,8 +355,6 @@ def _calibration(store: TableStore, target: Target, grid: int, count: int, runne
                  config: MeasureConfig, report: BuildReport) -> Companions:
     """The calibration models this table still lacks, lowered once and timed after every round of unit
     measurements (plus passes at the end up to CALIBRATION_PASSES), each pass appended at once."""
-    from amc_mobile.pruning import prune_by_counts
-
     have: dict[tuple, int] = {}
     for r in store.calibration():
         if r.model_hash == target.hash:
@@ -368,8 +365,7 @@ def _calibration(store: TableStore, target: Target, grid: int, count: int, runne
     x = target.example_input()
     jobs = []
     for i, (label, ch) in enumerate(todo):
-        module = prune_by_counts(target.module, target.graph, ch) if ch else target.module
-        jobs.append(Job(f"m{i:02d}", module=module.eval(), example_input=x, payload=(label, ch)))
+        jobs.append(Job(f"m{i:02d}", module=target.pruned(ch), example_input=x, payload=(label, ch)))
 
     def on_pass(results: list[tuple[Job, LatencyStats]]) -> None:
         with store.calibration_log() as log:
@@ -384,12 +380,12 @@ def _calibration(store: TableStore, target: Target, grid: int, count: int, runne
     return Companions(runner, jobs, on_pass, config)
 
 
-def ensure_table(model, graph: PruningGraph | None = None, scope: str | None = None, device_uri: str = "local",
+def ensure_table(target: Target, device_uri: str = "local", *,
                  tables_dir: str | os.PathLike | None = None, grid: int = DEFAULT_GRID,
                  config: MeasureConfig | None = None, progress: bool = True, **build_kw) -> LatencyModel:
     """Build whatever the table for (model, scope, device) still lacks, then load it as a LatencyModel.
     A complete table costs only the check (seconds)."""
-    target = resolve_target(model, graph, scope)
+    require_target(target, "ensure_table")
     report = build_table(target, device_uri, grid=grid, config=config, tables_dir=tables_dir, progress=progress,
                          **build_kw)
     # A build stopped by a limit still gives a model when every layer has entries (interpolation fills

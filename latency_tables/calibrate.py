@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from amc_mobile.models import config_hash
-from amc_mobile.pruning.graph import PruningGraph
+from .network import UnitNetwork
 
 from .schema import CalibrationRow
 from .space import DEFAULT_GRID, uniform_channels
@@ -26,20 +25,15 @@ DEFAULT_VARIANTS = 5
 MIN_SCALE, MAX_SCALE = 0.25, 4.0
 
 
-def model_hash(graph: PruningGraph) -> str:
-    """Hash of a model's architecture as latency sees it: input shape and fused units at full width.
-    The same architecture shares calibration however it was built (registry name, folder, module)."""
-    return config_hash({"input": list(graph.input_shape), "units": [u.spec.key() for u in graph.units]})
-
-
-def calibration_variants(graph: PruningGraph, scope: str, grid: int = DEFAULT_GRID,
+def calibration_variants(graph: UnitNetwork, scope: str, grid: int = DEFAULT_GRID,
                          n: int = DEFAULT_VARIANTS) -> list[tuple[str, dict[int, int]]]:
     """The unpruned model plus uniformly pruned variants down to AMC's lower bound, deduplicated."""
     out: list[tuple[str, dict[int, int]]] = [("full", {})]
     seen = {()}
+    sizes = graph.full_channels()
     for ratio in np.linspace(1.0, 0.2, max(1, n))[1:]:
         ch = uniform_channels(graph, scope, float(ratio), grid)
-        ch = {g: c for g, c in ch.items() if c < graph.groups[g].size}
+        ch = {g: c for g, c in ch.items() if c < sizes[g]}
         key = tuple(sorted(ch.items()))
         if key in seen:
             continue

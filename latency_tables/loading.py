@@ -7,15 +7,14 @@ import os
 
 import numpy as np
 
-from amc_mobile.errors import AmcError
-from amc_mobile.pruning.graph import PruningGraph
+from device.errors import AmcError
 from device.base import Device, MeasureConfig
 
 from .calibrate import calibration_for, fit_overhead
 from .predict import LatencyModel
 from .space import DEFAULT_GRID
 from .store import TableStore, find_table, fingerprint_mismatch
-from .target import Target, build_command, resolve_target
+from .network import Target, require_target
 
 
 def _fingerprint(device: str | Device, config: MeasureConfig | None):
@@ -94,24 +93,22 @@ def compile_for(target: Target, store: TableStore, device: str | Device | None =
     grid = int(grid or table_grid(store, target))
     label = device_label(device, store)
     model = LatencyModel.compile(target.graph, target.scope, store.units().values(), grid,
-                                 build_hint=build_command(target, label, grid), source=str(store.folder),
+                                 build_hint=target.build_command(label, grid), source=str(store.folder),
                                  statistic=statistic)
     sums, measured, used = calibration_points(model, calibration_for(store.calibration(), target.hash))
     fit = fit_overhead(sums, measured)
-    model.scale, model.offset = fit.scale, fit.offset
-    model.calibration = {**fit.to_dict(), "variants": used, "model_hash": target.hash}
+    model.set_calibration(fit.scale, fit.offset, {**fit.to_dict(), "variants": used, "model_hash": target.hash})
     return model
 
 
-def load_latency_model(model, graph: PruningGraph | None = None, scope: str | None = None,
-                       device_uri: str | Device | None = None, table_dir: str | os.PathLike | None = None,
+def load_latency_model(target: Target, *, device_uri: str | Device | None = None, table_dir: str | os.PathLike | None = None,
                        allow_mismatch: bool = False, tables_dir: str | os.PathLike | None = None,
                        config: MeasureConfig | None = None, grid: int | None = None,
                        statistic: str = "median_ms") -> LatencyModel:
-    """A compiled LatencyModel for `model` (registry name, pruned-model folder or module) within
-    `scope` (default: the family's default scope), from the table of `device_uri` or `table_dir`.
+    """A compiled LatencyModel for `target` (`amc_mobile.tables.load_latency_model` takes a model name,
+    folder or module) within its scope, from the table of `device_uri` or `table_dir`.
     `statistic`: predict the median (default) or the 10th percentile of the measured samples."""
-    target = resolve_target(model, graph, scope)
-    hint = build_command(target, device_label(device_uri))
+    require_target(target, "load_latency_model")
+    hint = target.build_command(device_label(device_uri))
     store = open_table(device_uri, table_dir, tables_dir, allow_mismatch, config, hint)
     return compile_for(target, store, device_uri, grid, statistic)

@@ -76,7 +76,8 @@ def surface_plot(model: LatencyModel, path: str | Path, layers: str | None = Non
     rows = math.ceil(len(plans) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows), squeeze=False)
     offsets = model._base
-    full = {g: model.graph.groups[g].size for g in model.groups}
+    sizes = model.graph.full_channels()
+    full = {g: sizes[g] for g in model.groups}
     for ax, (i, plan) in zip(axes.ravel(), plans):
         pts = model.points[i]
         if len(plan.axes) == 1:

@@ -26,10 +26,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from amc_mobile.errors import AmcError
-from amc_mobile.pruning.graph import PruningGraph
+from device.errors import AmcError
 
 from .schema import TableRow
+from .network import UnitNetwork
 from .space import DEFAULT_GRID, LOWER_BOUND, UnitPlan, unit_plans
 
 Points = dict[tuple[int, ...], float]  # axis values -> median ms
@@ -185,13 +185,13 @@ class Prediction:
 
 @dataclass
 class LatencyModel:
-    """Whole-model latency for any channel configuration of one PruningGraph within one scope.
+    """Whole-model latency for any channel configuration of one network (`UnitNetwork`) within one scope.
 
     `predict(channels)`: channels maps a group id to its kept count; groups left out stay full;
     groups outside the scope may only be given at full width.
     """
 
-    graph: PruningGraph
+    graph: UnitNetwork
     scope: str
     plans: list[UnitPlan]
     groups: tuple[int, ...]  # the scope's groups, in the order predict_batch's columns use
@@ -212,7 +212,7 @@ class LatencyModel:
 
     # ------------------------------------------------------------------------------- compile
     @classmethod
-    def compile(cls, graph: PruningGraph, scope: str, rows: Iterable[TableRow], grid: int = DEFAULT_GRID,
+    def compile(cls, graph: UnitNetwork, scope: str, rows: Iterable[TableRow], grid: int = DEFAULT_GRID,
                 lbound: float = LOWER_BOUND, build_hint: str = DEFAULT_HINT, source: str = "",
                 statistic: str = "median_ms") -> "LatencyModel":
         if statistic not in STATISTICS:
@@ -220,6 +220,7 @@ class LatencyModel:
         plans = unit_plans(graph, scope, grid, lbound)
         groups = tuple(graph.decision_groups(scope))
         gpos = {g: i for i, g in enumerate(groups)}
+        sizes = graph.full_channels()
         by_shape = index_by_shape(rows)
         luts, exacts, bases, all_points = [], [], [], []
         strides = np.zeros((len(groups) + 1, len(plans)), dtype=np.int64)
@@ -232,10 +233,10 @@ class LatencyModel:
             if not plan.axes:
                 vals, ex = np.array([pts[()]]), np.array([True])
             elif len(plan.axes) == 1:
-                vals, ex = dense_1d(pts, graph.groups[plan.axes[0].group].size)
+                vals, ex = dense_1d(pts, sizes[plan.axes[0].group])
                 strides[gpos[plan.axes[0].group], u] = 1
             else:
-                si, so = (graph.groups[ax.group].size for ax in plan.axes)
+                si, so = (sizes[ax.group] for ax in plan.axes)
                 vals, ex = dense_2d(pts, si, so)
                 strides[gpos[plan.axes[0].group], u] += so + 1
                 strides[gpos[plan.axes[1].group], u] += 1
@@ -243,11 +244,17 @@ class LatencyModel:
             exacts.append(ex)
             bases.append(offset)
             offset += len(vals)
-        full = np.array([graph.groups[g].size for g in groups] + [0], dtype=np.int64)
+        full = np.array([sizes[g] for g in groups] + [0], dtype=np.int64)
         return cls(graph=graph, scope=scope, plans=plans, groups=groups, source=source, statistic=statistic,
                    lut=np.concatenate(luts), exact=np.concatenate(exacts), points=all_points,
                    _base=np.array(bases, dtype=np.int64), _strides=strides, _v0=full.tolist(), _full=full,
                    _gpos=gpos)
+
+    def set_calibration(self, scale: float, offset: float, facts: dict | None = None) -> None:
+        """Use the overhead fit `scale * unit_sum + offset` from now on; `facts` (how it was found) are
+        merged into `calibration`."""
+        self.scale, self.offset = float(scale), float(offset)
+        self.calibration = {**self.calibration, **(facts or {}), "scale": self.scale, "offset": self.offset}
 
     # ------------------------------------------------------------------------------ lookups
     def _vector(self, channels: Mapping[int, int]) -> list[int]:
@@ -264,14 +271,15 @@ class LatencyModel:
 
     def _vector_checked(self, channels: Mapping[int, int]) -> list[int]:
         inside = {}
+        sizes = self.graph.full_channels()
         for g, c in channels.items():
             if g in self._gpos:
                 inside[g] = c
-            elif g not in self.graph.groups:
+            elif g not in sizes:
                 raise AmcError(f"group {g} is not a channel group of this model")
-            elif int(c) != self.graph.groups[g].size:
+            elif int(c) != sizes[g]:
                 raise AmcError(f"group {g} is outside the latency model's scope {self.scope!r}: it can only stay "
-                               f"full ({self.graph.groups[g].size} channels), not {c}")
+                               f"full ({sizes[g]} channels), not {c}")
         return self._vector(inside)
 
     def _indices(self, v) -> np.ndarray:
@@ -337,8 +345,9 @@ class LatencyModel:
         """The slow path: each unit's spec looked up one by one (`reference_latency`). For tests."""
         channels = dict(channels or {})
         total = 0.0
+        sizes = self.graph.full_channels()
         for plan, pts in zip(self.plans, self.points):
-            values = tuple(int(channels.get(a.group, self.graph.groups[a.group].size)) for a in plan.axes)
+            values = tuple(int(channels.get(a.group, sizes[a.group])) for a in plan.axes)
             total += reference_latency(pts, values)[0]
         return total if raw else total * self.scale + self.offset
 

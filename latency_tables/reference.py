@@ -188,7 +188,7 @@ def measure_noise(device, seconds: float = 3.0, tolerance: float = 0.10) -> Nois
     from device.registry import open_device
     from device.stats import median_ci_rel
 
-    from amc_mobile.errors import AmcError
+    from device.errors import AmcError
 
     owned = not isinstance(device, Device)
     dev = open_device(device) if owned else device

@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from amc_mobile.errors import AmcError
-from amc_mobile.files import read_text
+from device.errors import AmcError
+from device.files import read_text
 from device.stats import LatencyStats
 
 from .units import UNIT_KINDS, UnitSpec

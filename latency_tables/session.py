@@ -18,7 +18,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 from device.base import Device, MeasureConfig
 from device.stats import LatencyStats
 
@@ -29,7 +29,7 @@ from .predict import LatencyModel
 from .schema import CalibrationRow, Stats
 from .space import DEFAULT_GRID
 from .store import TableStore
-from .target import Target
+from .network import Target
 
 # Whole models of about a millisecond: at least 100 ms per timing, one runner invocation per pass.
 SESSION_CONFIG = MeasureConfig(warmup=20, iterations=100, min_time_ms=100.0, repeats=1)
@@ -58,7 +58,6 @@ def recalibrate(lat: LatencyModel, target: Target, device: str | Device, *, pass
     """Time the table's calibration models for `target` `passes` times (interleaved) on `device`,
     refit `lat`'s scale and offset on these timings only, and return what was found. `store`, when
     given, receives every pass as calibration rows. Raises AmcError when the device is unusable."""
-    from amc_mobile.pruning import prune_by_counts
     from device.registry import open_device
 
     if passes < 1:
@@ -72,7 +71,7 @@ def recalibrate(lat: LatencyModel, target: Target, device: str | Device, *, pass
 
     def materialize(job: Job) -> None:
         ch = job.payload[1]
-        job.module = (prune_by_counts(target.module, target.graph, ch) if ch else target.module).eval()
+        job.module = target.pruned(ch)
         job.example_input = x
 
     rows: list[CalibrationRow] = []
@@ -109,8 +108,7 @@ def recalibrate(lat: LatencyModel, target: Target, device: str | Device, *, pass
     if not sums:
         raise AmcError("recalibration measured none of the calibration models: " + "; ".join(failures[:3]))
     fit = fit_overhead(sums, measured)
-    lat.scale, lat.offset = fit.scale, fit.offset
-    lat.calibration = {**lat.calibration, **fit.to_dict(), "session": True, "passes": passes}
+    lat.set_calibration(fit.scale, fit.offset, {**fit.to_dict(), "session": True, "passes": passes})
     original = None
     original_ms = None
     if per_pass_full:

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from amc_mobile.errors import AmcError
-from device.base import Device, MeasureConfig
+from device.errors import AmcError
+from device.base import Device, MeasureConfig, PteDevice
 from device.stats import LatencyStats
 
 from .batching import DEFAULT_BATCH, DEFAULT_WORKERS, BatchRunner, Job, _lower_chunk
@@ -59,7 +59,7 @@ class PoolRunner(BatchRunner):
         if not devices:
             raise ValueError("no devices")
         for d in devices:
-            if not callable(getattr(d, "measure_pte", None)):
+            if not isinstance(d, PteDevice):
                 raise AmcError(f"{d.uri} cannot time a prebuilt program: it cannot share a table build with other "
                                f"devices; build its table on its own")
         # lowering must keep up with the phones: about one host core per phone (docs/BENCHMARKS.md, the model)

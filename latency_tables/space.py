@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from amc_mobile.errors import AmcError
-from amc_mobile.pruning.graph import PruningGraph, UnitTemplate
+from device.errors import AmcError
+from .network import UnitNetwork, UnitTemplate
 
 from .units import UnitSpec
 
@@ -101,22 +101,23 @@ class UnitPlan:
                           for a in self.axes)
 
 
-def unit_plans(graph: PruningGraph, scope: str, grid: int = DEFAULT_GRID,
+def unit_plans(graph: UnitNetwork, scope: str, grid: int = DEFAULT_GRID,
                lbound: float = LOWER_BOUND) -> list[UnitPlan]:
     """One plan per unit template, in forward order."""
     groups = set(graph.decision_groups(scope))
+    sizes = graph.full_channels()
     plans = []
     for i, t in enumerate(graph.units):
         gi = t.in_group if t.in_group in groups else None
         go = t.out_group if t.out_group in groups else None
         axes: list[Axis] = []
         if gi is not None and gi == go:
-            axes.append(Axis(gi, "both", tuple(channel_choices(graph.groups[gi].size, grid, lbound))))
+            axes.append(Axis(gi, "both", tuple(channel_choices(sizes[gi], grid, lbound))))
         else:
             if gi is not None:
-                axes.append(Axis(gi, "in", tuple(channel_choices(graph.groups[gi].size, grid, lbound))))
+                axes.append(Axis(gi, "in", tuple(channel_choices(sizes[gi], grid, lbound))))
             if go is not None:
-                axes.append(Axis(go, "out", tuple(channel_choices(graph.groups[go].size, grid, lbound))))
+                axes.append(Axis(go, "out", tuple(channel_choices(sizes[go], grid, lbound))))
         plans.append(UnitPlan(i, t, tuple(axes)))
     return plans
 
@@ -131,16 +132,18 @@ def all_specs(plans: list[UnitPlan]) -> dict[str, UnitSpec]:
     return out
 
 
-def random_channels(graph: PruningGraph, scope: str, rng: np.random.Generator, grid: int = DEFAULT_GRID,
+def random_channels(graph: UnitNetwork, scope: str, rng: np.random.Generator, grid: int = DEFAULT_GRID,
                     lbound: float = LOWER_BOUND) -> dict[int, int]:
     """A random pruned configuration: each group in scope keeps a uniformly drawn choice."""
     out = {}
+    sizes = graph.full_channels()
     for g in graph.decision_groups(scope):
-        choices = channel_choices(graph.groups[g].size, grid, lbound)
+        choices = channel_choices(sizes[g], grid, lbound)
         out[g] = int(choices[rng.integers(len(choices))])
     return out
 
 
-def uniform_channels(graph: PruningGraph, scope: str, ratio: float, grid: int = DEFAULT_GRID) -> dict[int, int]:
+def uniform_channels(graph: UnitNetwork, scope: str, ratio: float, grid: int = DEFAULT_GRID) -> dict[int, int]:
     """Every group in scope pruned to the same preserve ratio (AMC's rounding)."""
-    return {g: round_channels(graph.groups[g].size, ratio, grid) for g in graph.decision_groups(scope)}
+    sizes = graph.full_channels()
+    return {g: round_channels(sizes[g], ratio, grid) for g in graph.decision_groups(scope)}

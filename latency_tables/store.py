@@ -21,13 +21,15 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from amc_mobile.errors import AmcError
-from amc_mobile.files import make_folder, read_json
+from device.errors import AmcError
+from device.files import make_folder, read_json
 from device.base import Fingerprint
+from device.user_dirs import data_dir, in_checkout
 
 from .schema import (CALIBRATION_COLUMNS, FAILURE_COLUMNS, ORIGIN_COLUMNS, TABLE_FORMAT, UNIT_COLUMNS, CalibrationRow,
                      FailureRow, TableRow, now_iso, read_calibration_rows, read_failure_rows, read_origin_rows,
@@ -44,15 +46,25 @@ LOCK_FILE = ".build.lock"
 
 
 def tables_root(root: str | os.PathLike | None = None) -> Path:
-    """Where table folders live: `root`, else $AMC_TABLES_DIR, else the latency_tables package folder."""
+    """Where table folders live: `root`, else $AMC_TABLES_DIR, else the latency_tables package folder in
+    a checkout, else the user data folder (device/user_dirs.py: never into site-packages)."""
     if root is not None:
         return Path(root)
     env = os.environ.get(ENV_TABLES_DIR)
-    return Path(env) if env else PACKAGE_DIR
+    if env:
+        return Path(env)
+    return PACKAGE_DIR if in_checkout() else data_dir() / "tables"
 
 
 def table_folder(fingerprint: Fingerprint, root: str | os.PathLike | None = None) -> Path:
-    return tables_root(root) / fingerprint.slug()
+    """The table folder for `fingerprint`; in an installed package, a table shipped with it is copied
+    to the user's folder the first time it is needed (appends then go there, not into the package)."""
+    folder = tables_root(root) / fingerprint.slug()
+    shipped = PACKAGE_DIR / fingerprint.slug()
+    if folder != shipped and not folder.exists() and (shipped / META_FILE).is_file() and root is None \
+            and not os.environ.get(ENV_TABLES_DIR):
+        shutil.copytree(shipped, folder, ignore=shutil.ignore_patterns(LOCK_FILE, "*.tmp"))
+    return folder
 
 
 def versions() -> dict[str, str]:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 from torch import nn
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 
 UNIT_KINDS = ("conv", "dwconv", "linear", "add", "pool", "avgpool", "gate", "mul", "act", "copy", "bn")
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish,

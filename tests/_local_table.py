@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from device.base import Device, MeasureConfig
+from device.base import MeasureConfig, PteDevice
 
 QUICK = MeasureConfig(warmup=5, iterations=20, min_time_ms=5.0, repeats=1)
 GRID = 32
 
 
-class InterruptAfter(Device):
+class InterruptAfter(PteDevice):
     """The real local device for the first `n` programs it times, then an interruption (Ctrl-C)."""
 
     uri = "local"
@@ -53,7 +53,7 @@ class BuiltTable:
 
 def build_interrupted_then_resumed(root: Path) -> BuiltTable:
     from device.local import LocalDevice
-    from latency_tables import build_table
+    from amc_mobile.tables import build_table
     from latency_tables.store import find_table
 
     local = LocalDevice()

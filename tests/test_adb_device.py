@@ -650,7 +650,7 @@ def test_table_build_dropped_mid_invocation_keeps_finished_rows_and_rerun_measur
     """resnet20 at a 64-channel grid (16 unit configs) in batches of 4 on the fake runner: batch 2's
     runner prints u0005, then the connection drops while it works on u0006. u0005's row is in the
     table with batch 1's; the rerun measures the other 11, once each."""
-    from latency_tables.build import build_table
+    from amc_mobile.tables import build_table
     from latency_tables.store import TableStore
 
     kw = dict(grid=64, coarse_step=100, refine=False, calibrate=False, batch_size=4, workers=1, progress=False,

@@ -12,7 +12,7 @@ import pytest
 from amc_mobile.errors import AmcError
 from device import open_device
 from device.adb import host_protocol as hp
-from latency_tables.build import build_table, build_tables
+from amc_mobile.tables import build_table, build_tables
 from latency_tables.store import TableStore
 
 from test_adb_device import CFG, COOL

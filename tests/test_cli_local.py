@@ -28,7 +28,7 @@ from _local_table import GRID, copy_table
 from amc_mobile.cli import main
 from latency_tables.calibrate import calibration_for, calibration_variants, fit_overhead
 from latency_tables.session import SESSION_PASSES
-from latency_tables.target import resolve_target
+from amc_mobile.tables import resolve_target
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def test_latency_search_interrupted_by_ctrl_c_resumes_without_measuring_again(ta
 
 
 def test_table_calibrate_appends_every_pass_and_refits_on_them(table, capsys):
-    from latency_tables import load_latency_model
+    from amc_mobile.tables import load_latency_model
 
     target, variants = _variants()
     n_before = len(table.calibration())

@@ -25,7 +25,8 @@ from amc_mobile.models import build_model
 from amc_mobile.pruning import build_graph, prune_by_counts
 from device.base import Device, Fingerprint, MeasureConfig
 from device.stats import LatencyStats
-from latency_tables import build_table, channel_choices, load_latency_model, round_channels
+from amc_mobile.tables import build_table, load_latency_model
+from latency_tables import channel_choices, round_channels
 from latency_tables.calibrate import fit_overhead
 from latency_tables.predict import LatencyModel, dense_1d, reference_latency
 from latency_tables.sampling import AdaptiveSampler
@@ -33,9 +34,9 @@ from latency_tables.schema import (UNIT_COLUMNS, CalibrationRow, Stats, TableRow
                                    read_unit_rows)
 from latency_tables.space import Axis, UnitPlan, random_channels, unit_plans
 from latency_tables.store import AppendLog, TableStore, find_table
-from latency_tables.target import resolve_target
+from amc_mobile.tables import resolve_target
 from latency_tables.units import UnitSpec
-from latency_tables.validate import accuracy_metrics, spearman, validate_table
+from amc_mobile.table_validation import accuracy_metrics, spearman, validate_table
 
 FAST = MeasureConfig(warmup=0, iterations=1, repeats=1)
 
@@ -564,7 +565,7 @@ def test_report_of_a_real_validation_folder(tmp_path):
 
 
 def test_validate_says_when_the_stored_calibration_is_stale(tmp_path):
-    from latency_tables.validate import ValidationResult
+    from amc_mobile.table_validation import ValidationResult
 
     def result(stored: float, fresh: float) -> ValidationResult:
         metrics = {"mean_error_pct": stored, "session_calibration": {"metrics": {"mean_error_pct": fresh}}}

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from _local_table import GRID, QUICK, copy_table
-from latency_tables import load_latency_model
+from amc_mobile.tables import load_latency_model
 from latency_tables.build import CALIBRATION_PASSES
 from latency_tables.loading import RECENT_PASSES
 from latency_tables.schema import read_unit_rows
 from latency_tables.space import all_specs, unit_plans
-from latency_tables.target import resolve_target
-from latency_tables.validate import channels_of, validate_table
+from amc_mobile.tables import resolve_target
+from amc_mobile.table_validation import channels_of, validate_table
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ from amc_mobile.pruning import build_graph
 from amc_mobile.search import SearchConfig, run_search
 from device.base import MeasureConfig
 from device.base import Candidate
-from latency_tables.build import ensure_table
-from latency_tables.validate import validate_table
+from amc_mobile.tables import ensure_table
+from amc_mobile.table_validation import validate_table
 from pattern_nets import PATTERN_NETS, randomise_bn
 
 from _search_helpers import fashion

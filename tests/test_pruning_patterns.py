@@ -396,7 +396,7 @@ def test_a_model_class_pickle_cannot_name_is_lowered_in_process(tmp_path):
     """A model defined inside a function (or in a notebook cell run with exec) cannot go to the lowering
     workers: its table is still built, lowering it where it lives."""
     from device.base import MeasureConfig
-    from latency_tables.build import build_table
+    from amc_mobile.tables import build_table
 
     def make():
         class Local(nn.Module):

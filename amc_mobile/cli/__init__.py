@@ -48,6 +48,30 @@ def seed(text: str) -> int:
     return value
 
 
+def _subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from _subparsers(sub)
+
+
+def _verbosity_everywhere(parser: argparse.ArgumentParser) -> None:
+    """-v/--verbose and -q/--quiet before or after any subcommand. The subcommands' copies default
+    to SUPPRESS, so a flag given before the subcommand is not reset by the subcommand's default."""
+    for sub in _subparsers(parser):
+        have = {s for a in sub._actions for s in a.option_strings}
+        if "--verbose" not in have:
+            sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show library logs and full tracebacks")
+        if "--quiet" not in have:
+            sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="no progress bars")
+        for a in sub._actions:
+            if a.dest in ("verbose", "quiet"):
+                a.default = argparse.SUPPRESS
+
+
 def _checked_numbers(parser: argparse.ArgumentParser) -> None:
     """Give every float option `finite_float` and every --seed `seed`, in every subcommand."""
     for action in parser._actions:
@@ -67,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"amc-mobile {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs and full tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{__name__}.{info.name}")
@@ -74,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         if register is not None:
             register(sub)
     _checked_numbers(parser)
+    _verbosity_everywhere(parser)
     return parser
 
 

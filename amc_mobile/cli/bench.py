@@ -35,7 +35,7 @@ def method_label(name: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from amc_mobile.model_io import load_model
     from amc_mobile.models import DEFAULT_MODEL
-    from device import Candidate, open_device
+    from device import Candidate, PteDevice, open_device
 
     config = measure_config(args)
     refs = args.model or [DEFAULT_MODEL]
@@ -52,11 +52,10 @@ def run(args: argparse.Namespace) -> int:
                 results.append((i, m.label, s))
         for i, m in enumerate(models):
             if m.pte_path is not None:
-                measure_pte = getattr(dev, "measure_pte", None)
-                if measure_pte is None:
+                if not isinstance(dev, PteDevice):
                     raise AmcError(f"device {args.device} runs PyTorch modules, not .pte files: "
                                    f"pass a model name or a pruned-model folder for {m.label}")
-                stats = measure_pte(m.pte_path, None, config)
+                stats = dev.measure_pte(m.pte_path, None, config)
                 for s in stats:  # one row per method: a multi-method program's rows must be told apart
                     results.append((i, m.label if len(stats) == 1 else f"{m.label}:{method_label(s.name)}", s))
         fp = dev.fingerprint(config)
@@ -72,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
             for line in ratio_lines(labelled):
                 print(line)
-            why = getattr(dev, "reference_error", None)
+            why = dev.reference_error
             if why:
                 print(f"drift reference: {why}")
             ref = [s for _, label, s in results if s.ok and s.name == config.reference]

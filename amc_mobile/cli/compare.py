@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from amc_mobile.cli.common import add_measure_options, measure_config
+from amc_mobile.cli.common import add_measure_options, dump_json, measure_config
 
 
 from amc_mobile.cli.model_options import add_model_options, model_options
@@ -36,6 +36,7 @@ def register(sub) -> None:
     p.add_argument("--out", "-o", default=None, help="run folder (default: runs/compare-<UTC time>)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a fully pickled module (.pt)")
     p.add_argument("--no-report", action="store_true", help="skip report.html / report.md")
+    p.add_argument("--json", action="store_true", help="print the result (cells, device fingerprints, files) as JSON")
     add_model_options(p)  # for ORIGINAL: a user factory's kwargs, its weights, its input shape
     add_measure_options(p, iterations=50, warmup=10)
     p.set_defaults(func=run)
@@ -79,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
         report=not args.no_report, original_options=model_options(args),
     )
     rows = result.rows()
+    if args.json:
+        print(dump_json({
+            "run_dir": str(result.run_dir), "config": config.to_dict(), "rows": rows,
+            "devices": [{"uri": d.uri, "fingerprint": d.fingerprint.to_dict() if d.fingerprint else None,
+                         "error": d.error} for d in result.devices],
+            "files": {k: str(v) for k, v in result.files.items()}}))
+        return result.exit_code
     print(f"compare: warmup {config.warmup}, iterations {config.iterations}, repeats {config.repeats}, "
           f"threads {config.threads if config.threads is not None else 'device default'}")
     print(format_table(rows))

@@ -30,7 +30,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from amc_mobile.model_io import load_model
     from amc_mobile.pruning.graph import build_graph
-    from latency_tables.target import default_scope
+    from amc_mobile.pruning.graph import default_scope
 
     loaded = load_model(args.model, options=model_options(args))
     if loaded.module is None:

@@ -57,12 +57,15 @@ def register(sub) -> None:
                     "(with the pruned and original models measured on the device) into the run folder.")
     _add_fields(p, SearchConfig, skip=("agent", "resume"))
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help=_RUN_ONLY["resume"])
+    p.add_argument("--json", action="store_true", help="print the run's summary.json instead of the lines above")
     _add_fields(p.add_argument_group("DDPG agent (AMC's defaults)"), DDPGConfig)
     p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
     given = {f.name: getattr(args, f.name) for f in fields(SearchConfig) if hasattr(args, f.name) and f.name != "agent"}
+    if args.quiet and "progress" not in given:
+        given["progress"] = False
     agent = {f.name: getattr(args, f.name) for f in fields(DDPGConfig) if hasattr(args, f.name)}
     if args.resume:
         from amc_mobile.errors import AmcError
@@ -92,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", SearchWarning)  # the CLI silences libraries, not the search's own notes
         warnings.showwarning = _show
         result = run_search(cfg)
+    if args.json:
+        from amc_mobile.cli.common import dump_json
+
+        print(dump_json({"run_dir": str(result.run_dir), **result.summary}))
+        return 0
     best, s = result.best, result.summary
     print(f"run folder: {result.run_dir}")
     print(f"best policy: episode {best['episode']}, {best['metric']} {best['accuracy']:.4f} on "

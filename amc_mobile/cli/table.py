@@ -135,8 +135,8 @@ def _lookup_config(args):
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from latency_tables.build import build_tables
-    from latency_tables.target import resolve_target
+    from amc_mobile.tables import build_tables
+    from amc_mobile.tables import resolve_target
 
     config = measure_config(args)
     check_at_least(args, grid=1, coarse_step=1, max_configs=1, calibration_variants=1, workers=1, batch_size=1)
@@ -181,10 +181,10 @@ def _target_and_model(args, need_model: bool = True, check_table_dir: bool = Tru
     """(target, table store, compiled LatencyModel); `show` inspects a --table-dir without checking
     its fingerprint against the device."""
     from latency_tables.loading import compile_for, open_table
-    from latency_tables.target import build_command, resolve_target
+    from amc_mobile.tables import resolve_target
 
     target = resolve_target(args.model, scope=args.scope, options=model_options(args)) if need_model else None
-    hint = build_command(target, args.device) if target else ""
+    hint = target.build_command(args.device) if target else ""
     device = args.device if (check_table_dir or not args.table_dir) else None
     store = open_table(device, args.table_dir, args.tables_dir, args.allow_fingerprint_mismatch,
                        _lookup_config(args), hint)
@@ -210,7 +210,7 @@ def run_show(args: argparse.Namespace) -> int:
     coverage = None
     if not args.no_model:
         from latency_tables.loading import compile_for
-        from latency_tables.target import resolve_target
+        from amc_mobile.tables import resolve_target
 
         target = resolve_target(args.model, scope=args.scope, options=model_options(args))
         try:
@@ -295,8 +295,8 @@ def _fingerprint(device: str, config):
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from latency_tables.target import resolve_target
-    from latency_tables.validate import validate_table
+    from amc_mobile.tables import resolve_target
+    from amc_mobile.table_validation import validate_table
 
     config = measure_config(args)
     check_at_least(args, samples=1, grid=1, passes=1, workers=1, batch_size=1)

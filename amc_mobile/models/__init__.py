@@ -12,8 +12,6 @@ Every model takes `num_classes=10, in_channels=1, input_size=28` (Fashion-MNIST)
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from amc_mobile.errors import AmcError
+from device.files import config_hash
 
 from .layers import AmcModel, ConvBNAct, make_divisible
 from .mobilenet_v1 import MobileNetV1, mobilenet_v1
@@ -100,12 +99,6 @@ def rebuild(config: dict[str, Any]) -> nn.Module:
 
         return rebuild_reference(config)
     return build_model(**config)
-
-
-def config_hash(config: dict[str, Any], length: int = 10) -> str:
-    """A short stable hash of a JSON-safe dict (model config, training args...)."""
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
 def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from amc_mobile.errors import AmcError
+from latency_tables.network import UnitTemplate
 from latency_tables.units import ACTIVATIONS, UnitSpec
 
 from .channel_flow import ACT_OF_FUNCTION, ACT_OF_METHOD, ACT_OF_MODULE, Flow, UnitRecord, channel_vector, follow
@@ -37,6 +38,12 @@ from .channel_flow import ACT_OF_FUNCTION, ACT_OF_METHOD, ACT_OF_MODULE, Flow, U
 SCOPES = ("all", "decoupled")
 # Per-family default scope: where "all" would make the latency table impractically large.
 DEFAULT_SCOPE = {"mobilenet_v2": "decoupled"}
+
+
+def default_scope(family: str | None) -> str:
+    """The scope a search and its table use for a model of `family` unless told otherwise."""
+    return DEFAULT_SCOPE.get(family or "", "all")
+
 
 @dataclass
 class ChannelGroup:
@@ -66,43 +73,6 @@ class Layer:
     w_in: int
     flops: int
     params: int
-
-
-@dataclass(frozen=True)
-class UnitTemplate:
-    """A fused unit at full width, with the groups its channel counts follow:
-    c_in = in_base + in_coef * kept[in_group] (and the same for c_out). A side that follows no
-    group keeps the spec's count."""
-
-    name: str
-    spec: UnitSpec
-    in_group: int | None
-    out_group: int | None
-    in_coef: int = 1
-    out_coef: int = 1
-    in_base: int = 0
-    out_base: int = 0
-
-    def at(self, channels: dict[int, int]) -> UnitSpec:
-        c_in = self.spec.c_in if self.in_group not in channels else self.in_base + self.in_coef * channels[self.in_group]
-        c_out = self.spec.c_out if self.out_group not in channels else \
-            self.out_base + self.out_coef * channels[self.out_group]
-        return self.spec.with_channels(c_in, c_out)
-
-    def at_counts(self, kept_in: int, kept_out: int) -> UnitSpec:
-        """The unit when its input group keeps `kept_in` and its output group `kept_out` (a unit whose
-        two sides follow one group still gets two independent counts: what a bilinear fit needs)."""
-        c_in = self.spec.c_in if self.in_group is None else self.in_base + self.in_coef * kept_in
-        c_out = self.spec.c_out if self.out_group is None else self.out_base + self.out_coef * kept_out
-        return self.spec.with_channels(c_in, c_out)
-
-    def count_of(self, spec: UnitSpec, side: str) -> int | None:
-        """The kept count of the group followed on `side` ("in"/"out") that gives `spec`, or None."""
-        group, base, coef, c = ((self.in_group, self.in_base, self.in_coef, spec.c_in) if side == "in" else
-                                (self.out_group, self.out_base, self.out_coef, spec.c_out))
-        if group is None or (c - base) % coef:
-            return None
-        return (c - base) // coef
 
 
 @dataclass

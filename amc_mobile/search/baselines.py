@@ -24,7 +24,6 @@ latency table exists for the model and device) and the measured ratio, so method
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import replace
@@ -34,14 +33,14 @@ import numpy as np
 import torch
 
 from amc_mobile.errors import AmcError
-from amc_mobile.files import read_json
+from amc_mobile.files import read_json, write_json
 from amc_mobile.pruning.graph import PruningGraph
 
 from .config import SearchConfig
 from .cost import CostModel, FlopsCost
 from .env import Episode, PruningEnv, round_channels
 from .loop import (BEST_FILE, CONFIG_FILE, LOG_FILE, SUMMARY_FILE, EpisodeLog, SearchResult, SearchSetup, _finish,
-                   _row, _write_json, measure_models, policy_dict, prepare, run_search)
+                   _row, episode_bar, policy_dict, prepare, run_search)
 
 METHODS = ("uniform", "random", "amc-flops")
 TOLERANCE = 0.03  # equal measured latency means within 3%
@@ -114,18 +113,18 @@ def measure_batch(device_uri: str, models: list, input_shape, config=None, passe
     import statistics
     import tempfile
 
-    from device import Candidate, open_device
+    from device import Candidate, PteDevice, example_input, open_device
     from device.lowering import lower_to_pte
     from device.stats import LatencyStats
 
     config = config or MEASURE
-    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    x = example_input(input_shape)
     cands = [Candidate(n, m.eval(), x) for n, m in models]
     runs: list[dict[str, LatencyStats]] = []
     failed: dict[str, str] = {}
     try:
         with open_device(device_uri) as dev:
-            if callable(getattr(dev, "measure_pte", None)):
+            if isinstance(dev, PteDevice):
                 with tempfile.TemporaryDirectory(prefix="amc-batch-") as tmp:
                     pte = Path(tmp) / "batch.pte"
                     failed = lower_to_pte(cands, pte)
@@ -299,7 +298,7 @@ def run_uniform(config: SearchConfig, model=None, data=None, setup: SearchSetup 
     chosen = min(trials, key=distance) if measure else trials[0]
     best = policy_dict(setup, chosen["ep"], chosen["step"])
     best.update(method="uniform", uniform_ratio=chosen["ratio"])
-    _write_json(run_dir / BEST_FILE, best)
+    write_json(run_dir / BEST_FILE, best)
     result = _finish(replace(setup, config=replace(cfg, measure_final=False)), run_dir, best)
     extra = {
         "method": "uniform",
@@ -333,7 +332,7 @@ def run_random(config: SearchConfig, model=None, data=None, setup: SearchSetup |
     log = EpisodeLog(run_dir / LOG_FILE)
     rng = np.random.default_rng(cfg.seed)  # the search's warm-up stream (DDPGAgent.random_action)
     best = None
-    bar = _progress(cfg, "random")
+    bar = episode_bar(cfg, "random")
     try:
         for e in range(cfg.episodes):
             env.reset()
@@ -345,7 +344,7 @@ def run_random(config: SearchConfig, model=None, data=None, setup: SearchSetup |
             elif best is None or ep.reward > best["reward"]:
                 best = policy_dict(setup, ep, e)
                 best["method"] = "random"
-                _write_json(run_dir / BEST_FILE, best)
+                write_json(run_dir / BEST_FILE, best)
             row = _row(e, "random", float("nan"), ep, setup.cost.full_cost)
             log.append(row)
             if bar is not None:
@@ -396,7 +395,7 @@ def _start(cfg: SearchConfig, method: str) -> Path:
         raise AmcError(f"{run_dir} already holds a run: pass another --out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    _write_json(run_dir / CONFIG_FILE, cfg.to_dict())
+    write_json(run_dir / CONFIG_FILE, cfg.to_dict())
     # kind "search": the report renders it like a search (best policy, episodes, summary)
     write_manifest(run_dir, "search", method=method)
     return run_dir
@@ -419,23 +418,15 @@ def _env(setup: SearchSetup) -> PruningEnv:
                       cfg.lbound, cfg.rbound, cfg.channel_round)
 
 
-def _progress(cfg: SearchConfig, desc: str):
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.episodes, desc=desc, unit="ep", dynamic_ncols=True)
-
-
 def latency_cost_for(model, graph: PruningGraph, scope: str, cfg: SearchConfig) -> CostModel | None:
     """The table-latency cost model for (model, scope, cfg.device) from an EXISTING table (nothing is
     built or measured: a FLOPs run must not start a table build), or None with a warning."""
     from .cost import LatencyCost
 
     try:
-        import latency_tables as lt
+        from amc_mobile.tables import load_latency_model
 
-        return LatencyCost(lt.load_latency_model(model, graph, scope, device_uri=cfg.device, table_dir=cfg.table_dir))
+        return LatencyCost(load_latency_model(model, graph, scope, device_uri=cfg.device, table_dir=cfg.table_dir))
     except Exception as exc:  # no table, a table without this model's layers, no executorch...
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"no table-predicted latency for the policy on {cfg.device}: {first}")
@@ -465,7 +456,7 @@ def annotate(result: SearchResult, extra: dict | None = None, latency=None) -> S
     """Add `extra` and the `policy` block (kept MACs, table-predicted latency, measured ratio) to the run's
     summary.json and to `result.summary`. `latency`: a latency CostModel or LatencyModel-like predictor;
     None: the search's own cost when it is latency, else an EXISTING table for the run's device (or none)."""
-    from amc_mobile.pruning.graph import DEFAULT_SCOPE
+    from amc_mobile.pruning.graph import default_scope
 
     from .cost import LatencyCost
     from .loop import family_of
@@ -476,8 +467,8 @@ def annotate(result: SearchResult, extra: dict | None = None, latency=None) -> S
     if latency is not None and not hasattr(latency, "unit"):
         latency = LatencyCost(latency)
     if latency is None and cfg.cost != "latency":
-        scope = (summary.get("setup") or {}).get("scope") or cfg.scope or DEFAULT_SCOPE.get(
-            family_of(result.original) or "", "all")
+        scope = (summary.get("setup") or {}).get("scope") or cfg.scope or default_scope(
+            family_of(result.original))
         latency = latency_cost_for(result.original, result.graph, scope, cfg)
     if latency is None and cfg.cost == "latency":
         best = summary.get("best") or result.best
@@ -486,7 +477,7 @@ def annotate(result: SearchResult, extra: dict | None = None, latency=None) -> S
                                  predicted_ratio=best["cost"] / best["full_cost"])
     else:
         summary["policy"] = policy_facts(result.graph, result.channels, latency, summary.get("measured"))
-    _write_json(result.run_dir / SUMMARY_FILE, summary)
+    write_json(result.run_dir / SUMMARY_FILE, summary)
     result.summary = summary
     return result
 

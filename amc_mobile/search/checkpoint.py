@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import atomic_write
 
 from .agent import DDPGAgent
 
@@ -38,13 +39,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def rng_states() -> dict:
@@ -92,7 +86,7 @@ def save(run_dir: Path, episode: int, agent: DDPGAgent, loop: dict) -> Path:
         "rng": rng_states(),
         "sha256": {name: _sha256(tmp / name) for name in ("agent.pt", "replay.pt")},
     }
-    _fsync_write(tmp / "state.json", json.dumps(state, indent=1))
+    atomic_write(tmp / "state.json", json.dumps(state, indent=1))
     if final.exists():  # a stale one from beyond an earlier resume point
         stale = root / f"ep{episode:06d}.stale"
         shutil.rmtree(stale, ignore_errors=True)

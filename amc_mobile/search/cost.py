@@ -128,8 +128,12 @@ class LatencyCost:
             if not hasattr(latency_model, attr):
                 raise TypeError(f"{type(latency_model).__name__} is not a latency model: it has no {attr!r}")
         self.model = latency_model
-        # The predicted full latency, so that every comparison is prediction against prediction.
-        self.full_cost = float(latency_model.predict({}))
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Follow the latency model's calibration (after a refit): the predicted full latency, so that
+        every comparison is prediction against prediction."""
+        self.full_cost = float(self.model.predict({}))
 
     def predict(self, channels: dict[int, int]) -> float:
         return float(self.model.predict(channels))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from amc_mobile.errors import AmcError
+from amc_mobile.files import write_json
 from amc_mobile.pruning.slicing import SPEC_FILE, WEIGHTS_FILE, load_pruned, save_pruned
 
 PRUNED_DIR = "pruned"
@@ -132,12 +132,6 @@ def _scores(model: nn.Module, data, max_images: int | None, splits=("val", "test
     return {s: fast_evaluate(model, getattr(data, s), max_images) for s in splits}
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _data_for(cfg: FinetuneConfig, run_dir: Path, model):
     """The data options given, else those of the search that made the model (its config.json)."""
     import json
@@ -204,7 +198,7 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
         "images_per_s": round(n_train * cfg.epochs / res.seconds, 1) if res.seconds > 0 else None,
         "history": res.history,
     }
-    _write_json(run_dir / RECORD_FILE, record)
+    write_json(run_dir / RECORD_FILE, record)
     summary = run_dir / "summary.json"
     if summary.exists() and run_dir != pruned_dir:
         try:
@@ -213,7 +207,7 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
                 data_["finetune"] = {k: record[k] for k in ("out", "before", "after", "delta_top1", "train_seconds")}
                 data_["finetune"]["recipe"] = {k: recipe[k] for k in ("epochs", "lr", "train_images_used",
                                                                      "weight_decay", "batch_size", "seed")}
-                _write_json(summary, data_)
+                write_json(summary, data_)
         except (OSError, ValueError):
             pass  # an unreadable summary (or a folder in its place) is the report's problem, not the fine-tune's
     return FinetuneResult(model, pruned_dir, out, run_dir, before, after, record)

@@ -18,10 +18,10 @@ from the newest one and reproduces the uninterrupted run's log (timings aside).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from amc_mobile.errors import AmcError
-from amc_mobile.files import read_json
-from amc_mobile.pruning.graph import DEFAULT_SCOPE, Layer, PruningGraph, build_graph, require_prunable
+from amc_mobile.files import atomic_write, read_json, write_json
+from amc_mobile.pruning.graph import Layer, PruningGraph, build_graph, default_scope, require_prunable
+from latency_tables.predict import LatencyModel
 
 from . import checkpoint as ckpt
 from .agent import DDPGAgent
@@ -93,25 +94,18 @@ class SearchSetup:
 
 
 def load_model(ref: str, cfg: SearchConfig | None = None) -> nn.Module:
-    """A checkpoint folder (config.json + model.pt), FILE.py:FACTORY (with cfg's --model-kwargs,
-    --weights, --input-shape) or a registry name (trained via get_or_train)."""
-    from amc_mobile import train
-    from amc_mobile.model_io import (ModelOptions, apply_options, is_factory_ref, load_factory, parse_input_shape,
-                                     parse_kwargs)
+    """The model a search prunes: `model_io.load_model` with cfg's --model-kwargs, --weights and
+    --input-shape, trained weights for a registry name."""
+    from amc_mobile.model_io import ModelOptions, parse_input_shape, parse_kwargs
+    from amc_mobile.model_io import load_model as load_reference
 
     options = ModelOptions(parse_kwargs(cfg.model_kwargs), cfg.weights, parse_input_shape(cfg.input_shape)) \
         if cfg is not None else None
-    path = Path(ref)
-    if not path.exists() and is_factory_ref(ref):
-        # the user's own network, with the weights its factory (or --weights) gives it
-        return apply_options(load_factory(ref, options.kwargs if options else None), options)
-    if path.exists():
-        if not path.is_dir():
-            raise AmcError(f"--model {ref}: expected a checkpoint folder (config.json + model.pt) or a model name")
-        model, _ = train.load_checkpoint(path)
-        return model
-    model, _ = train.get_or_train(ref, device="cpu")
-    return model
+    loaded = load_reference(ref, options=options, trained=True)
+    if loaded.module is None:
+        raise AmcError(f"--model {ref} is a compiled .pte: a search needs the model's layers (pass its pruned-model "
+                       f"folder, checkpoint folder, FILE.py:FACTORY or a model name)")
+    return loaded.module
 
 
 def _check_same_model(saved_info: dict | None, reference: dict) -> None:
@@ -131,12 +125,12 @@ def _latency_model(model: nn.Module, graph: PruningGraph, scope: str, cfg: Searc
     """The tables engineer's predictor for this model, scope and device: from --table-dir when given,
     else `ensure_table` (builds whatever the device's table still lacks, then loads it)."""
     try:
-        import latency_tables as lt
+        from amc_mobile.tables import ensure_table, load_latency_model
     except ImportError as exc:
         raise AmcError(f"latency tables are not available in this installation ({exc}); use --cost flops") from exc
     if cfg.table_dir:
-        return lt.load_latency_model(model, graph, scope, device_uri=cfg.device, table_dir=cfg.table_dir)
-    return lt.ensure_table(model, graph, scope, device_uri=cfg.device, progress=cfg.progress)
+        return load_latency_model(model, graph, scope, device_uri=cfg.device, table_dir=cfg.table_dir)
+    return ensure_table(model, graph, scope, device_uri=cfg.device, progress=cfg.progress)
 
 
 def make_cost(name: str, model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig,
@@ -152,9 +146,9 @@ def make_cost(name: str, model: nn.Module, graph: PruningGraph, scope: str, cfg:
 
 def measure_models(device_uri: str, models: list[tuple[str, nn.Module]], input_shape) -> dict:
     """Measure `models` on the device in ONE batch; {name: LatencyStats dict} or {"error": why}."""
-    from device import Candidate, MeasureConfig, open_device
+    from device import Candidate, MeasureConfig, example_input, open_device
 
-    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    x = example_input(input_shape)
     try:
         with open_device(device_uri) as dev:
             stats = dev.measure([Candidate(n, m.eval(), x) for n, m in models], MeasureConfig())
@@ -173,10 +167,10 @@ def _recalibrate(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dic
     import latency_tables as lt
     from device import open_device
     from latency_tables.session import SESSION_CONFIG
-    from latency_tables.target import resolve_target
+    from amc_mobile.tables import resolve_target
 
-    lat = getattr(cost, "model", None)
-    if not isinstance(lat, lt.LatencyModel):
+    lat = cost.model if isinstance(cost, LatencyCost) else None
+    if not isinstance(lat, LatencyModel):
         return None
     try:
         store = lt.TableStore(lat.source) if lat.source else None
@@ -191,7 +185,7 @@ def _recalibrate(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dic
         warnings.warn(f"could not re-time the calibration models on {cfg.device} ({exc}): the table's stored "
                       f"calibration is used", SearchWarning, stacklevel=2)
         return None
-    cost.full_cost = float(lat.predict({}))
+    cost.refresh()
     info["recalibration"] = rec.to_dict()
     if rec.original is None:
         return None
@@ -248,10 +242,10 @@ def _restore_budget(cost: CostModel, saved: dict, info: dict) -> float | None:
     """On resume: the interrupted run's budget and session overhead fit, not new measurements (a
     resumed search continues exactly; a fresh measurement would move the budget)."""
     rec = saved.get("recalibration")
-    lat = getattr(cost, "model", None)
-    if rec and lat is not None and hasattr(lat, "scale"):
-        lat.scale, lat.offset = float(rec["fit"]["scale"]), float(rec["fit"]["offset"])
-        cost.full_cost = float(lat.predict({}))
+    lat = cost.model if isinstance(cost, LatencyCost) else None
+    if rec and isinstance(lat, LatencyModel):
+        lat.set_calibration(float(rec["fit"]["scale"]), float(rec["fit"]["offset"]))
+        cost.refresh()
     for k in ("recalibration", "original_measured", "original_measured_ms"):
         if k in saved:
             info[k] = saved[k]
@@ -269,7 +263,7 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
         _check_same_model(saved_info, model.amc_reference)
     graph = build_graph(model)
     require_prunable(graph)
-    scope = cfg.scope or DEFAULT_SCOPE.get(family_of(model) or "", "all")
+    scope = cfg.scope or default_scope(family_of(model))
     layers = graph.decision_layers(scope)
     if not layers:
         raise AmcError(f"no prunable layers in scope {scope!r}: try --scope all")
@@ -326,12 +320,11 @@ class EpisodeLog:
         """Keep the rows of the first `episodes` episodes (rows written after the last checkpoint go)."""
         with open(self.path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["episode"]) < episodes]
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, LOG_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, LOG_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(self.path, text.getvalue())
 
 
 def read_log(path: Path, with_timings: bool = False) -> list[dict]:
@@ -384,12 +377,6 @@ def _row(episode: int, phase: str, sigma: float, ep: Episode, full_cost: float) 
         "ratios": json.dumps([round(r, 6) for r in ep.ratios]),
         "channels": json.dumps({str(g): int(c) for g, c in ep.channels.items()}),
     }
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------- the run
@@ -450,7 +437,7 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
     run_dir, cfg, resuming = _run_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    _write_json(run_dir / CONFIG_FILE, {k: v for k, v in cfg.to_dict().items() if k != "resume"} | {"resume": None})
+    write_json(run_dir / CONFIG_FILE, {k: v for k, v in cfg.to_dict().items() if k != "resume"} | {"resume": None})
     write_manifest(run_dir, "search")
     saved = None
     if resuming and (run_dir / "setup.json").is_file():
@@ -459,7 +446,7 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
         except (OSError, ValueError):
             saved = None  # unreadable: measure again (the budget may move slightly)
     setup = prepare(cfg, model, data, latency_model, saved_info=saved)
-    _write_json(run_dir / "setup.json", setup.info)
+    write_json(run_dir / "setup.json", setup.info)
 
     _seed_everything(cfg.seed)
     env = PruningEnv(setup.graph, setup.layers, setup.cost, setup.budget, setup.scorer, cfg.reward,
@@ -474,11 +461,11 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
         top = state["loop"].get("top") or ([best] if best else [])
         episode_log.truncate(start)
         if best is not None:
-            _write_json(run_dir / BEST_FILE, best)
+            write_json(run_dir / BEST_FILE, best)
         log.info("resuming %s from episode %d", run_dir, start)
 
     warmup = cfg.warmup_episodes
-    bar = _progress(cfg, start)
+    bar = episode_bar(cfg, start=start)
     try:
         for e in range(start, cfg.episodes):
             phase = "warmup" if e < warmup else "explore"
@@ -502,7 +489,7 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
                         agent.update()
                 if best is None or ep.reward > best["reward"]:
                     best = policy_dict(setup, ep, e)
-                    _write_json(run_dir / BEST_FILE, best)
+                    write_json(run_dir / BEST_FILE, best)
                 top = _keep_top(top, setup, ep, e, cfg.final_candidates)
             row = _row(e, phase, sigma, ep, setup.cost.full_cost)
             episode_log.append(row)
@@ -593,12 +580,13 @@ def _measured_pick(setup: SearchSetup, best: dict, top: list[dict]) -> tuple[dic
     return chosen, entry
 
 
-def _progress(cfg: SearchConfig, start: int):
+def episode_bar(cfg: SearchConfig, desc: str = "search", start: int = 0):
+    """The episodes' progress bar (tqdm.auto: a widget in a notebook), None when cfg.progress is off."""
     if not cfg.progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.episodes, initial=start, desc="search", unit="ep", dynamic_ncols=True)
+    return tqdm(total=cfg.episodes, initial=start, desc=desc, unit="ep", dynamic_ncols=True)
 
 
 def _finish(setup: SearchSetup, run_dir: Path, best: dict, top: list[dict] | None = None) -> SearchResult:
@@ -611,7 +599,7 @@ def _finish(setup: SearchSetup, run_dir: Path, best: dict, top: list[dict] | Non
     measured_budget = None
     if cfg.cost == "latency" and setup.budget is not None and cfg.measure_final and cfg.final_candidates > 0:
         best, measured_budget = _measured_pick(setup, best, top or [])
-        _write_json(run_dir / BEST_FILE, best)
+        write_json(run_dir / BEST_FILE, best)
     channels = {int(g): int(c) for g, c in best["channels"].items()}
     pruned = setup.builder.build(channels)
     for p in pruned.parameters():
@@ -646,5 +634,5 @@ def _finish(setup: SearchSetup, run_dir: Path, best: dict, top: list[dict] | Non
             measured["speedup"] = o / p
             measured["measured_ratio"] = p / o
         summary["measured"] = measured
-    _write_json(run_dir / SUMMARY_FILE, summary)
+    write_json(run_dir / SUMMARY_FILE, summary)
     return SearchResult(run_dir, cfg, best, channels, pruned.eval(), setup.model, setup.graph, summary)

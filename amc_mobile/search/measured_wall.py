@@ -82,7 +82,7 @@ def _measure(device_uri: str, original: torch.nn.Module, models: list[tuple[str,
     cands = [Candidate("original", original.eval(), x)] + [Candidate(n, m.eval(), x) for n, m in models]
     with open_device(device_uri) as dev:
         stats = dev.measure(cands, config)
-        why = getattr(dev, "reference_error", None)
+        why = dev.reference_error
     by = {s.name: s for s in stats}
     if not by["original"].ok:
         raise AmcError(f"the original could not be measured on {device_uri}: {by['original'].error}")

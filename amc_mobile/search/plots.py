@@ -178,7 +178,7 @@ def uniform_reference(best: dict, cost, graph, lbound: float = 0.2, rbound: floa
 def _cost_from_config(config: dict):
     """(cost model, graph) rebuilt from a run's config.json: the model, its graph, and FLOPs/params or the
     existing latency table (never built here)."""
-    from amc_mobile.pruning.graph import DEFAULT_SCOPE, build_graph
+    from amc_mobile.pruning.graph import build_graph, default_scope
 
     from .baselines import latency_cost_for
     from .config import SearchConfig
@@ -192,7 +192,7 @@ def _cost_from_config(config: dict):
         return FlopsCost(graph), graph
     if cfg.cost == "params":
         return ParamsCost(graph), graph
-    scope = cfg.scope or DEFAULT_SCOPE.get(family_of(model) or "", "all")
+    scope = cfg.scope or default_scope(family_of(model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cost = latency_cost_for(model, graph, scope, cfg)

@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import parse_qsl
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 
-from device.base import Candidate, Device, Fingerprint, MeasureConfig, ProgressFn
+from ..base import Candidate, Fingerprint, MeasureConfig, ProgressFn, PteDevice
 from device.lowering import lower_to_pte
 from device.runner import (EXIT_LOAD, EXIT_USAGE, RunResult, build_argv, failed_method, parse_list, parse_output,
                            runner_error)
@@ -106,7 +106,7 @@ def _tcp_address(uri: str, address: str) -> tuple[str, int]:
     return m.group("h6") or m.group("h"), port
 
 
-class AdbDevice(Device):
+class AdbDevice(PteDevice):
     """An Android phone over ADB: through an adb server (`server`), or directly with adb-shell."""
 
     def __init__(self, *, serial: str | None = None, host: str | None = None, port: int | None = None,

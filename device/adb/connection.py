@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 
 log = logging.getLogger("device.adb")
 

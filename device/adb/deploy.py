@@ -17,19 +17,18 @@ is (with a warning: its version cannot be checked). Otherwise `AmcError` says ho
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from amc_mobile.errors import AmcError
-
+from ..errors import AmcError
+from ..files import sha256_file
+from ..user_dirs import REPO_ROOT
 from .connection import AdbConnection, q
 
 log = logging.getLogger("device.adb")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REMOTE_DIR = "/data/local/tmp/amc_mobile"
 ENV_RUNNER = "AMC_ANDROID_RUNNER"
 ENV_EXECUTOR_RUNNER = "AMC_ANDROID_EXECUTOR_RUNNER"
@@ -94,21 +93,6 @@ def missing_runner_error(kind: str, abi: str, uri: str) -> AmcError:
                       for p in local_candidates(kind, abi)) or "none for this ABI"
     return AmcError(f"no {kind} runner for {uri} (ABI {abi}; looked for {where}, and none is on the phone at "
                     f"{remote_path(kind)}): {_BUILD_HINT[kind]}")
-
-
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def sha256_file(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
 
 
 def remote_sha256(conn: AdbConnection, remote: str) -> str | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 
 from device.base import MeasureConfig
 from device.stats import LatencyStats

@@ -29,7 +29,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5037

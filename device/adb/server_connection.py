@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 
 from . import host_protocol as hp
 from .connection import (AUTH_PROMPT, USB_PROMPT, DEFAULT_AUTH_TIMEOUT_S, DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S,

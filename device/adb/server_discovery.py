@@ -13,7 +13,7 @@ import logging
 import os
 import re
 
-from amc_mobile.errors import AmcError
+from device.errors import AmcError
 
 from . import host_protocol as hp
 from .server_connection import ENV_SERVERS, local_server, start_hint, state_advice

@@ -25,20 +25,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from amc_mobile.errors import AmcError
-from amc_mobile.pruning.graph import PruningGraph
 from device.base import Device, MeasureConfig
 from device.stats import LatencyStats
-
-from .batching import DEFAULT_WORKERS, BatchRunner, Job, Programs
-from .build import MODEL_CONFIG
-from .calibrate import calibration_variants, fit_overhead
-from .loading import calibration_points, compile_for, device_label, open_table, table_grid
-from .schema import (CALIBRATION_COLUMNS, CalibrationRow, Stats, clean_field, decode_channels, encode_channels,
+from latency_tables.batching import DEFAULT_WORKERS, BatchRunner, Job, Programs
+from latency_tables.build import MODEL_CONFIG
+from latency_tables.calibrate import calibration_variants, fit_overhead
+from latency_tables.loading import calibration_points, compile_for, device_label, open_table, table_grid
+from latency_tables.schema import (CALIBRATION_COLUMNS, CalibrationRow, Stats, clean_field, decode_channels, encode_channels,
                      now_iso, read_calibration_rows)
-from .space import random_channels
-from .store import AppendLog
-from .target import build_command, resolve_target
+from latency_tables.space import random_channels
+from latency_tables.store import AppendLog
+
+from .errors import AmcError
+from .pruning.graph import PruningGraph
+from .runs import new_run_dir, write_manifest
+from .tables import resolve_target
 
 SAMPLE_COLUMNS = ("index", "seed", "pass", "channels", "predicted_ms", "unit_sum_ms", "interpolated_units", "median_ms",
                   "mean_ms", "std_ms", "p10_ms", "p90_ms", "n", "error_pct", "measured_at")
@@ -190,9 +191,6 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
                    batch_size: int = 4, workers: int = DEFAULT_WORKERS, progress: bool = True,
                    plot: bool = True, session_calibration: bool = True,
                    passes: int = DEFAULT_PASSES) -> ValidationResult:
-    from amc_mobile.pruning import prune_by_counts
-    from amc_mobile.runs import new_run_dir, write_manifest
-
     if samples < 1:
         raise AmcError("--samples must be >= 1")
     config = config or MODEL_CONFIG
@@ -208,7 +206,7 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
         # the table was measured with the unit config's threads/affinity: look it up with those
         lookup_config = table_config or MeasureConfig(threads=config.threads, affinity=config.affinity)
         store = open_table(dev, table_dir, tables_dir, allow_mismatch, lookup_config,
-                           hint=build_command(target, label))
+                           hint=target.build_command(label))
         lat = compile_for(target, store, dev, grid)
         grid = int(grid or table_grid(store, target))
         out = new_run_dir("table-validate", out_dir)
@@ -234,7 +232,7 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
 
         def materialize(job: Job) -> None:
             ch = job.payload[2]
-            job.module = (prune_by_counts(target.module, target.graph, ch) if ch else target.module).eval()
+            job.module = target.pruned(ch)
 
         from tqdm import tqdm
 
@@ -299,7 +297,7 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
         metrics.update(_drift_normalised(out / REFERENCES_FILE, df, lat, session_rows, seed, target))
         png = None
         if plot:
-            from .plots import scatter_plot
+            from latency_tables.plots import scatter_plot
 
             png = scatter_plot(df["predicted_ms"].to_numpy(), df["median_ms"].to_numpy(), out / "scatter.png",
                                f"{target.label} on {label}: predicted vs measured ({len(df)} variants)",
