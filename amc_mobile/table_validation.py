@@ -51,6 +51,8 @@ REFERENCES_FILE = "references.csv"
 REFERENCE_COLUMNS = ("kind", "index", "pass", "ratio", "ref_median_ms", "noise", "measured_at")
 DEFAULT_PASSES = 5
 CALIBRATION_FILE = "calibration.csv"  # this session's timings of the table's calibration models
+SUMMARY_FILE = "summary.json"  # the metrics (what `amc-mobile report` shows first)
+SCATTER_PNG = "scatter.png"  # predicted vs measured
 
 
 def spearman(a, b) -> float:
@@ -299,13 +301,13 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
         if plot:
             from latency_tables.plots import scatter_plot
 
-            png = scatter_plot(df["predicted_ms"].to_numpy(), df["median_ms"].to_numpy(), out / "scatter.png",
+            png = scatter_plot(df["predicted_ms"].to_numpy(), df["median_ms"].to_numpy(), out / SCATTER_PNG,
                                f"{target.label} on {label}: predicted vs measured ({len(df)} variants)",
                                second=None if session is None else np.asarray(session["predicted_ms"]),
                                second_label="with this session's calibration")
-        (out / "summary.json").write_text(json.dumps({"model": target.label, "device": label, "table":
-                                                     str(store.folder), "metrics": metrics, "created": now_iso()},
-                                                    indent=2, sort_keys=True, default=str) + "\n")
+        (out / SUMMARY_FILE).write_text(json.dumps({"model": target.label, "device": label, "table":
+                                                   str(store.folder), "metrics": metrics, "created": now_iso()},
+                                                  indent=2, sort_keys=True, default=str) + "\n")
         return ValidationResult(out, df.reset_index(drop=True), metrics, png, store.folder, target.label, label)
     finally:
         if owned:

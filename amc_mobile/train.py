@@ -66,14 +66,14 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None: CUDA when there is one, else CPU. Asking for CUDA without one is a user error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AmcError(f"--device {device}: this torch build sees no CUDA GPU ({torch.__version__}); use --device cpu")
-    return dev
+def resolve_device(device: str | torch.device | None = None, flag: str = "--compute") -> torch.device:
+    """None: CUDA when there is one, else CPU. Asking for CUDA without one is a user error (one line naming
+    `flag`); see amc_mobile.compute."""
+    from amc_mobile.compute import resolve_compute
+
+    if isinstance(device, torch.device) and (device.type == "cpu" or torch.cuda.is_available()):
+        return device
+    return resolve_compute(device, flag)
 
 
 # ----------------------------------------------------------------------------- evaluation

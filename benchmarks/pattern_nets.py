@@ -61,6 +61,10 @@ def one(name: str, args, out: Path) -> dict:
     m = val.metrics
     row.update({k: m.get(k) for k in ("samples", "within_5pct", "within_10pct", "rmspe_pct", "under_predicted_5pct",
                                       "spearman")})
+    s_fit = (m.get("session_calibration") or {}).get("metrics") or {}
+    row.update({f"session_{k}": s_fit.get(k) for k in ("within_5pct", "within_10pct", "rmspe_pct", "spearman")})
+    if args.no_search:
+        return row
     t0 = time.perf_counter()
     lat = load_latency_model(model, graph, device_uri=args.device, tables_dir=tables, grid=args.grid)
     cfg = SearchConfig(model=name, device=args.device, cost="latency", target=args.target, episodes=args.episodes,
@@ -103,6 +107,7 @@ def main() -> int:
     p.add_argument("--episodes", type=int, default=40)
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--out", default=None)
+    p.add_argument("--no-search", action="store_true", help="groups, table and validation only")
     args = p.parse_args()
     names = sorted(PATTERN_NETS) if args.nets == "all" else args.nets.split(",")
     out = Path(args.out or f"runs/pattern-nets-{time.strftime('%Y%m%d-%H%M%S')}")

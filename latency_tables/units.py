@@ -1,5 +1,6 @@
 """Fused units: the things a latency table is keyed by (conv+BN+activation, depthwise, grouped conv,
-linear, add, pools, squeeze-excite gate, element-wise mul, standalone activation, copy).
+linear, add, pools, squeeze-excite gate, element-wise mul, standalone activation, copy, spatial
+reductions written as tensor ops, channels-last LayerNorm).
 
 A unit is what XNNPACK runs as one fused kernel; nn-Meter showed that predicting per
 fused kernel is what makes a sum over layers accurate (99% within ±10% vs 91% per op).
@@ -14,12 +15,18 @@ from torch import nn
 
 from device.errors import AmcError
 
-UNIT_KINDS = ("conv", "dwconv", "linear", "add", "pool", "avgpool", "gate", "mul", "act", "copy", "bn")
+UNIT_KINDS = ("conv", "dwconv", "linear", "add", "pool", "avgpool", "gate", "mul", "act", "copy", "bn", "mean", "sum",
+              "amax", "layernorm")
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish,
                "hardsigmoid": nn.Hardsigmoid, "silu": nn.SiLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid,
                "tanh": nn.Tanh}
+# A reduction over H, W written as a tensor op (`x.mean((2, 3))`) is its own unit, measured as that very op:
+# ExecuTorch 1.4.1's XNNPACK partitioner delegates `mean` only with keepdim=True, so without it the op runs
+# on the portable kernel (96x7x7: 12.4 us vs 1.1 us for the global pool it equals, docs/BENCHMARKS.md) and
+# splits the delegate. `kernel` holds keepdim: 1 keeps a 1x1 map, 0 drops H, W (the key reads `mean0x0`).
+REDUCTIONS = ("mean", "sum", "amax")
 # kinds whose output has the input's channels
-_CHANNEL_KEEPING = ("dwconv", "add", "pool", "avgpool", "gate", "mul", "act", "copy", "bn")
+_CHANNEL_KEEPING = ("dwconv", "add", "pool", "avgpool", "gate", "mul", "act", "copy", "bn", "layernorm") + REDUCTIONS
 
 
 @dataclass(frozen=True, order=True)
@@ -71,9 +78,9 @@ class UnitSpec:
         return replace(self, c_in=c_in, c_out=c_out, groups=groups)
 
     def output_hw(self) -> tuple[int, int]:
-        if self.kind == "linear" or (self.kind == "pool" and self.kernel == 0):
+        if self.kind == "linear" or (self.kind == "pool" and self.kernel == 0) or self.kind in REDUCTIONS:
             return 1, 1
-        if self.kind in ("add", "gate", "mul", "act", "copy", "bn"):
+        if self.kind in ("add", "gate", "mul", "act", "copy", "bn", "layernorm"):
             return self.h, self.w
         return ((self.h + 2 * self.padding - self.kernel) // self.stride + 1,
                 (self.w + 2 * self.padding - self.kernel) // self.stride + 1)
@@ -91,6 +98,8 @@ class UnitSpec:
     def input_shape(self) -> tuple[int, ...]:
         if self.kind == "linear":
             return (self.batch, self.c_in)
+        if self.kind == "layernorm":  # normalises the last dimension: channels-last
+            return (self.batch, self.h, self.w, self.c_in)
         return (self.batch, self.c_in, self.h, self.w)
 
     def build(self, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
@@ -162,6 +171,28 @@ class _PoolUnit(nn.Module):
         return self.pool(x)
 
 
+class _ReduceUnit(nn.Module):
+    """`x.mean((2, 3))` / `sum` / `amax` exactly as the model writes it (keepdim = kernel)."""
+
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+        self.op, self.keepdim = s.kind, bool(s.kernel)
+
+    def forward(self, x):
+        return getattr(x, self.op)((2, 3), keepdim=self.keepdim)
+
+
+class _LayerNormUnit(nn.Module):
+    """A LayerNorm over the channels of a channels-last [N, H, W, C] map (with its scale and shift)."""
+
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+        self.norm = nn.LayerNorm(s.c_in)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
 class _AvgPoolUnit(nn.Module):
     def __init__(self, s: UnitSpec):
         super().__init__()
@@ -227,4 +258,4 @@ class _BatchNormUnit(nn.Module):
 
 _UNIT_BUILDERS = {"conv": _ConvUnit, "dwconv": _ConvUnit, "linear": _LinearUnit, "add": _AddUnit, "pool": _PoolUnit,
                   "avgpool": _AvgPoolUnit, "gate": _GateUnit, "mul": _MulUnit, "act": _ActUnit, "copy": _CopyUnit,
-                  "bn": _BatchNormUnit}
+                  "bn": _BatchNormUnit, "layernorm": _LayerNormUnit, **{k: _ReduceUnit for k in REDUCTIONS}}

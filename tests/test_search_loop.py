@@ -270,6 +270,9 @@ def test_resume_restores_the_budget_and_session_fit_instead_of_measuring_again()
         def unit_latencies(self, channels):
             return [2.0]
 
+        def set_calibration(self, scale, offset, facts=None):
+            self.scale, self.offset = scale, offset
+
     cost, info = LatencyCost(Lat()), {}
     saved = {"budget": 0.9, "original_measured_ms": 1.8,
              "recalibration": {"fit": {"scale": 0.9, "offset": -0.1}}}

@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--eval-images", type=int, default=None,
                    help="score before/after on the first N val and test images (default: all 5,000 / 10,000)")
     p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    p.add_argument("--compute", "--device", dest="device", default=None, metavar="COMPUTE",
+                   help="where it trains: cpu, cuda or cuda:N (default: cuda if there is one; --device is the old name)")
     p.add_argument("--out", default=None, help="folder for the fine-tuned model (default: <run>/finetuned)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: $AMC_DATA_DIR or the system one)")
     p.add_argument("--data", default=None,
@@ -61,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
                          seed=args.seed, eval_images=args.eval_images, device=args.device, data_dir=args.data_dir,
                          data=args.data, input_size=args.input_size, mean=args.mean, std=args.std,
                          progress=not args.quiet).validate()
+    from amc_mobile.train import resolve_device
+
+    resolve_device(cfg.device)  # a --compute this host lacks fails before anything is loaded
     pruned, run_dir = resolve_pruned(args.path)  # fail fast, before loading data
     n = f"the first {cfg.train_images:,}" if cfg.train_images else "all"
     print(f"fine-tuning {pruned} for {cfg.epochs} epoch(s) on {n} training images, lr {cfg.lr} ...", flush=True)

@@ -105,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"best policy: episode {best['episode']}, {best['metric']} {best['accuracy']:.4f} on "
           f"{s['setup']['val_images']} val images (original {s['setup']['original_accuracy']:.4f}), predicted cost "
           f"{best['cost']:.4g} {best['cost_unit']} = {best['cost_ratio']:.1%} of {best['full_cost']:.4g}")
+    if s.get("timing"):
+        from amc_mobile.search.timing import describe
+
+        print(describe(s["timing"]))
     m = s.get("measured")
     if m and "speedup" in m:
         print(f"measured on {cfg.device}: original {m['original']['median_ms']:.3f} ms, pruned "

@@ -45,7 +45,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
     p.add_argument("--out", default=None, help="checkpoint folder to write (default: the cache)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: $AMC_DATA_DIR or the system one)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    p.add_argument("--compute", "--device", dest="device", default=None, metavar="COMPUTE",
+                   help="where it trains: cpu, cuda or cuda:N (default: cuda if there is one; --device is the old name)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from latency_tables.units import UnitSpec
+from latency_tables.units import REDUCTIONS, UnitSpec
 
 from device.union_find import UnionFind
 
@@ -541,6 +541,22 @@ def _normalise_together(flow: ChannelFlow, node, value, env):
     return ids
 
 
+def _layernorm(flow: ChannelFlow, node, value, env):
+    """A LayerNorm over the last dimension (channels-last MLP blocks, ConvNeXt): its channels are fixed like
+    any normalisation's, and it is a unit of its own, so that the table measures it at its channel count
+    rather than leaving it to the calibration's offset."""
+    ids = _normalise_together(flow, node, value, env)
+    mod: nn.LayerNorm = flow.modules[node.target]
+    vec = feature_vector(ids)
+    if vec is None or len(mod.normalized_shape) != 1 or not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return ids
+    c = vec.numel()
+    rows = value.numel() // c
+    h, w = (value.shape[1], value.shape[2]) if value.dim() == 4 else (1, rows)
+    flow.unit(str(node.target), UnitSpec("layernorm", h, w, c, c, batch=rows // (h * w)), vec, vec, node)
+    return ids
+
+
 def _spatial(flow: ChannelFlow, node, value, env):
     """Per-channel spatial ops (pooling, padding, resizing): each output channel is its input channel."""
     src = node.args[0]
@@ -613,14 +629,12 @@ def _reduce(flow: ChannelFlow, node, value, env):
         out = out.narrow(d, 0, 1)
         if not keep:
             out = out.squeeze(d)
-    if x.dim() == 4 and dims == [2, 3] and _name(node.target) in ("mean", "sum", "amax", "max"):
+    if x.dim() == 4 and dims == [2, 3] and _name(node.target) in REDUCTIONS:
         vec = channel_vector(ids)
         if vec is not None:
-            h, w = x.shape[2], x.shape[3]
-            spec = UnitSpec("pool", h, w, vec.numel(), vec.numel(), kernel=0) if _name(node.target) in ("mean", "sum") \
-                else (UnitSpec("pool", h, w, vec.numel(), vec.numel(), h, h) if h == w else None)
-            if spec is not None:
-                flow.unit(node.name, spec, vec, vec, node)
+            # measured as written: the runtime does not run a mean without keepdim as the global pool it equals
+            spec = UnitSpec(_name(node.target), x.shape[2], x.shape[3], vec.numel(), vec.numel(), kernel=int(bool(keep)))
+            flow.unit(node.name, spec, vec, vec, node)
     return out.expand(value.shape) if tuple(out.shape) != tuple(value.shape) else out
 
 
@@ -632,7 +646,7 @@ _SPATIAL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn
 _MOVE_MODULES = (nn.Flatten, nn.Unflatten)
 
 _MODULE_HANDLERS: dict[type, Handler] = {nn.Conv2d: _conv, nn.Linear: _linear, nn.BatchNorm2d: _batchnorm,
-                                         nn.BatchNorm1d: _batchnorm, nn.LayerNorm: _normalise_together,
+                                         nn.BatchNorm1d: _batchnorm, nn.LayerNorm: _layernorm,
                                          nn.GroupNorm: _normalise_together, nn.Softmax: _normalise_together,
                                          nn.InstanceNorm2d: _normalise_together}
 _MODULE_HANDLERS.update({t: _same for t in _SAME_MODULES})

@@ -122,6 +122,9 @@ class SearchConfig:
     final_candidates: int = _f(4, "latency budget: measure this many best policies with the original at the end "
                                   "and keep the most accurate whose MEASURED ratio meets the target (walking "
                                   "back when none does); 0: keep the best predicted one")
+    compute: str | None = _f(None, "where episodes are scored and the reconstruction's features collected: cpu, "
+                                   "cuda or cuda:N (default: cuda when torch sees one, else cpu); latency is still "
+                                   "measured on --device")
     threads: int | None = _f(None, "torch CPU threads for the search (default: torch's choice)")
     progress: bool = _f(True, "show a progress bar")
     agent: DDPGConfig = field(default_factory=DDPGConfig, metadata={"help": "DDPG hyper-parameters"})

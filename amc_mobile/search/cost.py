@@ -118,7 +118,8 @@ class ParamsCost(_GraphCost):
 
 class LatencyCost:
     """Adapter over the latency-table predictor: anything with `predict(channels)`,
-    `unit_latencies(channels)` and `full_latency_ms`, all in milliseconds."""
+    `unit_latencies(channels)` and `full_latency_ms`, all in milliseconds, and
+    `set_calibration(scale, offset)` when the search refits it (a resumed run restores its fit)."""
 
     unit = "ms"
     scale = 1e3  # the log term is taken in microseconds

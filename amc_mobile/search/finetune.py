@@ -50,7 +50,7 @@ class FinetuneConfig:
     eval_images: int | None = None  # score on the first N val and test images; None: all (5,000 / 10,000)
     eval_before: tuple[str, ...] = ("val", "test")  # splits scored before fine-tuning ((): none)
     eval_after: tuple[str, ...] = ("val", "test")  # splits scored after
-    device: str | None = None  # cpu, cuda, cuda:N; None: cuda if there is one
+    device: str | None = None  # compute (--compute): cpu, cuda, cuda:N; None: cuda if there is one
     data_dir: str | None = None
     data: str | None = None  # like the search's --data; None: what the search that made the model used
     input_size: int | None = None
@@ -111,8 +111,9 @@ def resolve_pruned(path: str | Path) -> tuple[Path, Path]:
 
 
 @torch.no_grad()
-def fast_evaluate(model: nn.Module, split, max_images: int | None = None, batch_size: int | None = None) -> dict:
-    """top-1/top-5/loss of `model` on a split, on the CPU, through a BN-folded channels-last copy."""
+def fast_evaluate(model: nn.Module, split, max_images: int | None = None, batch_size: int | None = None,
+                  compute: torch.device | str = "cpu") -> dict:
+    """top-1/top-5/loss of `model` on a split, on `compute`, through a BN-folded channels-last copy."""
     from amc_mobile.data import Split
     from amc_mobile.train import evaluate
 
@@ -120,16 +121,17 @@ def fast_evaluate(model: nn.Module, split, max_images: int | None = None, batch_
 
     m = copy.deepcopy(model).cpu().eval()
     fold_batchnorms(m, conv_bn_pairs(m))
-    m = m.to(memory_format=torch.channels_last)
+    m = m.to(memory_format=torch.channels_last).to(compute)
     split = split.subset(max_images)
     if split.images.dim() == 4:
         split = Split(split.images.contiguous(memory_format=torch.channels_last), split.labels)
-    res = evaluate(m, split, device="cpu", topk=(1, 5), batch_size=batch_size)
+    res = evaluate(m, split, device=compute, topk=(1, 5), batch_size=batch_size)
     return {k: float(v) if k != "images" else int(v) for k, v in res.items()}
 
 
-def _scores(model: nn.Module, data, max_images: int | None, splits=("val", "test")) -> dict:
-    return {s: fast_evaluate(model, getattr(data, s), max_images) for s in splits}
+def _scores(model: nn.Module, data, max_images: int | None, splits=("val", "test"),
+            compute: torch.device | str = "cpu") -> dict:
+    return {s: fast_evaluate(model, getattr(data, s), max_images, compute=compute) for s in splits}
 
 
 def _data_for(cfg: FinetuneConfig, run_dir: Path, model):
@@ -167,7 +169,7 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
     if data is None:
         data = _data_for(cfg, run_dir, model)
     t0 = time.perf_counter()
-    before = _scores(model, data, cfg.eval_images, cfg.eval_before)
+    before = _scores(model, data, cfg.eval_images, cfg.eval_before, device)
     eval_s = time.perf_counter() - t0
     for p in model.parameters():
         p.requires_grad_(True)
@@ -176,7 +178,7 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
                 augment=cfg.augment, train_limit=cfg.train_images)
     model = model.cpu().eval()
     t1 = time.perf_counter()
-    after = _scores(model, data, cfg.eval_images, cfg.eval_after)
+    after = _scores(model, data, cfg.eval_images, cfg.eval_after, device)
     eval_s += time.perf_counter() - t1
     channels = {int(g): int(c) for g, c in (spec.get("group_channels") or {}).items()}
     keep = {k: v for k, v in spec.items() if k not in ("format", "base_model", "input_shape", "modules",

@@ -55,10 +55,14 @@ BEST_FILE = "best_policy.json"
 SUMMARY_FILE = "summary.json"
 PRUNED_DIR = "pruned"
 LOG_COLUMNS = ("episode", "phase", "sigma", "reward", "accuracy", "loss", "cost", "cost_ratio", "walked_back",
-               "prune_s", "eval_s", "discarded", "actions", "ratios", "channels")
-TIMING_COLUMNS = ("prune_s", "eval_s")
+               "prune_s", "eval_s", "predict_s", "agent_s", "episode_s", "discarded", "actions", "ratios", "channels")
+# Where an episode's time goes: building the pruned model (slicing + cached reconstructed weights),
+# scoring it, the action wall's latency predictions (and the env's state), the agent (actions, updates),
+# and the whole episode (the rest is the log and checkpoints).
+TIMING_COLUMNS = ("prune_s", "eval_s", "predict_s", "agent_s", "episode_s")
 # Fields that may differ between a run and its resumption; everything else must match.
-RESUMABLE_OVERRIDES = ("episodes", "resume", "out", "progress", "measure_final", "checkpoint_every", "threads")
+RESUMABLE_OVERRIDES = ("episodes", "resume", "out", "progress", "measure_final", "checkpoint_every", "threads",
+                       "compute")
 
 
 @dataclass
@@ -242,9 +246,8 @@ def _restore_budget(cost: CostModel, saved: dict, info: dict) -> float | None:
     """On resume: the interrupted run's budget and session overhead fit, not new measurements (a
     resumed search continues exactly; a fresh measurement would move the budget)."""
     rec = saved.get("recalibration")
-    lat = cost.model if isinstance(cost, LatencyCost) else None
-    if rec and isinstance(lat, LatencyModel):
-        lat.set_calibration(float(rec["fit"]["scale"]), float(rec["fit"]["offset"]))
+    if rec and isinstance(cost, LatencyCost):
+        cost.model.set_calibration(float(rec["fit"]["scale"]), float(rec["fit"]["offset"]))
         cost.refresh()
     for k in ("recalibration", "original_measured", "original_measured_ms"):
         if k in saved:
@@ -256,8 +259,12 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
             saved_info: dict | None = None) -> SearchSetup:
     """Load the model and data, analyse the graph, build the cost model, the reconstruction cache and the
     scorer. `saved_info` (a resumed run's setup.json) restores the budget instead of measuring again."""
-    info: dict = {}
-    model = (model if model is not None else load_model(cfg.model, cfg)).cpu().eval()  # the search runs on the CPU
+    from amc_mobile.compute import describe, resolve_compute
+
+    compute = resolve_compute(cfg.compute)  # before loading anything: a wrong --compute fails at once
+    info: dict = {"compute": describe(compute)}
+    # the original and the pruning machinery stay on the CPU; scoring and feature collection run on `compute`
+    model = (model if model is not None else load_model(cfg.model, cfg)).cpu().eval()
     if getattr(model, "amc_reference", None):
         info["model_reference"] = model.amc_reference  # file + sha256: a resume refuses a changed file
         _check_same_model(saved_info, model.amc_reference)
@@ -287,11 +294,12 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
     reconstructor = None
     t0 = time.perf_counter()
     if cfg.reconstruct:
-        stats = collect_layer_stats(model, graph, groups, _calibration_images(cfg, data), cfg.calib_points, cfg.seed)
+        stats = collect_layer_stats(model, graph, groups, _calibration_images(cfg, data), cfg.calib_points, cfg.seed,
+                                    compute=compute)
         reconstructor = Reconstructor(stats, selector, dict(model.named_modules()))
     info["calibration_s"] = round(time.perf_counter() - t0, 3)
     builder = PrunedModelBuilder(model, graph, reconstructor, selector)
-    scorer = EpisodeScorer(builder, val, cfg.score_metric, cfg.eval_batch)
+    scorer = EpisodeScorer(builder, val, cfg.score_metric, cfg.eval_batch, compute=compute)
     original = scorer({})
     info.update(original_accuracy=original.accuracy, original_loss=original.loss, original_eval_s=round(original.eval_s, 3),
                 scope=scope, val_images=len(val), full_cost=cost.full_cost, cost_unit=cost.unit, budget=budget,
@@ -364,14 +372,16 @@ def policy_dict(setup: SearchSetup, ep: Episode, episode: int) -> dict:
     }
 
 
-def _row(episode: int, phase: str, sigma: float, ep: Episode, full_cost: float) -> dict:
+def _row(episode: int, phase: str, sigma: float, ep: Episode, full_cost: float, timing: dict | None = None) -> dict:
     sc = ep.score
+    timing = timing or {}
     return {
         "episode": episode, "phase": phase, "sigma": "" if math.isnan(sigma) else f"{sigma:.6g}",
         "reward": "" if ep.reward is None else f"{ep.reward:.6f}",
         "accuracy": f"{sc.accuracy:.6f}" if sc else "", "loss": f"{sc.loss:.6f}" if sc else "",
         "cost": f"{ep.cost:.6g}", "cost_ratio": f"{ep.cost / full_cost:.6f}", "walked_back": ep.walked_back,
         "prune_s": f"{sc.prune_s:.4f}" if sc else "", "eval_s": f"{sc.eval_s:.4f}" if sc else "",
+        **{k: f"{timing[k]:.4f}" for k in ("predict_s", "agent_s", "episode_s") if k in timing},
         "discarded": int(ep.discarded),
         "actions": json.dumps([round(a, 6) for a in ep.actions]),
         "ratios": json.dumps([round(r, 6) for r in ep.ratios]),
@@ -433,7 +443,10 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
     the table lookup of the latency cost; `on_episode(row)` is called after each episode."""
     from amc_mobile.runs import write_manifest
 
+    from amc_mobile.compute import resolve_compute
+
     cfg = config.validate()
+    resolve_compute(cfg.compute)  # a --compute this host lacks fails before a run folder is made
     run_dir, cfg, resuming = _run_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -470,28 +483,38 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
         for e in range(start, cfg.episodes):
             phase = "warmup" if e < warmup else "explore"
             sigma = agent.sigma(e, warmup) if phase == "explore" else float("nan")
+            t_start = time.perf_counter()
+            agent_s = 0.0
             s = env.reset()
             transitions = []
             while True:
+                t0 = time.perf_counter()
                 a = agent.random_action() if phase == "warmup" else agent.select_action(s, sigma)
+                agent_s += time.perf_counter() - t0
                 s2, done, ep = env.step(a)
                 transitions.append((s, a, s2, done))
                 s = s2
                 if done:
                     break
+            t_env = time.perf_counter() - t_start - agent_s
             if ep.discarded:
                 warnings.warn(f"episode {e}: accuracy/loss is NaN for channels {ep.channels}; episode discarded",
                               SearchWarning, stacklevel=2)
             else:
+                t0 = time.perf_counter()
                 for s_, a_, s2_, d_ in transitions:
                     agent.observe(s_, a_, ep.reward, s2_, d_)
                     if e >= warmup:
                         agent.update()
+                agent_s += time.perf_counter() - t0
                 if best is None or ep.reward > best["reward"]:
                     best = policy_dict(setup, ep, e)
                     write_json(run_dir / BEST_FILE, best)
                 top = _keep_top(top, setup, ep, e, cfg.final_candidates)
-            row = _row(e, phase, sigma, ep, setup.cost.full_cost)
+            scored = (ep.score.prune_s + ep.score.eval_s) if ep.score else 0.0
+            row = _row(e, phase, sigma, ep, setup.cost.full_cost,
+                       {"predict_s": max(t_env - scored, 0.0), "agent_s": agent_s,
+                        "episode_s": time.perf_counter() - t_start})
             episode_log.append(row)
             done_count = e + 1
             if cfg.checkpoint_every and done_count % cfg.checkpoint_every == 0 and done_count < cfg.episodes:
@@ -604,14 +627,19 @@ def _finish(setup: SearchSetup, run_dir: Path, best: dict, top: list[dict] | Non
     pruned = setup.builder.build(channels)
     for p in pruned.parameters():
         p.requires_grad_(True)
-    summary = {"best": best, "setup": setup.info}
+    from .timing import phase_timing
+
+    summary = {"best": best, "setup": setup.info,
+               "timing": phase_timing(read_log(run_dir / LOG_FILE, with_timings=True), setup.info)}
     if measured_budget is not None:
         summary["measured_budget"] = measured_budget
     full_val = setup.data.val
     if len(full_val) > len(setup.scorer.val):  # the search scored on a prefix: report the whole split too
-        summary["pruned_full_val_accuracy"], _ = evaluate_split(pruned, full_val, cfg.score_metric, cfg.eval_batch)
+        compute = setup.scorer.compute
+        summary["pruned_full_val_accuracy"], _ = evaluate_split(pruned, full_val, cfg.score_metric, cfg.eval_batch,
+                                                                compute)
         summary["original_full_val_accuracy"], _ = evaluate_split(setup.model, full_val, cfg.score_metric,
-                                                                  cfg.eval_batch)
+                                                                  cfg.eval_batch, compute)
         summary["full_val_images"] = len(full_val)
     try:
         base_config = model_config(setup.model)

@@ -27,7 +27,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from amc_mobile.pruning.graph import PruningGraph
@@ -47,12 +46,15 @@ class ChannelSelector:
         self._scores: dict[int, torch.Tensor] = {}
         self._idx: dict[tuple[int, int], torch.Tensor] = {}
 
+    def scores(self, group: int) -> torch.Tensor:
+        if group not in self._scores:
+            self._scores[group] = input_channel_importance(self.model, self.graph, group)
+        return self._scores[group]
+
     def indices(self, group: int, kept: int) -> torch.Tensor:
         key = (group, int(kept))
         if key not in self._idx:
-            if group not in self._scores:
-                self._scores[group] = input_channel_importance(self.model, self.graph, group)
-            self._idx[key] = top_channels(self._scores[group], kept)
+            self._idx[key] = top_channels(self.scores(group), kept)
         return self._idx[key]
 
 
@@ -87,35 +89,58 @@ def _consumers(graph: PruningGraph, groups: list[int]) -> list[tuple[str, int]]:
 
 def _conv_points(mod: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, points: int,
                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input patches (rows, C*k*k) and outputs (rows, C_out) at `points` random output positions per image."""
-    b, c, _, _ = x.shape
+    """Input patches (rows, C*k*k) and outputs (rows, C_out) at `points` random output positions per image.
+
+    Only the sampled patches are read (zero padding by masking, not by padding the whole map: at 224x224
+    a padded copy of every consumer's input cost more than the forward pass). The positions are drawn on
+    the CPU, so they are the same whatever device the features live on."""
+    b, c, h, w = x.shape
     _, c_out, ho, wo = y.shape
     k, s, p = mod.kernel_size[0], mod.stride[0], mod.padding[0]
     n = min(points, ho * wo)
-    pos = torch.rand(b, ho * wo, generator=gen).argsort(dim=1)[:, :n]  # (b, n) without replacement
+    pos = torch.rand(b, ho * wo, generator=gen).argsort(dim=1)[:, :n].to(x.device)  # (b, n) without replacement
     oy, ox = pos // wo, pos % wo
-    xp = F.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)  # (b, Hp, Wp, C)
-    d = torch.arange(k)
-    rows = (oy * s)[:, :, None, None] + d[None, None, :, None]  # (b, n, k, 1)
-    cols = (ox * s)[:, :, None, None] + d[None, None, None, :]  # (b, n, 1, k)
-    bi = torch.arange(b)[:, None, None, None]
-    patches = xp[bi, rows, cols]  # (b, n, k, k, C)
+    d = torch.arange(k, device=x.device)
+    rows = (oy * s - p)[:, :, None, None] + d[None, None, :, None]  # (b, n, k, 1)
+    cols = (ox * s - p)[:, :, None, None] + d[None, None, None, :]  # (b, n, 1, k)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    xh = x.permute(0, 2, 3, 1)  # (b, H, W, C): a view, contiguous when x is channels-last
+    patches = xh[bi, rows.clamp(0, h - 1), cols.clamp(0, w - 1)]  # (b, n, k, k, C)
+    if p:
+        inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # (b, n, k, k)
+        patches = patches * inside[..., None]
     X = patches.permute(0, 1, 4, 2, 3).reshape(b * n, c * k * k)  # conv weight order: (C, kh, kw)
-    Y = y.flatten(2).gather(2, pos[:, None, :].expand(b, c_out, n)).permute(0, 2, 1).reshape(b * n, c_out)
+    Y = y.permute(0, 2, 3, 1)[torch.arange(b, device=x.device)[:, None], oy, ox].reshape(b * n, c_out)
     if mod.bias is not None:
         Y = Y - mod.bias.detach()
     return X, Y
 
 
+# Calibration images per forward pass, by pixels: 100 images of 32x32 as before, 16 at 224x224 (a batch
+# of 100 there held ~1.6 GB of MobileNet-V2 activations).
+CALIB_BATCH_PIXELS = 16 * 224 * 224
+
+
+def calibration_batch(images: torch.Tensor, cap: int = 100) -> int:
+    pixels = int(images[0].numel() // images.shape[1]) if images.dim() == 4 and len(images) else 1
+    return max(1, min(cap, CALIB_BATCH_PIXELS // max(pixels, 1)))
+
+
 @torch.no_grad()
 def collect_layer_stats(model: nn.Module, graph: PruningGraph, groups: list[int], images: torch.Tensor,
-                        points: int = 10, seed: int = 0, batch_size: int = 100,
-                        max_mb: float = 1024.0) -> dict[str, LayerStats]:
+                        points: int = 10, seed: int = 0, batch_size: int | None = None,
+                        max_mb: float = 1024.0, compute: torch.device | str = "cpu") -> dict[str, LayerStats]:
     """One pass over `images`: the normal equations of every consumer of `groups` (see module doc).
 
     Layers are taken in forward order until their Gram matrices would exceed `max_mb` in total; the
-    rest are left out with a warning (they are pruned by plain slicing).
+    rest are left out with a warning (they are pruned by plain slicing). The pass runs on `compute`
+    through a channels-last copy of `model` (the same features, about twice as fast on a CPU); the
+    normal equations come back on the CPU. `batch_size` None: by pixels (`calibration_batch`).
     """
+    from amc_mobile.compute import copy_to
+
+    compute = torch.device(compute)
+    batch_size = batch_size or calibration_batch(images)
     modules = dict(model.named_modules())
     stats: dict[str, LayerStats] = {}
     budget = max_mb * 2**20
@@ -138,8 +163,8 @@ def collect_layer_stats(model: nn.Module, graph: PruningGraph, groups: list[int]
             skipped.append(f"{name} ({need / 2**20:.0f} MB of normal equations over the {max_mb:.0f} MB budget)")
             continue
         budget -= need
-        stats[name] = LayerStats(name, g, kind, k, torch.zeros(cols, cols, dtype=torch.float64),
-                                 torch.zeros(cols, c_out, dtype=torch.float64))
+        stats[name] = LayerStats(name, g, kind, k, torch.zeros(cols, cols, dtype=torch.float64, device=compute),
+                                 torch.zeros(cols, c_out, dtype=torch.float64, device=compute))
     if skipped:
         warnings.warn(f"no reconstruction (plain slicing) for: {'; '.join(skipped)}", SearchWarning, stacklevel=2)
 
@@ -161,16 +186,36 @@ def collect_layer_stats(model: nn.Module, graph: PruningGraph, groups: list[int]
 
         return fn
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in stats]
-    was_training = model.training
-    model.eval()
+    from .score import channels_last_copy
+
+    # a structural copy (the original's tensors are never written, nor moved), in eval mode
+    net = shallow_copy(model).eval()
+    nhwc = images.dim() == 4
+    if nhwc:
+        net = channels_last_copy(net)
+    net = copy_to(net, compute)
+    copies = dict(net.named_modules())
+    handles = [copies[name].register_forward_hook(hook(name)) for name in stats]
     try:
         for i in range(0, len(images), batch_size):
-            model(images[i : i + batch_size])
+            x = images[i : i + batch_size]
+            if nhwc:
+                x = x.contiguous(memory_format=torch.channels_last)
+            net(x.to(compute))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+    for st in stats.values():
+        st.gram, st.xty = st.gram.cpu(), st.xty.cpu()
+    # Fewer sampled rows than columns: the normal equations are singular, every solve of that layer takes the
+    # slow rank-revealing path (seconds per kept count at ResNet-18's 4,608 columns) and fits noise.
+    # (Convs only: a linear layer gets one row per image, and its solves stay cheap.)
+    short = [st for st in stats.values() if st.kind == "conv" and st.rows < st.columns]
+    if short:
+        need = max(-(-st.columns // max(st.rows // max(len(images), 1), 1)) for st in short)
+        warnings.warn(f"reconstruction is under-determined for {len(short)} layer(s) ({short[0].name}: "
+                      f"{short[0].rows} sampled rows for {short[0].columns} columns): raise --calib-images to at "
+                      f"least {need} (or --calib-points)", SearchWarning, stacklevel=2)
     return stats
 
 
@@ -215,8 +260,12 @@ class Reconstructor:
         if not (torch.isfinite(g).all() and torch.isfinite(b).all()):
             self._warn(name, "its calibration features are not finite (NaN/inf in the original model's activations)")
             return None
+        # QR with pivoting, rank-revealing: the Grams of untrained nets (dead channels) and of too few sampled
+        # rows are singular. (A Cholesky path, also one factorisation per layer, was measured in session 7: no
+        # gain on the 224x224 models, whose Grams are singular or ill-conditioned, and a risk of other answers
+        # on ill-conditioned ones; see docs/BENCHMARKS.md.)
         try:
-            sol = torch.linalg.lstsq(g, b, driver="gelsy").solution  # (kept*k*k, C_out); QR with pivoting: rank-safe
+            sol = torch.linalg.lstsq(g, b, driver="gelsy").solution  # (kept*k*k, C_out)
         except RuntimeError as exc:
             self._warn(name, f"lstsq failed ({str(exc).splitlines()[0][:120]})")
             return None

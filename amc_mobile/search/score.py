@@ -9,22 +9,30 @@ import time
 import torch
 from torch import nn
 
+from amc_mobile.compute import copy_to
 from amc_mobile.data import Split
 
 from .env import Score
 from .reconstruct import PrunedModelBuilder
 
 
-def evaluate_split(model: nn.Module, split: Split, metric: str = "top1", batch_size: int | None = None) -> tuple[float, float]:
-    """(accuracy for `metric`, mean cross-entropy) of `model` on `split`, on the CPU. `metric` is top1,
-    top5, or FILE.py:FUNCTION / package.module:FUNCTION: fn(model, loader) -> float, higher is better
-    (the loader yields (images, labels) batches); its loss is NaN."""
+def evaluate_split(model: nn.Module, split: Split, metric: str = "top1", batch_size: int | None = None,
+                   compute: torch.device | str = "cpu") -> tuple[float, float]:
+    """(accuracy for `metric`, mean cross-entropy) of `model` on `split`, on `compute` (the model and the
+    split already there, or copied batch by batch). `metric` is top1, top5, or FILE.py:FUNCTION /
+    package.module:FUNCTION: fn(model, loader) -> float, higher is better (the loader yields (images,
+    labels) batches on the split's device); its loss is NaN."""
+    from amc_mobile.compute import copy_to
     from amc_mobile.train import evaluate
 
+    compute = torch.device(compute)
+    model = copy_to(model, compute) if next(model.parameters(), torch.empty(0)).device != compute else model
     if metric not in ("top1", "top5"):
+        if split.images.device != compute:
+            split = split.to(compute)
         return _user_metric(model, split, metric, batch_size), float("nan")
     k = int(metric.removeprefix("top"))
-    res = evaluate(model, split, device="cpu", topk=(k,), batch_size=batch_size)
+    res = evaluate(model, split, device=compute, topk=(k,), batch_size=batch_size)
     return float(res[f"top{k}"]), float(res["loss"])
 
 
@@ -70,13 +78,16 @@ class EpisodeScorer:
     has its BNs folded and NHWC weights; `builder.build(channels)` gives the exportable one."""
 
     def __init__(self, builder: PrunedModelBuilder, val: Split, metric: str = "top1", batch_size: int | None = None,
-                 channels_last: bool = True):
+                 channels_last: bool = True, compute: torch.device | str = "cpu"):
         self.builder, self.metric, self.batch_size = builder, metric, batch_size
+        self.compute = torch.device(compute)
         # BN folded into the convs and NHWC memory: the same outputs, about 2x faster on CPU (oneDNN).
         self.channels_last = channels_last and val.images.dim() == 4
         if self.channels_last:
             val = Split(val.images.contiguous(memory_format=torch.channels_last), val.labels)
-        self.val = val
+        # the validation images go to the compute device once; each pruned model is built on the CPU
+        # (it shares the original's tensors) and copied there
+        self.val = val.to(self.compute) if self.compute.type != "cpu" else val
         self._cache: dict[tuple, tuple[float, float]] = {}
 
     def __call__(self, channels: dict[int, int]) -> Score:
@@ -88,8 +99,11 @@ class EpisodeScorer:
             model = self.builder.build(channels, fast=True)
             if self.channels_last:
                 model = channels_last_copy(model)
+            model = copy_to(model, self.compute)
         t1 = time.perf_counter()
-        acc, loss = evaluate_split(model, self.val, self.metric, self.batch_size)
+        acc, loss = evaluate_split(model, self.val, self.metric, self.batch_size, self.compute)
+        if self.compute.type == "cuda":
+            torch.cuda.synchronize(self.compute)  # the evaluation's time, not its launch's
         t2 = time.perf_counter()
         self._cache[key] = (acc, loss)
         return Score(acc, loss, prune_s=t1 - t0, eval_s=t2 - t1)
