@@ -38,7 +38,7 @@ import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -260,11 +260,18 @@ def measure_device(device, models: Sequence[ModelEntry], config, log: Log | None
             if modules:
                 cands = [Candidate(f"m{i}", m.loaded.module, m.loaded.example_input) for i, m in enumerate(modules)]
                 log(f"{uri}: measuring {len(cands)} model(s) in one batch ...")
+                # --interleave: the first model (the original) is the drift reference in every round
+                cfg = replace(config, reference=cands[0].name) if config.interleaved else config
                 try:
                     if prebuilt is not None and isinstance(dev, PteDevice):
-                        stats = _measure_prebuilt(dev, cands, prebuilt, config)
+                        stats = _measure_prebuilt(dev, cands, prebuilt, cfg)
                     else:
-                        stats = dev.measure(cands, config)
+                        stats = dev.measure(cands, cfg)
+                    if cfg.interleaved and stats and stats[0].ok:
+                        from device.noise import noise_figure, noise_sentence, pass_drift, robust_cv
+
+                        ref = stats[0].samples_ms
+                        log(f"{uri}: {noise_sentence(noise_figure(robust_cv(ref), pass_drift(ref)))}")
                 except AmcError as exc:  # runner missing, bad affinity, ...: the device cannot run at all
                     return _finish(_skip_all(uri, models, one_line(exc)), fp, t0)
                 except Exception as exc:

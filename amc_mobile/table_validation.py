@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,11 @@ from .tables import resolve_target
 SAMPLE_COLUMNS = ("index", "seed", "pass", "channels", "predicted_ms", "unit_sum_ms", "interpolated_units", "median_ms",
                   "mean_ms", "std_ms", "p10_ms", "p90_ms", "n", "error_pct", "measured_at")
 SAMPLES_FILE = "samples.csv"  # one row per sample per pass
+# The drift reference of a validation (issue 19): the unpruned model, lowered into every program and
+# run in every round; one row per measured sample (or calibration model) per pass.
+REFERENCE_NAME = "original"
+REFERENCES_FILE = "references.csv"
+REFERENCE_COLUMNS = ("kind", "index", "pass", "ratio", "ref_median_ms", "noise", "measured_at")
 DEFAULT_PASSES = 5
 CALIBRATION_FILE = "calibration.csv"  # this session's timings of the table's calibration models
 SUMMARY_FILE = "summary.json"  # the metrics (what `amc-mobile report` shows first)
@@ -123,6 +128,21 @@ class ValidationResult:
             if p["session_calibration"]:
                 lines.append(line("p10", "session's", p["session_calibration"]["fit"],
                                   p["session_calibration"]["metrics"]))
+        n = self.metrics.get("drift_normalised")
+        if n:
+            lines.append(line("median", "table's  ", self.metrics["calibration"], n["metrics"])
+                         .replace("median table's", "ratio  table's") + "\n    (each variant's ratio to the original in "
+                         f"the same rounds x the original's median now, {n['original_ms']:.4f} ms)")
+            if n.get("session_calibration"):
+                sc = n["session_calibration"]
+                lines.append(line("ratio ", "session's", sc["fit"], sc["metrics"]))
+        noise = self.metrics.get("noise")
+        if noise:
+            from device.noise import noise_sentence
+
+            lines.append(f"the original, timed in every round: spread {100 * noise['spread']:.1f} % within a pass, "
+                         f"pass medians drift {100 * noise['pass_drift']:.1f} %")
+            lines.append(noise_sentence(noise["figure"], 0.10))
         hint = self.stale_calibration_hint()
         if hint:
             lines.append(hint)
@@ -206,6 +226,11 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
         if jobs and session_calibration:
             jobs += [Job(f"c{i:02d}", example_input=x, payload=("calibration", lbl, ch))
                      for i, (lbl, ch) in enumerate(calibration_variants(target.graph, target.scope, grid))]
+        # The original in every round of every program (unless the caller says otherwise: reference="")
+        if config.reference is None:
+            config = replace(config, reference=REFERENCE_NAME)
+        elif not config.reference:
+            config = replace(config, reference=None)
 
         def materialize(job: Job) -> None:
             ch = job.payload[2]
@@ -217,9 +242,13 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
         if jobs:
             bar = tqdm(total=len(jobs) * (passes + 1), unit="model", desc="validate (lower, then time)",
                        disable=not progress, dynamic_ncols=True)
-            with BatchRunner(dev, config, batch_size, workers) as runner, \
+            runner = BatchRunner(dev, config, batch_size, workers)
+            if config.reference == REFERENCE_NAME:
+                runner.reference = Job(REFERENCE_NAME, module=target.module.eval(), example_input=x)
+            with runner, \
                     Programs(runner, jobs, config, materialize, progress=bar.update) as programs, \
-                    AppendLog(path, SAMPLE_COLUMNS) as log, AppendLog(cal_path, CALIBRATION_COLUMNS) as clog:
+                    AppendLog(path, SAMPLE_COLUMNS) as log, AppendLog(cal_path, CALIBRATION_COLUMNS) as clog, \
+                    AppendLog(out / REFERENCES_FILE, REFERENCE_COLUMNS) as rlog:
                 for k in range(passes):
                     def on_batch(results: list[tuple[Job, LatencyStats]], k=k) -> None:
                         for job, st in results:
@@ -229,6 +258,9 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
                                     failures.append(f"{kind} {i}: {clean_field(st.error or 'failed')}")
                                 continue
                             stats = Stats.of(st)
+                            if st.has_reference:
+                                rlog.append(f"{kind},{clean_field(str(i))},{k},{st.ratio:.6g},{st.ref_median_ms:.6g},"
+                                            f"{st.noise:.6g},{stats.measured_at}\n")
                             if kind == "calibration":
                                 clog.append(CalibrationRow(target.hash, target.label, i, ch, stats).to_line())
                                 continue
@@ -240,6 +272,7 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
                                                  stats.measured_at]) + "\n")
                         log.sync()
                         clog.sync()
+                        rlog.sync()
                         bar.update(len(results))
 
                     programs.measure_pass(on_batch)
@@ -263,6 +296,7 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
         metrics["p10"] = {"calibration": lat10.calibration,
                           "metrics": accuracy_metrics(lat10.scale * sums10 + lat10.offset, m10),
                           "session_calibration": _refit(lat10, sums10, m10, session_rows)}
+        metrics.update(_drift_normalised(out / REFERENCES_FILE, df, lat, session_rows, seed, target))
         png = None
         if plot:
             from latency_tables.plots import scatter_plot
@@ -278,6 +312,42 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
     finally:
         if owned:
             dev.close()
+
+
+def _drift_normalised(path: Path, df: pd.DataFrame, lat, session_rows, seed: int, target) -> dict:
+    """Metrics of the reference-normalised measurements (each variant's median over its passes of its
+    ratio to the original in the same rounds, times the original's median over the whole session) and
+    the noise the original saw; {} when this validation had no reference."""
+    if not path.exists():
+        return {}
+    ref = pd.read_csv(path, keep_default_na=False)
+    ref = ref[ref["kind"].astype(str) == "sample"]
+    if ref.empty:
+        return {}
+    ref["index"] = ref["index"].astype(int)
+    level = float(ref["ref_median_ms"].median())
+    per_pass = ref.groupby("pass")["ref_median_ms"].median()
+    drift = float((per_pass.max() - per_pass.min()) / per_pass.median()) if len(per_pass) > 1 else 0.0
+    spread = float(ref["noise"].median())
+    ratios = ref.groupby("index")["ratio"].median()
+    d = df.set_index("index").join(ratios.rename("ratio"), how="inner")
+    anchored = d["ratio"].to_numpy(float) * level
+    out = {"original_ms": level, "metrics": accuracy_metrics(d["predicted_ms"], anchored),
+           "anchored_ms": anchored.tolist()}
+    # the session fit on the calibration models' ratios, anchored the same way
+    cal = pd.read_csv(path, keep_default_na=False)
+    cal = cal[cal["kind"].astype(str) == "calibration"]
+    if len(cal) and session_rows:
+        by_label = cal.groupby("index")["ratio"].median() * level
+        rows = []
+        for r in session_rows:
+            if str(r.variant) in by_label.index:
+                rows.append(CalibrationRow(r.model_hash, r.model, r.variant, r.channels,
+                                           replace(r.stats, median_ms=float(by_label[str(r.variant)]))))
+        out["session_calibration"] = _refit(lat, d["unit_sum_ms"].to_numpy(float), anchored, rows)
+    # The figure the verdict uses: the larger of the within-pass spread and the drift between passes
+    # (what the raw medians carry and the ratios cancel).
+    return {"drift_normalised": out, "noise": {"spread": spread, "pass_drift": drift, "figure": max(spread, drift)}}
 
 
 def channels_of(df: pd.DataFrame) -> list[dict[int, int]]:

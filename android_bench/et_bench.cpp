@@ -3,6 +3,8 @@
  *
  *   et_bench --model_path F [--methods a,b,...] [--method NAME]... [--warmup N]
  *            [--iterations N] [--min_time_ms X] [--threads N] [--affinity HEXMASK] [--list]
+ *            [--interleave] [--group N] [--seed N] [--reference NAME] [--ci_target X] [--max_time_ms X]
+ *            [--rewarm N]
  *
  * Without --methods/--method: every method. --method (repeatable) takes one name
  * verbatim (empty, or holding a comma); both flags add to one selection, in order.
@@ -12,6 +14,25 @@
  *    "affinity": str|null, "warmup": int, "runtime_version": str,
  *    "pool_threads": int, "affinity_effective": str}
  * (the last two are extras: the threadpool size and CPU mask really in force).
+ *
+ * Interleaved rounds (--interleave; --reference or --ci_target imply it): the
+ * selection is timed in groups of at most --group methods (default 32), each
+ * group in rounds that run every method once in an order shuffled by --seed.
+ * --reference NAME runs in every round of every group; records then add
+ *   "interleaved": true, "seed", "group", "rounds" (that this method took part in; a method
+ *   leaves once it has its --iterations, --min_time_ms and CI), "reference": str|null,
+ *   "reference_us": [...] (the reference's sample of the same round as each of ours),
+ * and with --ci_target X (a relative half-width, e.g. 0.02) rounds go on past
+ * --iterations until every method's 95 % median CI (of its ratio to the reference
+ * when there is one) is within +-X, or --max_time_ms was timed in the group:
+ *   "ci_rel": float, "converged": bool.
+ * --rewarm N (default 1): untimed runs of a method just before its timed run in
+ * each round: without them a small method timed right after a big one runs on
+ * the big one's caches (measured: +26 % and a 26 % spread on a 25 us unit), a
+ * cost of interleaving, not of the device.
+ * A selected reference is printed last, pooled over all groups ("is_reference": true).
+ * Records are printed (and flushed) per group; a method that fails in this mode
+ * is first named on stdout: {"failed_method": str, "error": str}.
  * --list prints {"methods": [...]} and exits 0.
  * Errors: one line on stderr; exit 2 (bad arguments, missing file, unknown
  * method), 3 (program/method load failure), 4 (execution failure).
@@ -44,6 +65,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -191,11 +213,22 @@ struct Args {
   long threads = 1;  // 0: leave the runtime's default pool size
   std::string affinity;  // normalized hex, "" when not given
   bool list = false;
+  // Interleaved rounds (any of --interleave, --reference, --ci_target turns them on).
+  bool interleave = false;
+  long group = 32;          // methods loaded and interleaved at once (0: all)
+  long seed = 0;            // shuffles each round's order
+  std::string reference;    // runs in every round of every group; "" for none
+  bool reference_given = false;
+  double ci_target = 0.0;   // > 0: rounds go on until every method's median CI is within +-this (relative)
+  double max_time_ms = 20000.0;  // ... or this much was timed in the group
+  long rewarm = 1;  // untimed runs of a method right before its timed one in each round
 };
 
 const char* kUsage =
     "usage: et_bench --model_path F [--methods a,b,...] [--method NAME]... [--warmup N]\n"
-    "                [--iterations N] [--min_time_ms X] [--threads N] [--affinity HEXMASK] [--list]\n";
+    "                [--iterations N] [--min_time_ms X] [--threads N] [--affinity HEXMASK] [--list]\n"
+    "                [--interleave] [--group N] [--seed N] [--reference NAME] [--ci_target X] [--max_time_ms X]\n"
+    "                [--rewarm N]\n";
 
 // --methods splits on commas; --method takes one name as it is, so a name that holds a
 // comma or is empty (both legal in a program) can still be selected.
@@ -294,6 +327,24 @@ Args parse_args(int argc, char** argv) {
       if (a.threads > 1024) die(kExitUsage, "--threads " + std::to_string(a.threads) + " is too many");
     } else if (arg == "--affinity") {
       a.affinity = normalize_mask(next());
+    } else if (arg == "--interleave") {
+      if (has_inline) die(kExitUsage, "--interleave takes no value");
+      a.interleave = true;
+    } else if (arg == "--group") {
+      a.group = parse_long(arg, next(), 0);
+    } else if (arg == "--seed") {
+      a.seed = parse_long(arg, next(), 0);
+    } else if (arg == "--reference") {
+      a.reference = next();
+      a.reference_given = true;
+      a.interleave = true;
+    } else if (arg == "--ci_target") {
+      a.ci_target = parse_double(arg, next());
+      if (a.ci_target > 0) a.interleave = true;
+    } else if (arg == "--rewarm") {
+      a.rewarm = parse_long(arg, next(), 0);
+    } else if (arg == "--max_time_ms") {
+      a.max_time_ms = parse_double(arg, next());
     } else {
       die(kExitUsage, "unknown argument '" + std::string(argv[i]) + "' (see --help)");
     }
@@ -575,59 +626,122 @@ struct RunInfo {
   std::string affinity_effective;
 };
 
-void bench_method(const et::Program& program, const std::string& name, const Args& args, const RunInfo& run) {
-  set_phase(kExitLoad, "loading method " + name);
-  auto meta = program.method_meta(name.c_str());
-  if (!meta.ok()) die(kExitLoad, "cannot read metadata of method " + name + ": " + describe(meta.error()));
-
+// One loaded method with everything it needs to execute (heap-allocated: the
+// allocators hold pointers into the planned buffers and must not move).
+struct LoadedMethod {
+  std::string name;
   std::vector<Buffer> planned;
   std::vector<et::Span<uint8_t>> spans;
-  for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) {
-    auto size = meta->memory_planned_buffer_size(i);
-    if (!size.ok()) die(kExitLoad, "cannot read planned buffer " + std::to_string(i) + " of method " + name + ": " + describe(size.error()));
-    planned.emplace_back((uint8_t*)aligned_malloc((size_t)size.get(), 64));
-    if (!planned.back()) die(kExitLoad, "out of memory for planned buffer of method " + name);
-    spans.emplace_back(planned.back().get(), (size_t)size.get());
-  }
-  et::HierarchicalAllocator planned_memory({spans.data(), spans.size()});
+  std::unique_ptr<et::HierarchicalAllocator> planned_memory;
   MallocAllocator method_allocator;
   MallocAllocator temp_allocator;
-  et::MemoryManager memory_manager(&method_allocator, &planned_memory, &temp_allocator);
-
-  auto t_load = std::chrono::steady_clock::now();
-  auto method = program.load_method(name.c_str(), &memory_manager);
-  if (!method.ok()) die(kExitLoad, "cannot load method " + name + ": " + describe(method.error()));
-  double load_ms = ms_since(t_load);
-
-  set_phase(kExitExec, "setting the inputs of method " + name);
-  auto inputs = set_inputs(*method, *meta, name);
-
-  set_phase(kExitExec, "executing method " + name);
-  for (long i = 0; i < args.warmup; ++i) {
-    Error err = method->execute();
-    if (err != Error::Ok) die(kExitExec, "execution of method " + name + " failed (warmup " + std::to_string(i) + "): " + describe(err));
-  }
-  std::vector<double> us;
-  us.reserve((size_t)args.iterations);
+  std::unique_ptr<et::MemoryManager> memory_manager;
+  std::unique_ptr<et::Result<et::Method>> method;
+  std::vector<std::unique_ptr<InputTensor>> inputs;
+  double load_ms = 0.0;
+  std::vector<double> us;           // timed samples
+  std::vector<double> reference_us;  // the reference's sample in the same round as each of ours
   double timed_ms = 0.0;
-  // A hard cap so a tiny method with a large --min_time_ms cannot emit gigabytes.
-  const size_t kMaxSamples = 2000000;
-  while ((long)us.size() < args.iterations || (timed_ms < args.min_time_ms && us.size() < kMaxSamples)) {
-    auto t0 = std::chrono::steady_clock::now();
-    Error err = method->execute();
-    auto t1 = std::chrono::steady_clock::now();
-    if (err != Error::Ok) die(kExitExec, "execution of method " + name + " failed (iteration " + std::to_string(us.size()) + "): " + describe(err));
-    double x = std::chrono::duration<double, std::micro>(t1 - t0).count();
-    us.push_back(x);
-    timed_ms += x / 1000.0;
-  }
+};
 
-  std::string line = "{\"method\": " + json_str(name) + ", \"iterations_us\": [";
-  for (size_t i = 0; i < us.size(); ++i) {
-    if (i) line += ", ";
-    line += fmt(us[i]);
+// In interleaved mode a failing method is named on stdout before the one-line
+// error, so the caller knows which one to drop (the order of output no longer says).
+bool g_interleaved = false;
+
+[[noreturn]] void die_on(int code, const std::string& method, const std::string& msg) {
+  if (g_interleaved) {
+    std::string line = "{\"failed_method\": " + json_str(method) + ", \"error\": " + json_str(one_line(msg)) + "}\n";
+    fputs(line.c_str(), stdout);
   }
-  line += "], \"load_ms\": " + fmt(load_ms);
+  die(code, msg);
+}
+
+std::unique_ptr<LoadedMethod> load_for_bench(const et::Program& program, const std::string& name) {
+  auto lm = std::make_unique<LoadedMethod>();
+  lm->name = name;
+  set_phase(kExitLoad, "loading method " + name);
+  auto meta = program.method_meta(name.c_str());
+  if (!meta.ok()) die_on(kExitLoad, name, "cannot read metadata of method " + name + ": " + describe(meta.error()));
+  for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) {
+    auto size = meta->memory_planned_buffer_size(i);
+    if (!size.ok()) die_on(kExitLoad, name, "cannot read planned buffer " + std::to_string(i) + " of method " + name + ": " + describe(size.error()));
+    lm->planned.emplace_back((uint8_t*)aligned_malloc((size_t)size.get(), 64));
+    if (!lm->planned.back()) die_on(kExitLoad, name, "out of memory for planned buffer of method " + name);
+    lm->spans.emplace_back(lm->planned.back().get(), (size_t)size.get());
+  }
+  lm->planned_memory = std::make_unique<et::HierarchicalAllocator>(et::Span<et::Span<uint8_t>>(lm->spans.data(), lm->spans.size()));
+  lm->memory_manager = std::make_unique<et::MemoryManager>(&lm->method_allocator, lm->planned_memory.get(), &lm->temp_allocator);
+  auto t_load = std::chrono::steady_clock::now();
+  lm->method.reset(new et::Result<et::Method>(program.load_method(name.c_str(), lm->memory_manager.get())));
+  if (!lm->method->ok()) die_on(kExitLoad, name, "cannot load method " + name + ": " + describe(lm->method->error()));
+  lm->load_ms = ms_since(t_load);
+  set_phase(kExitExec, "setting the inputs of method " + name);
+  lm->inputs = set_inputs(**lm->method, *meta, name);
+  return lm;
+}
+
+void warm(LoadedMethod& lm, long n) {
+  set_phase(kExitExec, "executing method " + lm.name);
+  for (long i = 0; i < n; ++i) {
+    Error err = (*lm.method)->execute();
+    if (err != Error::Ok) die_on(kExitExec, lm.name, "execution of method " + lm.name + " failed (warmup " + std::to_string(i) + "): " + describe(err));
+  }
+}
+
+double time_once(LoadedMethod& lm) {
+  set_phase(kExitExec, "executing method " + lm.name);
+  auto t0 = std::chrono::steady_clock::now();
+  Error err = (*lm.method)->execute();
+  auto t1 = std::chrono::steady_clock::now();
+  if (err != Error::Ok) die_on(kExitExec, lm.name, "execution of method " + lm.name + " failed (iteration " + std::to_string(lm.us.size()) + "): " + describe(err));
+  double x = std::chrono::duration<double, std::micro>(t1 - t0).count();
+  lm.us.push_back(x);
+  lm.timed_ms += x / 1000.0;
+  return x;
+}
+
+// Distribution-free 95 % confidence interval of a median (order statistics
+// n/2 -+ 0.98 sqrt(n)), as a half-width relative to the median; 1e9 when too few samples.
+double median_ci_rel(std::vector<double> v) {
+  size_t n = v.size();
+  if (n < 6) return 1e9;
+  std::sort(v.begin(), v.end());
+  double half = 0.98 * std::sqrt((double)n);
+  long lo = (long)std::floor(n / 2.0 - half);
+  long hi = (long)std::ceil(n / 2.0 + half);
+  if (lo < 0) lo = 0;
+  if (hi > (long)n - 1) hi = (long)n - 1;
+  double med = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  if (!(med > 0)) return 1e9;
+  return (v[(size_t)hi] - v[(size_t)lo]) / (2.0 * med);
+}
+
+// What the convergence test is about: the ratio to the reference (the drift-free
+// quantity) when there is one, the raw samples otherwise.
+double ci_of(const LoadedMethod& lm) {
+  if (lm.reference_us.empty()) return median_ci_rel(lm.us);
+  std::vector<double> r(lm.us.size());
+  for (size_t i = 0; i < r.size(); ++i) r[i] = lm.reference_us[i] > 0 ? lm.us[i] / lm.reference_us[i] : 0.0;
+  return median_ci_rel(r);
+}
+
+struct RoundInfo {  // interleaved mode only
+  bool on = false;
+  long group = -1;
+  long rounds = 0;
+  double ci_rel = -1.0;  // < 0: not computed
+  bool converged = true;
+  const std::string* reference = nullptr;
+  bool is_reference = false;
+};
+
+void print_record(const LoadedMethod& lm, const Args& args, const RunInfo& run, const RoundInfo& ri) {
+  std::string line = "{\"method\": " + json_str(lm.name) + ", \"iterations_us\": [";
+  for (size_t i = 0; i < lm.us.size(); ++i) {
+    if (i) line += ", ";
+    line += fmt(lm.us[i]);
+  }
+  line += "], \"load_ms\": " + fmt(lm.load_ms);
   line += ", \"threads\": " + std::to_string(args.threads ? (size_t)args.threads : run.pool_threads);
   line += ", \"affinity\": " + (args.affinity.empty() ? std::string("null") : json_str(args.affinity));
   line += ", \"warmup\": " + std::to_string(args.warmup);
@@ -635,9 +749,144 @@ void bench_method(const et::Program& program, const std::string& name, const Arg
   // Extras (not in the contract; parsers ignore them): what really applied.
   line += ", \"pool_threads\": " + std::to_string(run.pool_threads);
   line += ", \"affinity_effective\": " + json_str(run.affinity_effective);
+  if (ri.on) {
+    line += ", \"interleaved\": true, \"seed\": " + std::to_string(args.seed);
+    line += ", \"group\": " + std::to_string(ri.group) + ", \"rounds\": " + std::to_string(ri.rounds);
+    line += ", \"reference\": " + (ri.reference ? json_str(*ri.reference) : std::string("null"));
+    if (ri.is_reference) line += ", \"is_reference\": true";
+    if (!lm.reference_us.empty()) {
+      line += ", \"reference_us\": [";
+      for (size_t i = 0; i < lm.reference_us.size(); ++i) {
+        if (i) line += ", ";
+        line += fmt(lm.reference_us[i]);
+      }
+      line += "]";
+    }
+    if (ri.ci_rel >= 0) {
+      char buf[64];
+      snprintf(buf, sizeof(buf), "%.5f", std::min(ri.ci_rel, 1e6));
+      line += std::string(", \"ci_rel\": ") + buf;
+      line += std::string(", \"converged\": ") + (ri.converged ? "true" : "false");
+    }
+  }
   line += "}\n";
   fputs(line.c_str(), stdout);
   fflush(stdout);
+}
+
+// A hard cap so a tiny method with a large --min_time_ms cannot emit gigabytes.
+const size_t kMaxSamples = 2000000;
+
+void bench_method(const et::Program& program, const std::string& name, const Args& args, const RunInfo& run) {
+  auto lm = load_for_bench(program, name);
+  warm(*lm, args.warmup);
+  lm->us.reserve((size_t)args.iterations);
+  while ((long)lm->us.size() < args.iterations || (lm->timed_ms < args.min_time_ms && lm->us.size() < kMaxSamples)) {
+    time_once(*lm);
+  }
+  print_record(*lm, args, run, RoundInfo{});
+}
+
+// Interleaved rounds: the selection is split into groups of at most --group
+// methods (memory stays bounded); a group's methods are loaded together and
+// timed in rounds, each round running every method once in a seeded shuffled
+// order, so a slow stretch of the device lands on all of them alike. The
+// reference (when given) is loaded once and runs in every round of every group;
+// each method's record carries the reference's sample of the same round.
+void bench_interleaved(const et::Program& program, const std::vector<std::string>& selected, const Args& args,
+                       const RunInfo& run) {
+  std::unique_ptr<LoadedMethod> ref;
+  bool ref_selected = false;
+  std::vector<std::string> work;
+  if (!args.reference.empty()) {
+    ref = load_for_bench(program, args.reference);
+    warm(*ref, args.warmup);
+    for (const auto& m : selected) {
+      if (m == args.reference) ref_selected = true;
+      else work.push_back(m);
+    }
+  } else {
+    work = selected;
+  }
+  size_t group = args.group > 0 ? (size_t)args.group : work.size();
+  if (group == 0) group = 1;
+  Rng rng((uint64_t)args.seed * 0x9E3779B97F4A7C15ull + 1);
+  long gi = 0;
+  for (size_t start = 0; start < work.size(); start += group, ++gi) {
+    std::vector<std::unique_ptr<LoadedMethod>> ms;
+    for (size_t i = start; i < std::min(work.size(), start + group); ++i) ms.push_back(load_for_bench(program, work[i]));
+    for (auto& m : ms) warm(*m, args.warmup);
+    // A method leaves the rounds once it has what it needs (--iterations, --min_time_ms, and with
+    // --ci_target a converged CI), so a 2 us unit needing 30 ms timed does not drag a 1 ms unit
+    // through 15000 rounds; the reference runs in every round while any method is still in.
+    std::vector<bool> done(ms.size(), false);
+    std::vector<double> cis(ms.size(), -1.0);
+    long rounds = 0;
+    double group_timed_ms = 0.0;
+    std::vector<long> order;
+    while (true) {
+      bool capped = args.ci_target > 0 && group_timed_ms >= args.max_time_ms;
+      bool check_ci = rounds % 5 == 0 || capped;
+      order.clear();
+      for (size_t i = 0; i < ms.size(); ++i) {
+        if (done[i]) continue;
+        const auto& m = *ms[i];
+        bool more = (long)m.us.size() < args.iterations ||
+                    (m.timed_ms < args.min_time_ms && m.us.size() < kMaxSamples);
+        if (!more && args.ci_target > 0) {
+          if (check_ci) cis[i] = ci_of(m);
+          more = !capped && m.us.size() < kMaxSamples && !(cis[i] >= 0 && cis[i] <= args.ci_target);
+        }
+        if (more) order.push_back((long)i);
+        else done[i] = true;
+      }
+      if (order.empty()) break;
+      if (ref) order.push_back(-1);
+      for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng.next() % i]);  // Fisher-Yates
+      double ref_x = 0.0;
+      for (long k : order) {
+        warm(k < 0 ? *ref : *ms[(size_t)k], args.rewarm);
+        if (k < 0) {
+          ref_x = time_once(*ref);
+          group_timed_ms += ref_x / 1000.0;
+        } else {
+          group_timed_ms += time_once(*ms[(size_t)k]) / 1000.0;
+        }
+      }
+      if (ref) {
+        for (long k : order) if (k >= 0) ms[(size_t)k]->reference_us.push_back(ref_x);
+      }
+      ++rounds;
+    }
+    for (size_t i = 0; i < ms.size(); ++i) {
+      RoundInfo ri;
+      ri.on = true;
+      ri.group = gi;
+      ri.rounds = (long)ms[i]->us.size();  // the rounds this method took part in
+      ri.reference = ref ? &args.reference : nullptr;
+      if (args.ci_target > 0) {
+        ri.ci_rel = cis[i] >= 0 ? cis[i] : ci_of(*ms[i]);
+        ri.converged = ri.ci_rel <= args.ci_target;
+      }
+      print_record(*ms[i], args, run, ri);
+    }
+  }
+  if (ref && ref_selected) {
+    if (work.empty()) {  // the reference alone: time it in rounds of its own
+      while ((long)ref->us.size() < args.iterations || (ref->timed_ms < args.min_time_ms && ref->us.size() < kMaxSamples)) time_once(*ref);
+    }
+    RoundInfo ri;
+    ri.on = true;
+    ri.group = -1;
+    ri.rounds = (long)ref->us.size();
+    ri.reference = &args.reference;
+    ri.is_reference = true;
+    if (args.ci_target > 0) {
+      ri.ci_rel = median_ci_rel(ref->us);
+      ri.converged = ri.ci_rel <= args.ci_target;
+    }
+    print_record(*ref, args, run, ri);
+  }
 }
 
 }  // namespace
@@ -697,6 +946,14 @@ int main(int argc, char** argv) {
   }
   RunInfo run{pool->get_thread_count(), effective_affinity()};
 
-  for (const auto& m : selected) bench_method(*program, m, args, run);
+  if (args.reference_given && std::find(all.begin(), all.end(), args.reference) == all.end()) {
+    die(kExitUsage, "unknown reference method '" + args.reference + "' in " + args.model_path);
+  }
+  g_interleaved = args.interleave;
+  if (args.interleave) {
+    bench_interleaved(*program, selected, args, run);
+  } else {
+    for (const auto& m : selected) bench_method(*program, m, args, run);
+  }
   return 0;
 }

@@ -46,6 +46,25 @@ class MeasureConfig:
     threads: int | None = None  # None: the device's default (1 on the host, the big cores on a phone)
     affinity: str | None = None  # hex CPU mask, e.g. "f0"; None: device default
     repeats: int = 1  # whole runner invocations per batch; samples are pooled
+    # Interleaved rounds (et_bench --interleave): every round runs each method of a group once, in a
+    # seeded shuffled order, so a slow stretch of the device lands on all of them alike.
+    interleave: bool = False
+    group: int = 32  # methods interleaved (and loaded) at once; bounds memory on big batches
+    seed: int = 0  # shuffles each round's order
+    # A method that runs in every round of every group (a drift reference): each result then holds the
+    # reference's samples of the same rounds (`LatencyStats.reference_ms`). Implies interleave.
+    reference: str | None = None
+    # > 0: keep running rounds until each estimate's 95 % CI is within +-ci_target (relative; of the ratio
+    # to the reference when there is one), or `max_time_ms` was timed in a group. Implies interleave.
+    ci_target: float = 0.0
+    max_time_ms: float = 20000.0
+    # Untimed runs of a method right before its timed one in each round: keeps a small unit timed after
+    # a big one off the big one's caches (et_bench --rewarm).
+    rewarm: int = 1
+
+    @property
+    def interleaved(self) -> bool:
+        return bool(self.interleave or self.reference is not None or self.ci_target > 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +115,9 @@ class Device(ABC):
     """A measurement target. Each device does its own lowering of the candidates."""
 
     uri: str
+    # Why the last measurement ran without its drift reference (MeasureConfig.reference), when it did:
+    # the reference did not lower or run, the rest was measured without it.
+    reference_error: str | None = None
 
     @abstractmethod
     def fingerprint(self, config: MeasureConfig | None = None) -> Fingerprint:

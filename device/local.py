@@ -16,10 +16,12 @@ How a batch is measured (`measure`):
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +31,8 @@ from .base import Candidate, Fingerprint, MeasureConfig, ProgressFn, PteDevice
 from .lowering import lower_to_pte
 from .runner import EXIT_LOAD, EXIT_USAGE, build_argv, find_runner, parse_list, run_runner, runner_error
 from .stats import LatencyStats, merge_repeats
+
+log = logging.getLogger(__name__)
 
 RUNTIME_VERSION = "1.4.1"
 BACKEND = "xnnpack"
@@ -76,6 +80,7 @@ class LocalDevice(PteDevice):
     def __init__(self, runner: str | os.PathLike | None = None, timeout_s: float | None = None):
         self._runner = Path(runner) if runner is not None else None
         self._timeout_s = timeout_s  # None: derived from the batch
+        self.reference_error: str | None = None  # why the last measurement ran without its drift reference
 
     @classmethod
     def from_uri_rest(cls, rest: str) -> "LocalDevice":
@@ -128,12 +133,18 @@ class LocalDevice(PteDevice):
         if not candidates:
             return []
         runner = self.runner  # fail before spending minutes on lowering
+        self.reference_error = None  # set when the reference fails
         with tempfile.TemporaryDirectory(prefix="amc-local-") as tmp:
             pte = Path(tmp) / "batch.pte"
             failed = lower_to_pte(candidates, pte)
             for _ in failed:
                 _tick(progress)
             names = [c.name for c in candidates if c.name not in failed]
+            if config.reference is not None and config.reference in failed:
+                self.reference_error = (f"the drift reference {config.reference!r} did not lower "
+                                        f"({failed[config.reference]}); measured without it (rows unreferenced)")
+                log.warning(self.reference_error)
+                config = replace(config, reference=None)
             measured = self._measure_methods(runner, pte, names, config, progress) if names else {}
         return [
             LatencyStats.failed(c.name, failed[c.name]) if c.name in failed else measured[c.name]
@@ -157,6 +168,7 @@ class LocalDevice(PteDevice):
         methods = list(methods)
         if not methods:
             return []
+        self.reference_error = None  # set when the reference fails
         measured = self._measure_methods(runner, path, methods, config, progress)
         return [measured[m] for m in methods]
 
@@ -176,6 +188,9 @@ class LocalDevice(PteDevice):
         if self._timeout_s is not None:
             return float(self._timeout_s)
         per_method = 30.0 + 2.0 * (config.warmup + config.iterations) + 3.0 * config.min_time_ms / 1000.0
+        if config.ci_target > 0:  # adaptive rounds: each group may time up to max_time_ms
+            groups = -(-n_methods // max(1, config.group))
+            return 60.0 + n_methods * per_method + groups * 2.0 * config.max_time_ms / 1000.0
         return 60.0 + n_methods * per_method
 
     def _measure_methods(
@@ -217,11 +232,23 @@ class LocalDevice(PteDevice):
                 rest = [n for n in todo if n not in done]
                 if not rest:
                     break
-                # The runner goes through --methods in order: it stopped on the first one not done.
-                culprit = rest[0]
+                # Interleaved runs name the method they stopped on; otherwise the runner goes through
+                # --methods in order: it stopped on the first one not done.
+                culprit = res.failed if res.failed is not None else rest[0]
+                if config.reference is not None and culprit == config.reference:
+                    # A reference that does not run must not sink the batch: measure without it, say so once.
+                    self.reference_error = (f"the drift reference {culprit!r} failed ({res.error}); "
+                                            f"measured without it (rows unreferenced)")
+                    log.warning(self.reference_error)
+                    config = replace(config, reference=None)
+                    if culprit in rest:
+                        errors[culprit] = f"et_bench failed on {culprit!r}: {res.error}"
+                        _tick(progress)
+                    todo = [n for n in rest if n != culprit]
+                    continue
                 errors[culprit] = f"et_bench failed on {culprit!r}: {res.error}"
                 _tick(progress)
-                todo = rest[1:]
+                todo = [n for n in rest if n != culprit]
                 timeouts = timeouts + 1 if res.returncode is None else 0
                 if res.returncode is None:
                     if timeouts >= 2 and not done:  # two hangs in a row without progress: give up

@@ -81,6 +81,13 @@ def build_argv(
     ]
     if affinity:
         argv += ["--affinity", str(affinity)]
+    if config.interleaved:
+        argv += ["--interleave", "--group", str(int(config.group)), "--seed", str(int(config.seed)),
+                 "--rewarm", str(int(config.rewarm))]
+        if config.reference is not None:
+            argv += ["--reference", str(config.reference)]
+        if config.ci_target > 0:
+            argv += ["--ci_target", repr(float(config.ci_target)), "--max_time_ms", repr(float(config.max_time_ms))]
     if methods is not None:
         methods = list(methods)
         if not methods:
@@ -108,10 +115,32 @@ class RunnerRecord:
     extra: dict = field(default_factory=dict)  # keys beyond the contract (pool_threads, ...)
 
     def to_stats(self) -> LatencyStats:
-        return LatencyStats.from_samples(self.method, [us / 1000.0 for us in self.iterations_us], self.load_ms)
+        ref = self.extra.get("reference_us") or []
+        ci = self.extra.get("ci_rel")
+        return LatencyStats.from_samples(self.method, [us / 1000.0 for us in self.iterations_us], self.load_ms,
+                                         reference_ms=[float(us) / 1000.0 for us in ref],
+                                         ci_rel=None if ci is None else float(ci),
+                                         converged=None if ci is None else bool(self.extra.get("converged")))
+
+    @property
+    def is_reference(self) -> bool:
+        return bool(self.extra.get("is_reference"))
 
 
 _CONTRACT_KEYS = {"method", "iterations_us", "load_ms", "threads", "affinity", "warmup", "runtime_version"}
+
+
+def failed_method(stdout: str) -> tuple[str, str] | None:
+    """(method, error) of the `{"failed_method": ...}` line an interleaved run prints before it stops."""
+    for raw in stdout.splitlines():
+        line = raw.strip()
+        if line.startswith('{"failed_method"'):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            return str(obj["failed_method"]), str(obj.get("error", ""))
+    return None
 
 
 def parse_output(stdout: str) -> list[RunnerRecord]:
@@ -135,8 +164,8 @@ def parse_output(stdout: str) -> list[RunnerRecord]:
                 break  # truncated by a kill or timeout: what came before still counts
             raise AmcError(f"et_bench printed a line that is not JSON: {_clip(line)!r}") from None
         if not isinstance(obj, dict) or "method" not in obj or "iterations_us" not in obj:
-            if isinstance(obj, dict) and "methods" in obj:
-                continue  # a --list line
+            if isinstance(obj, dict) and ("methods" in obj or "failed_method" in obj):
+                continue  # a --list line, or the name of the method an interleaved run stopped on
             raise AmcError(f"et_bench printed an unexpected line: {_clip(line)!r}")
         try:
             records.append(
@@ -207,6 +236,7 @@ class RunResult:
     returncode: int | None  # None: timed out
     error: AmcError | None
     stderr: str = ""
+    failed: str | None = None  # the method an interleaved run stopped on, when it said
 
     @property
     def stats(self) -> dict[str, LatencyStats]:
@@ -248,7 +278,9 @@ def run_runner(argv: Sequence[str], timeout_s: float) -> RunResult:
     records = parse_output(out)
     if proc.returncode == 0:
         return RunResult(records, 0, None, err)
-    return RunResult(records, proc.returncode, runner_error(proc.returncode, err), err)
+    culprit = failed_method(out)
+    return RunResult(records, proc.returncode, runner_error(proc.returncode, err), err,
+                     culprit[0] if culprit else None)
 
 
 def _clip(s: str, n: int = 200) -> str:

@@ -25,7 +25,7 @@ import pickle
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -158,6 +158,42 @@ class BatchRunner:
         self.use_pool = self.workers > 1 and isinstance(device, PteDevice)
         self._pool: cf.ProcessPoolExecutor | None = None
         self.stats = RunStats()
+        # The drift reference (issue 19): a fixed job lowered into every program and named by
+        # `config.reference`, so it runs in every round of every batch; its results are not handed on.
+        self.reference: Job | None = None
+        self.reference_error: str | None = None  # why programs ran without it, when they did
+
+    def with_reference(self, jobs: list[Job], config: MeasureConfig | None = None) -> list[Job]:
+        if self.reference is None or (config or self.config).reference is None:
+            return jobs
+        return [*jobs, self.reference]
+
+    def measure_program(self, device: Device, path: str, jobs: list[Job],
+                        config: MeasureConfig | None = None) -> list[LatencyStats]:
+        """`device.measure_pte` of a program lowered with `with_reference`: the jobs' results (paired
+        with the reference when it ran). A reference that did not lower or run is dropped, once said."""
+        names = [j.name for j in jobs]
+        cfg = config or self.config
+        if self.reference is not None and cfg.reference is not None:
+            try:
+                out = device.measure_pte(path, [*names, self.reference.name], cfg)
+            except AmcError as exc:
+                if "unknown reference method" not in str(exc):
+                    raise
+                self._reference_failed(f"the drift reference was not lowered into this program ({exc})")
+                out = device.measure_pte(path, names, replace(cfg, reference=None))
+            why = device.reference_error
+            if why:
+                self._reference_failed(why)
+            return [s for s in out if s.name != self.reference.name]
+        return device.measure_pte(path, names, cfg)
+
+    def _reference_failed(self, why: str) -> None:
+        if self.reference_error is None:
+            import logging
+
+            logging.getLogger("latency_tables").warning("%s; those rows are stored unreferenced", why)
+        self.reference_error = why
 
     def _get_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
@@ -238,8 +274,16 @@ class BatchRunner:
                 cands.append(j.candidate())
             except Exception as exc:
                 failed[j.name] = f"candidate {j.name!r} cannot be built: {str(exc).splitlines()[0][:200]}"
+        cfg = self.config
+        if cands and self.reference is not None and cfg.reference is not None:
+            cands.append(self.reference.candidate())
         try:
-            results = {s.name: s for s in (self.device.measure(cands, self.config) if cands else [])}
+            results = {s.name: s for s in (self.device.measure(cands, cfg) if cands else [])}
+            if self.reference is not None:
+                results.pop(self.reference.name, None)
+                why = self.device.reference_error
+                if why:
+                    self._reference_failed(why)
         except AmcError as exc:
             _hand_over_partial(exc, jobs, on_batch, failed)
             raise
@@ -255,14 +299,14 @@ class BatchRunner:
         with tempfile.TemporaryDirectory(prefix="amc-batch-") as tmp:
             paths = [str(Path(tmp) / f"part{i}.pte") for i in range(len(parts))]
             t0 = time.perf_counter()
-            outcomes = self._lower_parts(parts, paths)
+            outcomes = self._lower_parts([self.with_reference(p) for p in parts], paths)
             t1 = time.perf_counter()
             for p, path, (failed, _) in zip(parts, paths, outcomes):
-                names = [j.name for j in p if j.name not in failed]
+                ok = [j for j in p if j.name not in failed]
                 measured: dict[str, LatencyStats] = {}
-                if names and Path(path).is_file():
+                if ok and Path(path).is_file():
                     try:
-                        for s in self.device.measure_pte(path, names, self.config):
+                        for s in self.measure_program(self.device, path, ok):
                             measured[s.name] = s
                     except AmcError as exc:
                         _hand_over_partial(exc, p, on_batch, failed)
@@ -330,10 +374,11 @@ class Programs:
                     self.materialize(j)
             parts = [p for p in (chunk[i::n] for i in range(n)) if p]
             paths = [str(Path(self._tmp.name) / f"r{r:03d}-{i}.pte") for i in range(len(parts))]
+            lowered = [runner.with_reference(p, self.config) for p in parts]
             if runner.use_pool:
-                outcomes = runner._lower_parts(parts, paths)
+                outcomes = runner._lower_parts(lowered, paths)
             else:
-                outcomes = [_lower_chunk(p, path) for p, path in zip(parts, paths)]
+                outcomes = [_lower_chunk(p, path) for p, path in zip(lowered, paths)]
             for p, path, (failed, _) in zip(parts, paths, outcomes):
                 self.failed.update(failed)
                 ok = [j for j in p if j.name not in failed]
@@ -356,8 +401,8 @@ class Programs:
         if self.prebuilt:
             for path, jobs in self._programs:
                 try:
-                    measured = {s.name: s for s in self.runner.device.measure_pte(path, [j.name for j in jobs],
-                                                                                  self.config)}
+                    measured = {s.name: s for s in self.runner.measure_program(self.runner.device, path, jobs,
+                                                                               self.config)}
                 except AmcError as exc:
                     if on_batch is not None:
                         _hand_over_partial(exc, jobs, on_batch)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -36,13 +36,16 @@ from .schema import CalibrationRow, FailureRow, Stats, TableRow, clean_field, no
 from .sharding import PoolRunner, group_by_fingerprint
 from .loading import compile_for
 from .predict import LatencyModel
+from .reference import REFERENCE_NAME, REFERENCE_SPEC, ReferenceRow
 from .sampling import DEFAULT_TOLERANCE, AdaptiveSampler
 from .space import DEFAULT_COARSE_STEP, DEFAULT_GRID, LOWER_BOUND, all_specs, unit_plans
 from .store import TableStore, table_folder
 from .network import Target, require_target
 
 # Units take microseconds: time each for at least 30 ms, in 3 runner invocations, and keep the median.
-UNIT_CONFIG = MeasureConfig(warmup=20, iterations=100, min_time_ms=30.0, repeats=3)
+# Interleaved rounds with the drift reference in every round (issue 19): a slow stretch of the device
+# lands on every unit of a batch and on the reference alike, and each row stores its ratio to it.
+UNIT_CONFIG = MeasureConfig(warmup=20, iterations=100, min_time_ms=30.0, repeats=3, reference=REFERENCE_NAME)
 # Whole models take about a millisecond here: at least 100 ms each, in one invocation per pass; a build
 # times its calibration models after every round of units and at least CALIBRATION_PASSES times.
 MODEL_CONFIG = MeasureConfig(warmup=20, iterations=100, min_time_ms=100.0, repeats=1)
@@ -70,6 +73,11 @@ class BuildReport:
     failures: list[str] = field(default_factory=list)
     devices: dict[str, int] = field(default_factory=dict)  # configurations measured per device (pooled builds)
     lost: dict[str, str] = field(default_factory=dict)  # devices that left the pool, and why
+    noise: float = float("nan")  # this run's noise figure: max(median row noise, level spread) (NaN: no reference)
+    noisy: int = 0  # rows of this run marked noisy
+    referenced: int = 0  # rows of this run stored with their reference
+    reference_error: str | None = None  # why rows went without the reference, when some did
+    table_status: str = ""  # ReferenceStatus.line() of the whole table after this run
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -88,6 +96,12 @@ class BuildReport:
         if len(self.devices) > 1 or self.lost:
             lines.append("devices: " + ", ".join(f"{u} {n}" for u, n in self.devices.items())
                          + "".join(f"; {u} left the pool: {why[:160]}" for u, why in self.lost.items()))
+        if self.referenced:
+            lines.append(noise_line(self.noise, self.noisy, self.referenced))
+        if self.reference_error:
+            lines.append(f"drift reference: {self.reference_error[:300]}")
+        if self.table_status:
+            lines.append(self.table_status)
         if self.stopped:
             lines.append(f"stopped early: {self.stopped}; rerun the same command to continue")
         for f in self.failures[:5]:
@@ -143,6 +157,11 @@ def build_table(target: Target, device: str | Device | Sequence[str | Device] = 
     t_start = time.perf_counter()
     require_target(target, "build_table")
     config = config or UNIT_CONFIG
+    # Every build has the drift reference unless the caller names another (or "" for none).
+    if config.reference is None:
+        config = replace(config, reference=REFERENCE_NAME)
+    elif not config.reference:
+        config = replace(config, reference=None)
     model_config = model_config or MODEL_CONFIG
     opened: list[tuple[Device, bool]] = []
     limits = _Limits(max_configs, budget_minutes)
@@ -173,6 +192,8 @@ def build_table(target: Target, device: str | Device | Sequence[str | Device] = 
                      model_config.to_dict(), "device": dev.uri if len(devs) == 1 else [d.uri for d in devs]}
             runner = BatchRunner(dev, config, batch_size, workers) if len(devs) == 1 else \
                 PoolRunner(devs, config, batch_size, workers)
+            if config.reference == REFERENCE_NAME:
+                runner.reference = Job(REFERENCE_NAME, spec=REFERENCE_SPEC)
             with runner, \
                     _calibration(store, target, grid, calibration_count if calibrate else 0, runner, model_config,
                                  report) as calib:
@@ -184,6 +205,8 @@ def build_table(target: Target, device: str | Device | Sequence[str | Device] = 
             if isinstance(runner, PoolRunner):
                 report.devices, report.lost = dict(runner.per_device), dict(runner.lost)
             report.stopped = limits.reason
+            report.reference_error = runner.reference_error
+            report.table_status = store.reference_status().line()
             report.seconds = time.perf_counter() - t_start
             if report.measured or report.failed or report.calibration:  # a no-op check leaves the stored table untouched
                 store.record_build({**entry, "finished": now_iso(), **{k: v for k, v in report.to_dict().items()
@@ -195,6 +218,13 @@ def build_table(target: Target, device: str | Device | Sequence[str | Device] = 
         for d, owned in opened:
             if owned:
                 d.close()
+
+
+def noise_line(noise: float, noisy: int, referenced: int, tolerance: float = 0.10) -> str:
+    """The device-noise sentence every measuring command prints (issue 19)."""
+    from device.noise import noise_sentence
+
+    return noise_sentence(noise, tolerance) + (f" ({noisy} of {referenced} rows marked noisy)" if noisy else "")
 
 
 def build_tables(target: Target, devices: Sequence[str | Device], **kw) -> list[BuildReport]:
@@ -247,13 +277,25 @@ def _sample_units(store: TableStore, plans, runner: BatchRunner, limits: _Limits
     sampled: set[str] = set()
     counter = [0]
     bar = _progress_bar(progress, "table build")
-    with store.unit_log() as log, store.failure_log() as flog, store.origin_log() as olog:
+    noise: list[float] = []
+    levels: list[float] = []
+    with store.unit_log() as log, store.failure_log() as flog, store.origin_log() as olog, \
+            store.reference_log() as rlog:
         def on_batch(results: list[tuple[Job, LatencyStats]], device_uri: str | None = None) -> None:
             uri = device_uri or runner.device.uri
             for job, s in results:
                 if s.ok:
                     row = TableRow(job.spec, Stats.of(s))
                     log.append(row.to_line())
+                    # after the unit row: a crash between the two leaves a row that reads as
+                    # unreferenced, never a reference row for a unit measured again later
+                    if s.has_reference:
+                        ref = ReferenceRow.of(row.key, s, row.stats.measured_at)
+                        rlog.append(ref.to_line())
+                        report.referenced += 1
+                        report.noisy += ref.noisy
+                        noise.append(ref.noise)
+                        levels.append(ref.ref_median_ms)
                     olog.append(f"{row.key},{clean_field(uri)},{row.stats.measured_at}\n")
                     values[row.key] = row.median_ms
                     report.measured += 1
@@ -263,6 +305,7 @@ def _sample_units(store: TableStore, plans, runner: BatchRunner, limits: _Limits
                     report.failed += 1
                     report.failures.append(f"{job.spec.key()}: {s.error}")
             log.sync()
+            rlog.sync()
             flog.sync()
             olog.sync()
             limits.used += len(results)
@@ -296,6 +339,13 @@ def _sample_units(store: TableStore, plans, runner: BatchRunner, limits: _Limits
             if limits.stop():
                 break
     bar.close()
+    finite = [x for x in noise if x == x]
+    if finite:
+        import numpy as np
+
+        from device.noise import level_spread, noise_figure
+
+        report.noise = noise_figure(float(np.median(finite)), level_spread(levels))
     report.sampled = len(sampled)
     report.rounds = sampler.round
     report.refined = sampler.refined_intervals

@@ -82,7 +82,8 @@ class PoolRunner(BatchRunner):
         with tempfile.TemporaryDirectory(prefix="amc-shard-") as tmp:
             paths = [str(Path(tmp) / f"part{i}.pte") for i in range(len(parts))]
             pool = self._get_pool()
-            futures = [pool.submit(_lower_chunk, [j.portable() for j in p], path) for p, path in zip(parts, paths)]
+            futures = [pool.submit(_lower_chunk, [j.portable() for j in self.with_reference(p)], path)
+                       for p, path in zip(parts, paths)]
             queue: collections.deque = collections.deque(("lower", i) for i in range(len(parts)))
             try:
                 self._drain(queue, parts, paths, futures, on_batch, should_stop)
@@ -105,7 +106,7 @@ class PoolRunner(BatchRunner):
         try:
             failed, dt = futures[i].result()
         except cf.process.BrokenProcessPool:  # a worker died (memory?): once more, in a fresh pool
-            failed, dt = self._lower_parts([parts[i]], [paths[i]])[0]
+            failed, dt = self._lower_parts([self.with_reference(parts[i])], [paths[i]])[0]
         self.stats.lower_s += dt
         ok = [j for j in parts[i] if j.name not in failed]
         if ok and not Path(paths[i]).is_file():
@@ -137,7 +138,7 @@ class PoolRunner(BatchRunner):
                         path, jobs = paths[item], self._lowered(item, parts, paths, futures, on_batch, cond)
                     else:
                         path, jobs = item
-                    results = dev.measure_pte(path, [j.name for j in jobs], self.config) if jobs else []
+                    results = self.measure_program(dev, path, jobs) if jobs else []
                 except AmcError as exc:
                     partial = getattr(exc, "partial", None)
                     with cond:

@@ -259,6 +259,23 @@ class TableStore:
         path = self.folder / ORIGINS_FILE
         return read_origin_rows(path) if path.exists() else {}
 
+    def references(self) -> dict:
+        """unit key -> ReferenceRow (`reference.py`); {} for a table built before drift references."""
+        from .reference import REFERENCES_FILE, read_reference_rows
+
+        path = self.folder / REFERENCES_FILE
+        return read_reference_rows(path) if path.exists() else {}
+
+    def reference_log(self) -> AppendLog:
+        from .reference import REFERENCE_COLUMNS, REFERENCES_FILE
+
+        return AppendLog(self.folder / REFERENCES_FILE, REFERENCE_COLUMNS)
+
+    def reference_status(self):
+        from .reference import reference_status
+
+        return reference_status(self.units(), self.references())
+
     def origin_log(self) -> AppendLog:
         return AppendLog(self.folder / ORIGINS_FILE, ORIGIN_COLUMNS)
 

@@ -45,6 +45,7 @@ while [ $# -gt 0 ]; do
     --threads) threads="$2"; shift 2;;
     --model_path) model="$2"; shift 2;;
     --list) list=1; shift;;
+    --interleave) shift;;  # interleaved rounds (issue 19): the stand-in times in order, without a reference
     *) shift 2;;
   esac
 done

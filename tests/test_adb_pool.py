@@ -39,8 +39,11 @@ def _rows(folder) -> list[str]:
 
 
 def _asked(phone) -> list[str]:
+    """The configurations a phone was asked to time (the drift reference, in every program, is not one)."""
+    from latency_tables.reference import REFERENCE_NAME
+
     runs = [c.command for c in phone.commands if "et_bench --model_path" in c.command]
-    return [m for c in runs for m in c.split("--methods ")[1].split()[0].split(",")]
+    return [m for c in runs for m in c.split("--methods ")[1].split()[0].split(",") if m != REFERENCE_NAME]
 
 
 @pytest.mark.slow

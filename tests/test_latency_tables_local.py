@@ -116,3 +116,36 @@ def test_recalibration_refits_on_fresh_timings_and_keeps_them(resnet20_local_tab
     # the stored fit now follows the most recent passes, the fresh ones included
     again = load_latency_model("resnet20", device_uri="local", tables_dir=tmp_path, config=QUICK)
     assert again.calibration["points"] == len(variants) and RECENT_PASSES >= 2
+
+
+# -- the drift reference (issue 19) ---------------------------------------------------------------------
+
+
+def test_every_real_unit_row_has_its_drift_reference(resnet_table):
+    from latency_tables.reference import REFERENCE_SPEC
+
+    _, store, _, report = resnet_table
+    refs = store.references()
+    units = store.units()
+    assert set(refs) == set(units)  # the interrupted program's rows too: each row with its own reference
+    for k, r in refs.items():
+        assert r.ref_key == REFERENCE_SPEC.key() and r.ratio > 0 and r.ref_median_ms > 0 and r.noise >= 0
+        # the ratio is of the same rounds: median(unit/ref) sits between the extremes of unit/ref medians
+        assert r.median_ms == pytest.approx(units[k].median_ms, rel=1e-5)
+    status = store.reference_status()
+    assert status.label == "referenced" and status.referenced == len(units)
+    assert report.referenced > 0 and "reference spread" in report.summary()
+
+
+def test_a_table_built_before_drift_references_loads_and_says_so(resnet20_local_table, tmp_path, capsys):
+    from amc_mobile.cli import main
+    from latency_tables.reference import REFERENCES_FILE
+
+    store = copy_table(resnet20_local_table, tmp_path)
+    (store.folder / REFERENCES_FILE).unlink()  # what a table from before this change looks like
+    lat = load_latency_model("resnet20", device_uri="local", tables_dir=tmp_path, config=QUICK)
+    assert lat.full_latency_ms > 0
+    assert store.reference_status().label.startswith("unreferenced (built before drift references")
+    assert main(["table", "show", "--table-dir", str(store.folder), "--model", "resnet20"]) == 0
+    out = capsys.readouterr().out
+    assert "drift reference: unreferenced (built before drift references" in out

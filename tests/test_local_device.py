@@ -248,3 +248,31 @@ def test_lowered_program_computes_what_the_module_computes(tmp_path):
         if not had:
             del op.py_kernels[key]
             op._dispatch_cache.clear()
+
+
+# -- interleaved rounds with a drift reference (issue 19) ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_interleaved_with_reference_and_a_failing_method(dev):
+    cands = [conv("a", 3, 8, 8), Candidate("bad", TinyEmbedding(), torch.zeros(64, dtype=torch.long)),
+             conv("c", 8, 8, 8), conv("ref", 8, 16, 8)]
+    cfg = MeasureConfig(warmup=1, iterations=4, reference="ref", group=2, repeats=2)
+    res = dev.measure(cands, cfg)
+    assert [r.ok for r in res] == [True, False, True, True]
+    assert "'bad'" in res[1].error and "embedding" in res[1].error
+    a, _, c, ref = res
+    # each repeat pairs 4 rounds with the reference's samples of the same rounds
+    assert a.n == c.n == 8 and len(a.reference_ms) == len(c.reference_ms) == 8
+    assert a.ratio > 0 and a.noise >= 0 and dev.reference_error is None
+    assert not ref.has_reference and ref.n >= 8  # the reference itself: pooled over the groups
+
+
+@pytest.mark.slow
+def test_a_failing_reference_measures_the_rest_without_it(dev):
+    cands = [conv("a", 3, 8, 8), Candidate("bad", TinyEmbedding(), torch.zeros(64, dtype=torch.long)),
+             conv("c", 8, 8, 8)]
+    res = dev.measure(cands, MeasureConfig(warmup=1, iterations=3, reference="bad"))
+    assert [r.ok for r in res] == [True, False, True]
+    assert all(not r.has_reference and r.n == 3 for r in (res[0], res[2]))
+    assert "drift reference 'bad' failed" in dev.reference_error and "\n" not in dev.reference_error

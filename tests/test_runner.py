@@ -414,3 +414,82 @@ def test_execution_failure(runner, pte_with_bad_method):
     assert [r["method"] for r in lines(proc.stdout)] == ["a"]
     res = run_runner(build_argv(runner, pte_with_bad_method, MeasureConfig(iterations=2), ["a", "bad", "c"]), 60)
     assert res.returncode == 4 and list(res.stats) == ["a"] and "method bad" in str(res.error)
+
+
+# -- interleaved rounds, drift reference, adaptive rounds (issue 19) -----------------------------------
+
+
+def test_build_argv_interleaved_options():
+    plain = build_argv("et_bench", "m.pte", MeasureConfig())
+    assert "--interleave" not in plain and "--reference" not in plain  # unchanged for existing callers
+    argv = build_argv("et_bench", "m.pte", MeasureConfig(reference="ref", group=4, seed=7, ci_target=0.02,
+                                                          max_time_ms=500.0, rewarm=2), ["a"])
+    i = argv.index("--interleave")
+    assert argv[i + 1:i + 7] == ["--group", "4", "--seed", "7", "--rewarm", "2"]
+    assert argv[argv.index("--reference") + 1] == "ref"
+    assert float(argv[argv.index("--ci_target") + 1]) == 0.02
+    assert float(argv[argv.index("--max_time_ms") + 1]) == 500.0
+
+
+def test_parse_output_pairs_reference_samples_and_skips_the_failed_method_line():
+    line = json.dumps({"method": "a", "iterations_us": [100.0, 200.0, 300.0], "load_ms": 1.0,
+                       "reference_us": [50.0, 100.0, 100.0], "ci_rel": 0.5, "converged": False}) + "\n"
+    out = line + '{"failed_method": "b", "error": "boom"}\n'
+    (rec,) = parse_output(out)
+    s = rec.to_stats()
+    assert s.reference_ms == (0.05, 0.1, 0.1) and s.ratio == pytest.approx(2.0)
+    assert s.ref_median_ms == pytest.approx(0.1) and s.ci_rel == 0.5 and s.converged is False
+    from device.runner import failed_method
+
+    assert failed_method(out) == ("b", "boom") and failed_method(line) is None
+
+
+@pytest.mark.slow
+def test_interleaved_rounds_with_reference(runner, pte):
+    proc = run(runner, "--model_path", pte, "--methods", "tiny,big,mid", "--reference", "mid", "--group", "1",
+               "--iterations", "4", "--warmup", "0", "--seed", "5")
+    assert proc.returncode == 0, proc.stderr
+    recs = lines(proc.stdout)
+    # one group per method (--group 1), the selected reference last, pooled over both groups
+    assert [(r["method"], r["group"]) for r in recs] == [("tiny", 0), ("big", 1), ("mid", -1)]
+    for r in recs[:2]:
+        assert CONTRACT_KEYS <= set(r) and r["interleaved"] and r["reference"] == "mid" and r["seed"] == 5
+        assert r["rounds"] == 4 and len(r["iterations_us"]) == len(r["reference_us"]) == 4
+    assert recs[2]["is_reference"] and len(recs[2]["iterations_us"]) == 8
+    # the reference's samples in tiny's rounds are exactly its first 4 pooled samples
+    assert recs[0]["reference_us"] == recs[2]["iterations_us"][:4]
+
+
+@pytest.mark.slow
+def test_interleaved_bad_numbers_are_usage_errors(runner, pte):
+    proc = run(runner, "--model_path", pte, "--interleave", "--seed", "-1")
+    assert_one_line_error(proc, 2)
+    for flag in ("--group", "--rewarm"):
+        assert "expects an integer" in assert_one_line_error(run(runner, "--model_path", pte, flag, "x"), 2)
+
+
+@pytest.mark.slow
+def test_ci_target_stops_at_the_time_cap_and_says_not_converged(runner, pte):
+    # tiny (~2 us) against big (~1 ms): its ratio can never be pinned to +-0.01 % within 300 ms timed.
+    proc = run(runner, "--model_path", pte, "--methods", "tiny", "--reference", "big", "--iterations", "6",
+               "--warmup", "0", "--ci_target", "0.0001", "--max_time_ms", "300")
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = lines(proc.stdout)
+    assert rec["converged"] is False and rec["ci_rel"] > 0.0001 and rec["rounds"] >= 6
+    assert sum(rec["iterations_us"]) + sum(rec["reference_us"]) >= 300_000 * 0.99
+
+
+@pytest.mark.slow
+def test_interleaved_failure_names_the_method(runner, pte_with_bad_method):
+    proc = run(runner, "--model_path", pte_with_bad_method, "--interleave", "--iterations", "2")
+    assert "method bad" in assert_one_line_error(proc, 4)
+    assert json.loads(proc.stdout.splitlines()[-1])["failed_method"] == "bad"
+    res = run_runner(build_argv(runner, pte_with_bad_method, MeasureConfig(iterations=2, interleave=True),
+                                ["a", "bad", "c"]), 60)
+    assert res.returncode == 4 and res.failed == "bad" and res.records == []
+
+
+@pytest.mark.slow
+def test_unknown_reference_is_a_usage_error(runner, pte):
+    err = assert_one_line_error(run(runner, "--model_path", pte, "--reference", "nope"), 2)
+    assert "unknown reference method 'nope'" in err

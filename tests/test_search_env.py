@@ -171,3 +171,38 @@ def test_state_columns_are_normalised_and_dynamic():
     assert S[0, 9] == 0 and S[-1, 9] > 0  # reduced grows
     assert (np.diff(S[:, 10]) <= 0).all() and S[-1, 10] == 0  # rest shrinks to 0
     assert S[0, 11] == 1.0 and S[1, 11] == pytest.approx(env.ratios[0])
+
+
+def test_rest_and_reduced_share_one_scale_untouched_by_calibration():
+    """Issue 19: the state's `rest` (raw unit sums) and `reduced` are fractions of one total, so a
+    latency table's calibration (the shipped table's scale is ~0.42) does not change what the agent sees."""
+    from amc_mobile.search.cost import LatencyCost
+
+    graph, layers = _mnv2()
+    flops = FlopsCost(graph)
+
+    class Calibrated:  # a table-like latency model: whole model = scale * sum(units) + offset
+        def __init__(self, scale, offset):
+            self.scale, self.offset = scale, offset
+
+        def unit_latencies(self, channels):
+            return flops.unit_costs(channels) * 1e-9
+
+        def predict(self, channels):
+            return float(self.unit_latencies(channels).sum()) * self.scale + self.offset
+
+        @property
+        def full_latency_ms(self):
+            return self.predict({})
+
+    def states(model):
+        env = PruningEnv(graph, layers, LatencyCost(model), None, _const_score, reward="guaranteed")
+        out = [env.reset()]
+        for _ in range(len(layers) - 1):
+            out.append(env.step(0.4)[0])
+        return np.stack(out)
+
+    plain, calibrated = states(Calibrated(1.0, 0.0)), states(Calibrated(0.42, 0.05))
+    assert np.allclose(plain[:, 9:11], calibrated[:, 9:11])
+    # raw later-layer costs over the calibrated total were ~2.4x this: above 1 at the first layer
+    assert 0.5 < calibrated[0, 10] <= 1.0

@@ -223,6 +223,19 @@ def test_latency_budget_is_relative_to_the_measured_original(tiny, tmp_path, et_
     m = result.summary["measured"]
     assert m["original"]["median_ms"] > 0 and m["pruned"]["median_ms"] > 0
     assert m["speedup"] == pytest.approx(m["original"]["median_ms"] / m["pruned"]["median_ms"])
+    # issue 19: the best few policies measured with the original in every round; the exported one is
+    # the most accurate whose measured ratio meets the target within its CI (or walked back to one)
+    mb = result.summary["measured_budget"]
+    assert mb["target_ratio"] == pytest.approx(0.6) and mb["original_ms"] > 0 and mb["candidates"]
+    for c in mb["candidates"]:
+        assert c["error"] is None and c["ratio"] > 0 and c["meets"] == (c["ratio"] <= 0.6 * (1 + c["ci"]))
+    if mb["picked"] is not None:
+        picked = next(c for c in mb["candidates"] if c["label"] == mb["picked"])
+        assert picked["meets"] and result.channels == {int(g): n for g, n in picked["channels"].items()}
+        assert result.best["measured_over_target"] == pytest.approx(picked["ratio"] / 0.6)
+        first = [c for c in mb["candidates"] if c["label"].startswith("p")]
+        if any(c["meets"] for c in first):
+            assert picked["accuracy"] == max(c["accuracy"] for c in first if c["meets"])
 
 
 def test_latency_budget_relative_to_the_prediction(tiny, tmp_path):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
-from amc_mobile.cli.common import add_measure_options, dump_json, measure_config, stats_table
+from amc_mobile.cli.common import add_measure_options, dump_json, measure_config, ratio_lines, stats_table
 from amc_mobile.cli.model_options import add_model_options, model_options
 from amc_mobile.cli.quantize import QUANTIZE_HELP, add_calibration_options
 from amc_mobile.errors import AmcError
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         modules = [(i, m) for i, m in enumerate(models) if m.module is not None]
         if modules:
             rows = _candidates(modules, args)
+            if config.interleaved:  # the first model is the drift reference of the others
+                config = replace(config, reference=rows[0][2].name)
             for (i, label, cand), s in zip(rows, dev.measure([c for _, _, c in rows], config)):
                 results.append((i, label, s))
         for i, m in enumerate(models):
@@ -91,4 +94,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"device {args.device}: {fp.hardware} | {fp.runtime} | {fp.backend} | threads {fp.threads}")
         print(stats_table(labelled))
+        if config.interleaved:
+            from device.noise import noise_figure, noise_sentence, pass_drift, robust_cv
+
+            for line in ratio_lines(labelled):
+                print(line)
+            why = dev.reference_error
+            if why:
+                print(f"drift reference: {why}")
+            ref = [s for _, label, s in results if s.ok and s.name == config.reference]
+            print(noise_sentence(noise_figure(robust_cv(ref[0].samples_ms), pass_drift(ref[0].samples_ms))
+                                 if ref else float("nan")))
     return 0 if all(s.ok for _, s in labelled) else 1

@@ -19,6 +19,15 @@ def add_measure_options(p: argparse.ArgumentParser, iterations: int = 50, warmup
     g.add_argument("--repeats", type=int, default=1, help="runner invocations per batch; samples pooled")
     g.add_argument("--threads", type=int, default=None, help="runtime threads (default: device's choice)")
     g.add_argument("--affinity", default=None, help="hex CPU mask to pin to, e.g. f0 (default: device's choice)")
+    g.add_argument("--interleave", action="store_true",
+                   help="time in interleaved rounds (each round runs every candidate once, shuffled), the first "
+                        "candidate as the drift reference in every round; prints each one's ratio to it and the "
+                        "device noise")
+    g.add_argument("--ci-target", type=float, default=0.0,
+                   help="with --interleave: keep timing until each ratio's 95%% CI is within +-this fraction "
+                        "(e.g. 0.02), or --max-time-ms was timed (default: off)")
+    g.add_argument("--max-time-ms", type=float, default=20000.0,
+                   help="time cap of --ci-target per batch (default %(default)s)")
 
 
 def measure_config(args: argparse.Namespace) -> MeasureConfig:
@@ -30,8 +39,16 @@ def measure_config(args: argparse.Namespace) -> MeasureConfig:
     if not 0 <= args.min_time_ms <= MAX_MIN_TIME_MS:
         raise AmcError(f"--min-time-ms must be between 0 and {MAX_MIN_TIME_MS:.0f}, got {args.min_time_ms:g}")
     check_threads_affinity(args)
+    ci_target = getattr(args, "ci_target", 0.0)
+    max_time_ms = getattr(args, "max_time_ms", 20000.0)
+    if not 0 <= ci_target < 1:
+        raise AmcError(f"--ci-target must be a fraction between 0 and 1 (e.g. 0.02), got {ci_target:g}")
+    if not 0 < max_time_ms <= MAX_MIN_TIME_MS:
+        raise AmcError(f"--max-time-ms must be between 0 and {MAX_MIN_TIME_MS:.0f}, got {max_time_ms:g}")
     return MeasureConfig(warmup=args.warmup, iterations=args.iterations, min_time_ms=args.min_time_ms,
-                         threads=args.threads, affinity=args.affinity, repeats=args.repeats)
+                         threads=args.threads, affinity=args.affinity, repeats=args.repeats,
+                         interleave=bool(getattr(args, "interleave", False)) or ci_target > 0,
+                         ci_target=ci_target, max_time_ms=max_time_ms)
 
 
 def check_threads_affinity(args: argparse.Namespace) -> None:
@@ -48,6 +65,16 @@ def check_threads_affinity(args: argparse.Namespace) -> None:
                 raise ValueError
         except ValueError:
             raise AmcError(f"--affinity {affinity!r} is not a non-zero hex CPU mask (e.g. f0)") from None
+
+
+def ratio_lines(rows: list[tuple[str, LatencyStats]]) -> list[str]:
+    """Per row measured with a drift reference: its ratio to it, and the CI the runner reached."""
+    out = []
+    for label, s in rows:
+        if s.ok and s.has_reference:
+            ci = "" if s.ci_rel is None else f", CI ±{100 * s.ci_rel:.1f} %" + ("" if s.converged else " (not converged)")
+            out.append(f"{label}: {s.ratio:.4f}x the reference ({s.ref_median_ms:.4f} ms in the same rounds{ci})")
+    return out
 
 
 def _fmt(x: float) -> str:

@@ -97,6 +97,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"{d.uri}: {fp.hardware} | {fp.runtime} | {fp.backend} | threads {fp.threads} | {fp.digest()}")
         else:
             print(f"{d.uri}: {d.error or 'no fingerprint'}")
+        if config.interleaved and d.cells and d.cells[0].ok:
+            from device.noise import noise_figure, noise_sentence, pass_drift, robust_cv
+
+            # the original ran in every round: its spread (and drift) is the device's noise here
+            ref = d.cells[0].stats.samples_ms
+            print(f"{d.uri}: {noise_sentence(noise_figure(robust_cv(ref), pass_drift(ref)))}")
+            for c in d.cells[1:]:
+                if c.ok and c.stats.has_reference:
+                    print(f"{d.uri}: {c.model}: {c.stats.ratio:.4f}x the original in the same rounds")
     for line in summary_lines(result):
         print(line)
     for m in result.models:

@@ -115,4 +115,21 @@ def run(args: argparse.Namespace) -> int:
               f"{m['pruned']['median_ms']:.3f} ms ({m['measured_ratio']:.1%}, {m['speedup']:.2f}x faster)")
     elif m:
         print(f"measurement on {cfg.device} failed: {json.dumps(m.get('error') or m)[:300]}")
+    mb = s.get("measured_budget")
+    if mb and "error" not in mb:
+        from device.noise import noise_sentence
+
+        picked = next((c for c in mb["candidates"] if c["label"] == mb["picked"]), None)
+        if picked is not None:
+            print(f"measured budget: {picked['ratio']:.3f}x the original measured in the same rounds (CI "
+                  f"±{100 * picked['ci']:.1f} %) for a {mb['target_ratio']:.3f}x target: measured/target "
+                  f"{mb['measured_over_target']:.3f}" + (f" after {mb['walked_back']} walk-back(s)"
+                                                         if mb["walked_back"] else "")
+                  + f" ({len(mb['candidates'])} policies measured)")
+        else:
+            print(f"measured budget: none of {len(mb['candidates'])} policies met the {mb['target_ratio']:.3f}x "
+                  f"target as measured (walked back {mb['walked_back']} times); the best predicted one is kept")
+        print(noise_sentence(mb["noise"], 0.10))
+    elif mb:
+        print(f"measured budget: not checked ({mb['error'][:300]})")
     return 0

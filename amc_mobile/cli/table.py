@@ -213,6 +213,9 @@ def run_show(args: argparse.Namespace) -> int:
             "measure_config": meta.get("measure_config"), "units": len(units), "per_kind": dict(kinds),
             "duplicates": store.duplicates, "failures": len(failures), "calibration_models": len(calib),
             "builds": len(meta.get("builds", []))}
+    ref_status = store.reference_status()
+    info["drift_reference"] = {"status": ref_status.label, "referenced": ref_status.referenced,
+                               "noisy": ref_status.noisy, "noise": ref_status.noise}
     coverage = None
     if not args.no_model:
         from latency_tables.loading import compile_for
@@ -237,6 +240,7 @@ def run_show(args: argparse.Namespace) -> int:
     print(f"{len(units)} measured units: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
           + (f"; {store.duplicates} duplicate rows ignored" if store.duplicates else "")
           + (f"; {len(failures)} failed" if failures else ""))
+    print(ref_status.line())
     models = collections.Counter(r.model for r in calib)
     variants = len({(r.model_hash, tuple(sorted(r.channels.items()))) for r in calib})
     print(f"calibration: {len(calib)} whole-model timings of {variants} models ("

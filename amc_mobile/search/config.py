@@ -119,6 +119,9 @@ class SearchConfig:
     data_dir: str | None = _f(None, "folder with the Fashion-MNIST IDX files")
     table_dir: str | None = _f(None, "folder with latency tables (latency cost)")
     measure_final: bool = _f(True, "measure the pruned and original models on the device at the end")
+    final_candidates: int = _f(4, "latency budget: measure this many best policies with the original at the end "
+                                  "and keep the most accurate whose MEASURED ratio meets the target (walking "
+                                  "back when none does); 0: keep the best predicted one")
     compute: str | None = _f(None, "where episodes are scored and the reconstruction's features collected: cpu, "
                                    "cuda or cuda:N (default: cuda when torch sees one, else cpu); latency is still "
                                    "measured on --device")
@@ -172,6 +175,8 @@ class SearchConfig:
             raise AmcError("--val-images and --eval-batch must be at least 1")
         if self.reconstruct and (self.calib_images < 1 or self.calib_points < 1):
             raise AmcError("reconstruction needs --calib-images >= 1 and --calib-points >= 1 (or --no-reconstruct)")
+        if not 0 <= self.final_candidates <= 16:
+            raise AmcError(f"--final-candidates must be between 0 and 16, got {self.final_candidates}")
         if self.checkpoint_every < 0:
             raise AmcError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.threads is not None and self.threads < 1:

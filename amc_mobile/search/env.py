@@ -14,8 +14,8 @@ AMC's rules, with the cost coming from any `CostModel` (table latency, FLOPs, pa
 - **reward**: constrained `-error`; accuracy-guaranteed `-error * log(cost in base units)`.
 - **state** per layer (min-max normalised per column across layers, as the official code):
   index, type, c_in, c_out, stride, kernel, H*W, FLOPs, the layer's cost at full width on the
-  target, then the dynamic part: cost reduced so far, cost of the later layers (both / full cost),
-  previous preserve ratio.
+  target, then the dynamic part: cost reduced so far, cost of the later layers (both fractions of
+  the full model's sum of unit costs: one scale, untouched by calibration), previous preserve ratio.
 
 Scoring the pruned model is delegated to a callable (`score(channels) -> Score`), so the env
 holds no model and can be tested with any cost model.
@@ -179,6 +179,7 @@ class PruningEnv:
         self.wall = ActionWall(graph, self.groups, cost, self.budget, lbound, rbound, grid, reference)
         self.score = score
         self._layer_cost = layer_costs(cost, graph, self.groups)
+        self._unit_total = float(np.asarray(cost.unit_costs({}), dtype=float).sum()) or 1.0
         self._static = self._static_states()
         self.reset()
 
@@ -199,9 +200,12 @@ class PruningEnv:
         return (s - lo) / span
 
     def _state(self, t: int) -> np.ndarray:
-        full = self.cost.full_cost
-        reduced = (full - self.cost.predict(self.decided)) / full if self.decided else 0.0
-        rest = float(self._layer_cost[t + 1 :].sum()) / full
+        # One scale for both (issue 19): fractions of the full model's unit sum, before any calibration.
+        # `rest` is a sum of raw unit costs; dividing it by the calibrated total made it ~2.4x too large
+        # with the shipped table and moved it with every session refit, while `reduced` did not.
+        total = self._unit_total
+        reduced = (total - float(self.cost.unit_costs(self.decided).sum())) / total if self.decided else 0.0
+        rest = float(self._layer_cost[t + 1 :].sum()) / total
         prev = self.ratios[-1] if self.ratios else 1.0
         return np.concatenate([self._static[t], [reduced, rest, prev]]).astype(np.float32)
 

@@ -197,6 +197,13 @@ def _recalibrate(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dic
 
 
 def _budget(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict) -> float | None:
+    if cfg.cost == "latency" and cfg.recalibrate and (
+            cfg.reward == "guaranteed" or (cfg.latency_reference == "predicted" and cfg.target_ms is None)):
+        # Issue 19: these paths set no measured budget, but their predictions must still be on today's
+        # scale: the table is re-timed as for a measured budget (a failure warns, never silently).
+        measured = _recalibrate(cfg, cost, model, info)
+        if measured is not None:
+            info["original_measured"] = measured
     if cfg.reward == "guaranteed":
         return None
     if cfg.cost != "latency":
@@ -459,11 +466,12 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
                      cfg.lbound, cfg.rbound, cfg.channel_round, reference=setup.info.get("original_measured_ms"))
     agent = DDPGAgent(env.state_dim, env.n_layers, cfg.agent, cfg.seed)
     episode_log = EpisodeLog(run_dir / LOG_FILE)
-    start, best = 0, None
+    start, best, top = 0, None, []
     if resuming:
         state = ckpt.load_latest(run_dir, agent)
         start = int(state["episode"])
         best = state["loop"].get("best")
+        top = state["loop"].get("top") or ([best] if best else [])
         episode_log.truncate(start)
         if best is not None:
             write_json(run_dir / BEST_FILE, best)
@@ -502,6 +510,7 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
                 if best is None or ep.reward > best["reward"]:
                     best = policy_dict(setup, ep, e)
                     write_json(run_dir / BEST_FILE, best)
+                top = _keep_top(top, setup, ep, e, cfg.final_candidates)
             scored = (ep.score.prune_s + ep.score.eval_s) if ep.score else 0.0
             row = _row(e, phase, sigma, ep, setup.cost.full_cost,
                        {"predict_s": max(t_env - scored, 0.0), "agent_s": agent_s,
@@ -509,7 +518,7 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
             episode_log.append(row)
             done_count = e + 1
             if cfg.checkpoint_every and done_count % cfg.checkpoint_every == 0 and done_count < cfg.episodes:
-                ckpt.save(run_dir, done_count, agent, {"best": best})
+                ckpt.save(run_dir, done_count, agent, {"best": best, "top": top})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=row["reward"] or "nan", best_acc=f"{best['accuracy']:.4f}" if best else "-",
@@ -529,10 +538,69 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
         if bar is not None:
             bar.close()
     if start < cfg.episodes or not ckpt.checkpoints(run_dir):
-        ckpt.save(run_dir, cfg.episodes, agent, {"best": best})
+        ckpt.save(run_dir, cfg.episodes, agent, {"best": best, "top": top})
     if best is None:
         raise AmcError("no episode produced a finite accuracy (all were discarded as NaN): check the model's weights")
-    return _finish(setup, run_dir, best)
+    return _finish(setup, run_dir, best, top)
+
+
+def _keep_top(top: list[dict], setup: SearchSetup, ep: Episode, episode: int, k: int) -> list[dict]:
+    """The k best policies by reward, one per channel choice (the candidates of the measured wall)."""
+    if k <= 0:
+        return top
+    key = {str(g): int(c) for g, c in ep.channels.items()}
+    if any(t["channels"] == key for t in top):
+        return top
+    if len(top) >= k and ep.reward <= min(t["reward"] for t in top):
+        return top
+    return sorted([*top, policy_dict(setup, ep, episode)], key=lambda t: -t["reward"])[:k]
+
+
+def _measured_pick(setup: SearchSetup, best: dict, top: list[dict]) -> tuple[dict, dict]:
+    """Item 6 of issue 19 (see measured_wall.py): (the policy to export, summary entry)."""
+    from .env import ActionWall
+    from .measured_wall import pick_measured
+
+    cfg = setup.config
+    groups = [l.in_group for l in setup.layers]
+
+    def refit(channels: dict[int, int], budget: float) -> dict[int, int]:
+        try:
+            wall = ActionWall(setup.graph, groups, setup.cost, budget, cfg.lbound, cfg.rbound, cfg.channel_round)
+            return wall.fit_budget(channels)[0]
+        except AmcError:
+            return channels  # the budget is below what the lower bounds allow: nothing to walk back
+
+    pool = top or [best]
+    try:
+        pick = pick_measured(pool, device_uri=cfg.device, original=setup.model, input_shape=setup.model.input_shape,
+                             build=setup.builder.build, score=lambda ch: setup.scorer(ch).accuracy, refit=refit,
+                             predict=setup.cost.predict, target_ratio=cfg.target, target_ms=cfg.target_ms)
+    except AmcError as exc:
+        warnings.warn(f"the measured final wall could not run on {cfg.device} ({exc}): the best predicted policy is "
+                      f"kept, its budget unchecked", SearchWarning, stacklevel=2)
+        return best, {"error": str(exc)}
+    entry = pick.to_dict()
+    # which candidate the search would have exported without this wall (the best by predicted reward)
+    entry["best_predicted"] = next((c["label"] for c in entry["candidates"] if c["channels"] == best["channels"]),
+                                   None)
+    log.info(pick.line())
+    if pick.picked is None:
+        warnings.warn(pick.line(), SearchWarning, stacklevel=2)
+        return best, entry
+    p = pick.picked
+    chosen = next((t for t in pool if {int(g): int(c) for g, c in t["channels"].items()} == p.channels), None)
+    if chosen is None:  # a walked-back policy: the best one's record with the new channels
+        chosen = {**best, "channels": {str(g): int(c) for g, c in p.channels.items()}, "accuracy": p.accuracy,
+                  "cost": p.predicted, "cost_ratio": p.predicted / setup.cost.full_cost, "walked_back_measured":
+                  pick.walked_back}
+        for name, layer in chosen.get("layers", {}).items():
+            layer = dict(layer)
+            layer["kept"] = p.channels.get(layer["group"], layer["kept"])
+            layer["ratio"] = round(layer["kept"] / layer["size"], 6)
+            chosen["layers"][name] = layer
+    chosen = {**chosen, "measured_ratio": p.ratio, "measured_over_target": pick.measured_over_target}
+    return chosen, entry
 
 
 def episode_bar(cfg: SearchConfig, desc: str = "search", start: int = 0):
@@ -544,12 +612,17 @@ def episode_bar(cfg: SearchConfig, desc: str = "search", start: int = 0):
     return tqdm(total=cfg.episodes, initial=start, desc=desc, unit="ep", dynamic_ncols=True)
 
 
-def _finish(setup: SearchSetup, run_dir: Path, best: dict) -> SearchResult:
-    """Export the best policy: pruned model (reconstructed weights), its accuracy, measured latency."""
+def _finish(setup: SearchSetup, run_dir: Path, best: dict, top: list[dict] | None = None) -> SearchResult:
+    """Export the best policy: pruned model (reconstructed weights), its accuracy, measured latency.
+    With a latency budget, the policy is the one whose measured ratio meets it (`_measured_pick`)."""
     from amc_mobile.models import model_config
     from amc_mobile.pruning.slicing import save_pruned
 
     cfg = setup.config
+    measured_budget = None
+    if cfg.cost == "latency" and setup.budget is not None and cfg.measure_final and cfg.final_candidates > 0:
+        best, measured_budget = _measured_pick(setup, best, top or [])
+        write_json(run_dir / BEST_FILE, best)
     channels = {int(g): int(c) for g, c in best["channels"].items()}
     pruned = setup.builder.build(channels)
     for p in pruned.parameters():
@@ -558,6 +631,8 @@ def _finish(setup: SearchSetup, run_dir: Path, best: dict) -> SearchResult:
 
     summary = {"best": best, "setup": setup.info,
                "timing": phase_timing(read_log(run_dir / LOG_FILE, with_timings=True), setup.info)}
+    if measured_budget is not None:
+        summary["measured_budget"] = measured_budget
     full_val = setup.data.val
     if len(full_val) > len(setup.scorer.val):  # the search scored on a prefix: report the whole split too
         compute = setup.scorer.compute

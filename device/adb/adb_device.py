@@ -45,7 +45,8 @@ from device.errors import AmcError
 
 from ..base import Candidate, Fingerprint, MeasureConfig, ProgressFn, PteDevice
 from device.lowering import lower_to_pte
-from device.runner import EXIT_LOAD, EXIT_USAGE, RunResult, build_argv, parse_list, parse_output, runner_error
+from device.runner import (EXIT_LOAD, EXIT_USAGE, RunResult, build_argv, failed_method, parse_list, parse_output,
+                           runner_error)
 from device.stats import LatencyStats, merge_repeats
 
 from . import executor_runner as stock
@@ -137,6 +138,7 @@ class AdbDevice(PteDevice):
         self.runner_kind = runner
         self.guard = ThermalGuard(max_temp_c, thermal_timeout_s, thermal_poll_s)
         self._timeout_s = timeout_s
+        self.reference_error: str | None = None  # why the last measurement ran without its drift reference
         self.poll_window_s = POLL_WINDOW_S
         self._info: PhoneInfo | None = None
         self._runner: RunnerBinary | None = None
@@ -375,6 +377,9 @@ class AdbDevice(PteDevice):
         if self._timeout_s is not None:
             return float(self._timeout_s)
         per_method = 60.0 + 4.0 * (config.warmup + config.iterations) + 3.0 * config.min_time_ms / 1000.0
+        if config.ci_target > 0:  # adaptive rounds: each group may time up to max_time_ms
+            groups = -(-n_methods // max(1, config.group))
+            return 120.0 + n_methods * per_method + groups * 2.0 * config.max_time_ms / 1000.0
         return 120.0 + n_methods * per_method
 
     def _new_batch_dir(self) -> str:
@@ -501,11 +506,21 @@ class AdbDevice(PteDevice):
                 rest = [n for n in todo if n not in done]
                 if not rest:
                     break
-                culprit = rest[0]
+                # Interleaved runs name the method they stopped on; otherwise it is the first one not done.
+                culprit = res.failed if res.failed is not None else rest[0]
+                if argv_config.reference is not None and culprit == argv_config.reference:
+                    # The same rule as `local`: a failing reference is dropped, the batch goes on without it.
+                    self.reference_error = (f"the drift reference {culprit!r} failed on {self.uri} ({res.error}); "
+                                            f"measured without it (rows unreferenced)")
+                    log.warning(self.reference_error)
+                    argv_config = dataclasses.replace(argv_config, reference=None)
+                    if culprit not in rest:
+                        todo = rest
+                        continue
                 errors[culprit] = f"et_bench failed on {culprit!r}: {res.error}"
                 state.complete[culprit] = LatencyStats.failed(culprit, errors[culprit])
                 _tick(progress)
-                todo = rest[1:]
+                todo = [n for n in rest if n != culprit]
                 timeouts = timeouts + 1 if res.returncode is None else 0
                 if res.returncode is None and timeouts >= 2 and not done:  # two hangs in a row without progress
                     for n in todo:
@@ -613,7 +628,8 @@ class AdbDevice(PteDevice):
             error = None
         else:
             error = runner_error(returncode, status.stderr or status.stdout, self.runner_kind)
-        inv.result = RunResult(records, returncode, error, status.stderr)
+        culprit = failed_method(status.stdout) if error is not None else None
+        inv.result = RunResult(records, returncode, error, status.stderr, culprit[0] if culprit else None)
         return inv
 
     @staticmethod

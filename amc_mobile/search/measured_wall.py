@@ -1,0 +1,148 @@
+"""The budget holds as measured (issue 19, item 6): at the end of a latency search, measure the best few
+policies on the device, in ONE interleaved batch with the original as the drift reference in every
+round, and keep the most accurate whose *measured* ratio to the original meets the target within the
+measured noise. When none does, walk back (HAQ's final wall, but with measurements): shrink the
+prediction budget by the measured overshoot of the most accurate one, refit its channels to it with
+the action wall, score and measure again, up to `max_walks` times.
+
+"Within the noise": measured ratio <= target x (1 + the ratio's 95 % CI half-width, from the runner's
+adaptive rounds). `summary.json` gets the candidates, what was picked and measured / target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from amc_mobile.errors import AmcError
+from device.base import Candidate, MeasureConfig
+
+# The original in every round; rounds go on until each ratio is known to +-2 % (or 15 s timed).
+FINAL_CONFIG = MeasureConfig(warmup=10, iterations=40, reference="original", ci_target=0.02, max_time_ms=15000.0,
+                             group=8)
+DEFAULT_CANDIDATES = 4
+MAX_WALKS = 3
+
+
+@dataclass
+class Measured:
+    label: str
+    channels: dict[int, int]
+    accuracy: float
+    predicted: float
+    ratio: float  # measured, to the original in the same rounds
+    ci: float  # relative 95 % CI half-width of the ratio
+    median_ms: float
+    meets: bool = False
+    error: str | None = None
+
+
+@dataclass
+class MeasuredPick:
+    target: float  # the ratio the budget asks for (target_ms / the original's median when given in ms)
+    original_ms: float
+    noise: float  # the original's robust spread over the rounds, or its drift between 5 slices if larger
+    picked: Measured | None
+    walked_back: int
+    candidates: list[Measured] = field(default_factory=list)
+
+    @property
+    def measured_over_target(self) -> float:
+        return self.picked.ratio / self.target if self.picked else float("nan")
+
+    def to_dict(self) -> dict:
+        d = {"target_ratio": self.target, "original_ms": self.original_ms, "noise": self.noise,
+             "walked_back": self.walked_back, "measured_over_target": self.measured_over_target,
+             "picked": None if self.picked is None else self.picked.label,
+             "candidates": [{**asdict(c), "channels": {str(g): n for g, n in c.channels.items()}}
+                            for c in self.candidates]}
+        return d
+
+    def line(self) -> str:
+        from device.noise import noise_sentence
+
+        if self.picked is None:
+            return (f"measured budget: no policy met the target {self.target:.3f}x as measured "
+                    f"({len(self.candidates)} tried, {self.walked_back} walk-backs); the most accurate is kept")
+        p = self.picked
+        return (f"measured budget: {p.label} measures {p.ratio:.3f}x the original (CI ±{100 * p.ci:.1f} %) for a "
+                f"{self.target:.3f}x target: measured/target {self.measured_over_target:.3f}"
+                + (f" after {self.walked_back} walk-back(s)" if self.walked_back else "")
+                + f"; {noise_sentence(self.noise, 0.10)}")
+
+
+def _measure(device_uri: str, original: torch.nn.Module, models: list[tuple[str, torch.nn.Module]],
+             input_shape, config: MeasureConfig) -> tuple[dict, object]:
+    from device import open_device
+
+    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    cands = [Candidate("original", original.eval(), x)] + [Candidate(n, m.eval(), x) for n, m in models]
+    with open_device(device_uri) as dev:
+        stats = dev.measure(cands, config)
+        why = dev.reference_error
+    by = {s.name: s for s in stats}
+    if not by["original"].ok:
+        raise AmcError(f"the original could not be measured on {device_uri}: {by['original'].error}")
+    if why:
+        raise AmcError(f"the original did not run as the drift reference on {device_uri}: {why}")
+    return by, by["original"]
+
+
+def pick_measured(candidates: list[dict], *, device_uri: str, original: torch.nn.Module, input_shape,
+                  build: Callable[[dict[int, int]], torch.nn.Module], score: Callable[[dict[int, int]], float],
+                  refit: Callable[[dict[int, int], float], dict[int, int]], predict: Callable[[dict[int, int]], float],
+                  target_ratio: float | None, target_ms: float | None, config: MeasureConfig = FINAL_CONFIG,
+                  max_walks: int = MAX_WALKS) -> MeasuredPick:
+    """`candidates`: policy dicts (channels, accuracy, cost), best first. `refit(channels, budget)` is the
+    action wall's fit to a predicted budget; `score(channels)` the accuracy of a policy."""
+    from device.stats import robust_cv
+
+    pool = sorted(candidates, key=lambda c: -(c.get("accuracy") or 0.0))
+    models = [(f"p{i}", build({int(g): int(n) for g, n in c["channels"].items()})) for i, c in enumerate(pool)]
+    by, orig = _measure(device_uri, original, models, input_shape, config)
+    target = target_ratio if target_ms is None else target_ms / orig.median_ms
+    out: list[Measured] = []
+    for (name, _), c in zip(models, pool):
+        out.append(_row(name, {int(g): int(n) for g, n in c["channels"].items()}, c.get("accuracy"), c["cost"],
+                        by[name], target))
+    from device.noise import noise_figure, pass_drift
+
+    result = MeasuredPick(target, orig.median_ms, noise_figure(robust_cv(orig.samples_ms), pass_drift(orig.samples_ms)),
+                          None, 0, out)
+    ok = [m for m in out if m.meets]
+    if ok:
+        result.picked = max(ok, key=lambda m: m.accuracy)
+        return result
+    # Walk back from the most accurate measured one: its predicted budget shrinks by the measured overshoot.
+    base = next((m for m in out if m.error is None), None)
+    if base is None:
+        raise AmcError(f"no candidate policy could be measured on {device_uri}: {out[0].error if out else 'none'}")
+    current = base
+    for k in range(1, max_walks + 1):
+        budget = current.predicted * target / current.ratio * (1 - 0.5 * current.ci)
+        channels = refit(current.channels, budget)
+        if channels == current.channels:
+            break  # every layer at its lower bound
+        by, orig = _measure(device_uri, original, [(f"w{k}", build(channels))], input_shape, config)
+        t = target if target_ms is None else target_ms / orig.median_ms
+        m = _row(f"w{k}", channels, score(channels), predict(channels), by[f"w{k}"], t)
+        out.append(m)
+        result.walked_back = k
+        if m.error is None:
+            current = m
+            if m.meets:
+                result.picked = m
+                return result
+    return result
+
+
+def _row(name, channels, accuracy, predicted, s, target) -> Measured:
+    if not s.ok or not s.has_reference:
+        return Measured(name, channels, float(accuracy or 0.0), float(predicted), float("nan"), float("nan"),
+                        float("nan"), False, s.error or "measured without the original as reference")
+    ci = s.ci_rel if s.ci_rel is not None and math.isfinite(s.ci_rel) else 0.0
+    return Measured(name, channels, float(accuracy or 0.0), float(predicted), s.ratio, ci, s.median_ms,
+                    s.ratio <= target * (1 + ci))
