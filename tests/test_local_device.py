@@ -229,7 +229,8 @@ def test_lowered_program_computes_what_the_module_computes(tmp_path):
     xs = [torch.randn(1, 8, 12, 12), torch.randn(1, 16, 10, 10)]
     pte = tmp_path / "two.pte"
     assert lower_to_pte([Candidate(f"m{i}", u, x) for i, (u, x) in enumerate(zip(units, xs))], pte) == {}
-    assert torch._ops.OperatorBase.py_impl is lowering._py_impl_without_runtime_annotations
+    # scoped: stock torch again once the lowering is done (tests/test_lowering_speedups.py)
+    assert torch._ops.OperatorBase.py_impl is not lowering._py_impl_without_runtime_annotations
     program = Runtime.get().load_program(pte)
     for i, (u, x) in enumerate(zip(units, xs)):
         got = program.load_method(f"m{i}").execute([x])[0]
@@ -239,15 +240,17 @@ def test_lowered_program_computes_what_the_module_computes(tmp_path):
     op = torch.ops.aten.hardswish.default
     key = torch._C.DispatchKey.AutogradCPU
     had = key in op.py_kernels
-    if not had:
-        op.py_impl(key)(lambda *a, **k: None)
-    try:
-        with pytest.raises(RuntimeError, match="override a python impl"):
-            op.py_impl(key)(lambda *a, **k: None)
-    finally:
+    with lowering.exporter_speedups():
+        assert torch._ops.OperatorBase.py_impl is lowering._py_impl_without_runtime_annotations
         if not had:
-            del op.py_kernels[key]
-            op._dispatch_cache.clear()
+            op.py_impl(key)(lambda *a, **k: None)
+        try:
+            with pytest.raises(RuntimeError, match="override a python impl"):
+                op.py_impl(key)(lambda *a, **k: None)
+        finally:
+            if not had:
+                del op.py_kernels[key]
+                op._dispatch_cache.clear()
 
 
 # -- interleaved rounds with a drift reference (issue 19) ----------------------------------------------
