@@ -1,7 +1,7 @@
 """Per-device latency lookup tables: build, store, predict, validate.
 
-    from amc_mobile.tables import ensure_table               # the model side names the model
-    lat = ensure_table("mobilenet_v2", device_uri="local")   # builds what is missing, then loads
+    lat = amc_mobile.tables.ensure_table("mobilenet_v2", device_uri="local")  # the model side names the
+                                                              # model; builds what is missing, then loads
     lat.predict({group: kept, ...})                           # ms, whole model
     lat.unit_latencies(channels)                              # ms per unit template (unscaled)
     lat.full_latency_ms
