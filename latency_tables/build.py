@@ -203,7 +203,9 @@ def build_table(target: Target, device: str | Device | Sequence[str | Device] = 
                     calib.measure_once()
                 report.lower_s, report.measure_s = runner.stats.lower_s, runner.stats.measure_s
             if isinstance(runner, PoolRunner):
-                report.devices, report.lost = dict(runner.per_device), dict(runner.lost)
+                # in the order the user named them (the pool counts them as batches finish)
+                report.devices = {d.uri: runner.per_device[d.uri] for d in devs if d.uri in runner.per_device}
+                report.lost = dict(runner.lost)
             report.stopped = limits.reason
             report.reference_error = runner.reference_error
             report.table_status = store.reference_status().line()

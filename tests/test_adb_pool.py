@@ -132,7 +132,10 @@ def test_the_cli_takes_several_devices(pool, tmp_path, capsys):
                "--iterations", "3", "--warmup", "1", "--repeats", "1", "--min-time-ms", "0",
                "--tables-dir", str(tmp_path / "tables")])
     out = capsys.readouterr().out
-    assert rc == 0 and "16 measured, 0 failed" in out and f"devices: adb:{sa} " in out, out
+    assert rc == 0 and "16 measured, 0 failed" in out, out
+    # both phones did work, listed in the order they were named (not the order their batches finished)
+    line = next(x for x in out.splitlines() if x.startswith("devices: "))
+    assert [p.split()[0] for p in line[len("devices: "):].split(", ")] == [f"adb:{sa}", f"adb:{sb}"], line
 
 
 @pytest.mark.slow

@@ -116,7 +116,7 @@ def test_latency_search_interrupted_by_ctrl_c_resumes_without_measuring_again(ta
     (nothing re-timed) and ends with every episode exactly once."""
     n_cal = len(table.calibration())
     run = tmp_path / "run"
-    episodes = 40  # enough that the signal lands mid-run on a fast, idle host (episodes take well under a second)
+    episodes = 40
     # --table-dir: the table's own grid (without it the search completes the table at the default grid first)
     cmd = [sys.executable, "-m", "amc_mobile", "search", *TINY_SEARCH, "--table-dir", str(table.folder),
            "--target", "1.0", "--episodes", str(episodes), "--warmup", "2", "--checkpoint-every", "2",
@@ -129,8 +129,12 @@ def test_latency_search_interrupted_by_ctrl_c_resumes_without_measuring_again(ta
         while not ((run / "episodes.csv").exists() and len(_episodes(run)) >= 3):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the search did not reach episode 3 in 5 minutes"
-            time.sleep(0.2)
+            time.sleep(0.01)
+        # Episodes take a few tens of ms on a fast host: stop the process the moment episode 3 is on disk,
+        # so the Ctrl-C lands mid-run however fast the host is (it is delivered on SIGCONT).
+        proc.send_signal(signal.SIGSTOP)
         proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGCONT)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
