@@ -21,7 +21,8 @@ governors, thermal), `deploy` (runner push by hash), `hygiene` (affinity/threads
 guard, snapshots), `executor_runner` (the stock runner's argv and output), `adb_device` (the Device).
 """
 
-from .adb_device import AdbDevice, discover
+from .adb_device import AdbDevice
+from .discovery import discover
 from .connection import AdbConnectionLost
 
 __all__ = ["AdbConnectionLost", "AdbDevice", "discover"]
