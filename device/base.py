@@ -111,6 +111,12 @@ class Fingerprint:
 ProgressFn = Callable[[int], None]
 
 
+def tick(progress: ProgressFn | None) -> None:
+    """One candidate done, whatever its outcome (fits `tqdm.update`)."""
+    if progress is not None:
+        progress(1)
+
+
 class Device(ABC):
     """A measurement target. Each device does its own lowering of the candidates."""
 

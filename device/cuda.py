@@ -58,7 +58,7 @@ import torch
 
 from .errors import AmcError
 
-from .base import Candidate, Device, Fingerprint, MeasureConfig, ProgressFn
+from .base import Candidate, Device, Fingerprint, MeasureConfig, ProgressFn, tick
 from .stats import LatencyStats, merge_repeats
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
@@ -272,8 +272,7 @@ class CudaDevice(Device):
             with torch.cuda.device(self.index):
                 for cand in candidates:
                     results.append(self._measure_candidate(cand, config))
-                    if progress is not None:
-                        progress(1)
+                    tick(progress)
         finally:
             torch.backends.cudnn.benchmark = saved_benchmark
         return results

@@ -5,12 +5,10 @@ How a batch is measured (`measure`):
 - every candidate is exported and lowered into ONE multi-method `.pte` (`device.lowering.lower_to_pte`)
   in a temporary folder; a candidate that does not export or lower gets `LatencyStats.failed(reason)`.
 - `et_bench` runs once for the whole batch (`--methods` in candidate order), `config.repeats`
-  times; the samples of the repeats are pooled with `merge_repeats`.
+  times, as a local subprocess; what to rerun when it stops on a method (crash, timeout, a bad
+  drift reference) and how repeats are pooled are `device.runner_driver`'s rules, shared with adb.
+  Bad arguments (exit 2, e.g. an affinity mask naming CPUs that do not exist) raise `AmcError`.
 - defaults: `threads=1`, no affinity; `warmup`, `iterations`, `min_time_ms` from the config.
-- if the runner stops on a method (load or execution failure, crash, timeout), the methods it
-  finished keep their samples, that method gets the runner's one-line reason, and the runner is
-  started again for the methods after it. Bad arguments (exit 2, e.g. an affinity mask naming
-  CPUs that do not exist) are the caller's mistake and raise `AmcError`.
 - `progress(1)` is called after each candidate is done (failures included): fits `tqdm.update`.
 """
 
@@ -27,25 +25,16 @@ from typing import Sequence
 
 from .errors import AmcError
 
-from .base import Candidate, Fingerprint, MeasureConfig, ProgressFn, PteDevice
+from .base import Candidate, Fingerprint, MeasureConfig, ProgressFn, PteDevice, tick
 from .lowering import lower_to_pte
-from .runner import EXIT_LOAD, EXIT_USAGE, build_argv, find_runner, parse_list, run_runner, runner_error
-from .stats import LatencyStats, merge_repeats
+from .runner import RunResult, build_argv, executorch_version, find_runner, parse_list, run_runner, runner_error
+from .runner_driver import MethodResults, RunnerDriver
+from .stats import LatencyStats
 
 log = logging.getLogger(__name__)
 
-RUNTIME_VERSION = "1.4.1"
 BACKEND = "xnnpack"
 DEFAULT_THREADS = 1
-
-
-def executorch_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("executorch").split("+")[0]
-    except Exception:
-        return RUNTIME_VERSION
 
 
 def cpu_model() -> str:
@@ -138,7 +127,7 @@ class LocalDevice(PteDevice):
             pte = Path(tmp) / "batch.pte"
             failed = lower_to_pte(candidates, pte)
             for _ in failed:
-                _tick(progress)
+                tick(progress)
             names = [c.name for c in candidates if c.name not in failed]
             if config.reference is not None and config.reference in failed:
                 self.reference_error = (f"the drift reference {config.reference!r} did not lower "
@@ -202,69 +191,12 @@ class LocalDevice(PteDevice):
         progress: ProgressFn | None,
     ) -> dict[str, LatencyStats]:
         """{name: stats} for every name: measured, or failed with the runner's reason."""
-        samples: dict[str, list[LatencyStats]] = {n: [] for n in names}
-        errors: dict[str, str] = {}
-        repeats = max(1, int(config.repeats))
-        for rep in range(repeats):
-            todo = [n for n in names if n not in errors]
-            timeouts = 0
-            while todo:
-                argv = build_argv(runner, pte, config, todo, default_threads=DEFAULT_THREADS)
-                res = run_runner(argv, self.timeout_for(len(todo), config))
-                for rec in res.records:
-                    if rec.method in samples:
-                        samples[rec.method].append(rec.to_stats())
-                        if rep == repeats - 1:
-                            _tick(progress)
-                if res.error is None:
-                    missing = [n for n in todo if n not in {r.method for r in res.records}]
-                    if missing:
-                        raise AmcError(f"et_bench exited 0 but did not report {', '.join(missing[:5])}")
-                    break
-                if res.returncode == EXIT_USAGE:
-                    raise res.error
-                if res.returncode == EXIT_LOAD and "cannot load program" in str(res.error):
-                    for n in todo:  # the file itself is bad: no method will do better
-                        errors[n] = str(res.error)
-                        _tick(progress)
-                    break
-                done = {r.method for r in res.records}
-                rest = [n for n in todo if n not in done]
-                if not rest:
-                    break
-                # Interleaved runs name the method they stopped on; otherwise the runner goes through
-                # --methods in order: it stopped on the first one not done.
-                culprit = res.failed if res.failed is not None else rest[0]
-                if config.reference is not None and culprit == config.reference:
-                    # A reference that does not run must not sink the batch: measure without it, say so once.
-                    self.reference_error = (f"the drift reference {culprit!r} failed ({res.error}); "
-                                            f"measured without it (rows unreferenced)")
-                    log.warning(self.reference_error)
-                    config = replace(config, reference=None)
-                    if culprit in rest:
-                        errors[culprit] = f"et_bench failed on {culprit!r}: {res.error}"
-                        _tick(progress)
-                    todo = [n for n in rest if n != culprit]
-                    continue
-                errors[culprit] = f"et_bench failed on {culprit!r}: {res.error}"
-                _tick(progress)
-                todo = [n for n in rest if n != culprit]
-                timeouts = timeouts + 1 if res.returncode is None else 0
-                if res.returncode is None:
-                    if timeouts >= 2 and not done:  # two hangs in a row without progress: give up
-                        for n in todo:
-                            errors[n] = f"not measured: et_bench keeps timing out ({res.error})"
-                            _tick(progress)
-                        todo = []
-        out: dict[str, LatencyStats] = {}
-        for n in names:
-            if n in errors:
-                out[n] = LatencyStats.failed(n, errors[n])
-            else:
-                out[n] = merge_repeats(n, samples[n])
-        return out
 
+        def invoke(todo: list[str], cfg: MeasureConfig) -> RunResult:
+            argv = build_argv(runner, pte, cfg, todo, default_threads=DEFAULT_THREADS)
+            return run_runner(argv, self.timeout_for(len(todo), cfg))
 
-def _tick(progress: ProgressFn | None) -> None:
-    if progress is not None:
-        progress(1)
+        driver = RunnerDriver(MethodResults(config.repeats, progress), config)
+        measured = driver.run(names, invoke)
+        self.reference_error = driver.reference_error or self.reference_error
+        return measured

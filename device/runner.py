@@ -33,6 +33,18 @@ DEFAULT_RUNNER = REPO_ROOT / "build" / "host" / "et_bench"
 EXIT_USAGE = 2
 EXIT_LOAD = 3
 EXIT_EXEC = 4
+RUNTIME_VERSION = "1.4.1"  # the ExecuTorch et_bench is built against, when the package cannot say
+
+
+def executorch_version() -> str:
+    """The ExecuTorch release the runners run (the pinned package's, without a local `+...` tag):
+    what a fingerprint's runtime names, on every device that runs a `.pte`."""
+    try:
+        from importlib.metadata import version
+
+        return version("executorch").split("+")[0]
+    except Exception:
+        return RUNTIME_VERSION
 
 
 def find_runner() -> Path:

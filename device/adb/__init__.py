@@ -16,12 +16,17 @@ be reached; a malformed entry is an AmcError. TCP phones are never scanned for.
 
 Modules: `connection` (direct transport, keys, auth prompt, timeouts), `host_protocol` (the adb
 server's smart-socket protocol), `server_connection` (a phone behind a server, which server
-`adb:SERIAL` uses, errors that say what to do), `server_discovery` (`devices` over servers), `phone_info` (props, clusters,
-governors, thermal), `deploy` (runner push by hash), `hygiene` (affinity/threads defaults, thermal
-guard, snapshots), `executor_runner` (the stock runner's argv and output), `adb_device` (the Device).
+`adb:SERIAL` uses, errors that say what to do), `server_discovery` (`devices` over servers),
+`discovery` (`devices`: servers, USB, $AMC_ADB_TCP), `uri_options` (URI options and addresses),
+`phone_info` (props, clusters, governors, thermal), `deploy` (runner push by hash), `hygiene`
+(affinity/threads defaults, thermal guard, snapshots), `remote_process` (a command in the background
+on the phone, polled, killed by PID; stale sessions), `et_bench_driver` (et_bench on the phone through
+`device.runner_driver`), `executor_runner` (the stock runner's argv and output), `stock_driver` (a
+batch through the stock runner), `adb_device` (the Device).
 """
 
-from .adb_device import AdbDevice, discover
+from .adb_device import AdbDevice
+from .discovery import discover
 from .connection import AdbConnectionLost
 
 __all__ = ["AdbConnectionLost", "AdbDevice", "discover"]

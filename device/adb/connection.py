@@ -15,7 +15,7 @@ Facts of adb-shell 0.4.4 this module works around:
 - a silent command blocks in `select` for `transport_timeout_s` and then raises: every call passes
   its own timeout, and after any error the connection is closed (the stream state is unknown).
 - v1 shell streams do not kill the process when they are closed: long runs are started in the
-  background and killed by PID (see `adb_device.py`), never left to a stream timeout.
+  background and killed by PID (see `remote_process.py`), never left to a stream timeout.
 """
 
 from __future__ import annotations

@@ -129,3 +129,22 @@ def ensure_runner(conn: AdbConnection, kind: str, abi: str) -> RunnerBinary:
     if remote_sha256(conn, remote) not in (digest, None):
         raise AmcError(f"the runner pushed to {conn.uri}:{remote} does not match {local} (sha256): storage full?")
     return RunnerBinary(kind, remote, local, digest, pushed=True)
+
+
+def runner_status(conn: AdbConnection, kind: str, abi: str) -> dict:
+    """What `device-info` says of the runner: where it is on the phone, the local binary, and whether
+    the phone's copy is that binary."""
+    remote = remote_path(kind)
+    status = {"kind": kind, "remote": remote}
+    try:
+        local = find_local_runner(kind, abi)
+    except AmcError as exc:
+        return {**status, "local": f"error: {exc}"}
+    on_phone = remote_sha256(conn, remote)
+    status["local"] = str(local) if local else None
+    status["on_phone"] = bool(on_phone)
+    if local is not None:
+        status["up_to_date"] = on_phone == sha256_file(local)
+    elif not on_phone:
+        status["local"] = "missing: see android_bench/README.md"
+    return status

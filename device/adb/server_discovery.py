@@ -16,6 +16,7 @@ import re
 from device.errors import AmcError
 
 from . import host_protocol as hp
+from .adb_device import AdbDevice
 from .server_connection import ENV_SERVERS, local_server, start_hint, state_advice
 
 log = logging.getLogger("device.adb")
@@ -53,8 +54,6 @@ def configured_servers() -> tuple[list[hp.ServerAddress], list[tuple[str, str]]]
 
 
 def discover_server_phones() -> list[tuple[str, str]]:
-    from .adb_device import AdbDevice
-
     servers, found = configured_servers()
     for address in servers:
         try:
