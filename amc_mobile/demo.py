@@ -82,7 +82,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     t = _step(2, n, f"latency table for {cfg.device} (built once per device, then reused)")
     latency = ensure_table(model, device_uri=cfg.device, grid=cfg.grid, budget_minutes=cfg.table_budget_minutes)
-    table_dir = Path(latency.source) if getattr(latency, "source", None) else None
+    table_dir = Path(latency.source) if latency.source else None  # LatencyModel.source: the table folder
     print(f"      {table_dir} ({time.perf_counter() - t:.0f} s)")
 
     t = _step(3, n, f"AMC search at {cfg.target}x the measured latency ({cfg.episodes} episodes)")
@@ -106,7 +106,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                        MeasureConfig(warmup=20, iterations=cfg.measure_iterations, repeats=cfg.measure_repeats),
                        out=run_dir / "compare", labels=["original", "amc-pruned"], accuracy=True,
                        data_dir=cfg.data_dir, accuracy_images=cfg.eval_images or None, log=None)
-    print(format_table(comp.rows()) if hasattr(comp, "rows") else "")
+    print(format_table(comp.rows()))
     for line in summary_lines(comp):
         print("      " + line)
     summary = {"run_dir": str(run_dir), "search": str(result.run_dir), "finetune": ft,

@@ -20,7 +20,9 @@
  * group in rounds that run every method once in an order shuffled by --seed.
  * --reference NAME runs in every round of every group; records then add
  *   "interleaved": true, "seed", "group", "rounds" (that this method took part in; a method
- *   leaves once it has its --iterations, --min_time_ms and CI), "reference": str|null,
+ *   leaves once it has its --iterations, its CI and rounds spanning --min_time_ms of wall time:
+ *   the other methods and the reference fill a round, so a tiny method needs far fewer runs than
+ *   it would alone), "reference": str|null,
  *   "reference_us": [...] (the reference's sample of the same round as each of ours),
  * and with --ci_target X (a relative half-width, e.g. 0.02) rounds go on past
  * --iterations until every method's 95 % median CI (of its ratio to the reference
@@ -642,6 +644,11 @@ struct LoadedMethod {
   std::vector<double> us;           // timed samples
   std::vector<double> reference_us;  // the reference's sample in the same round as each of ours
   double timed_ms = 0.0;
+  // Interleaved rounds: the wall time of the rounds this method took part in. --min_time_ms asks
+  // for a measurement that spans that much of the device's time; in rounds the other methods and
+  // the reference fill the span, so a 0.3 us unit next to a 40 us reference needs ~750 rounds, not
+  // 100,000 (which ran the reference 100,000 times: seconds per tiny unit).
+  double span_ms = 0.0;
 };
 
 // In interleaved mode a failing method is named on stdout before the one-line
@@ -832,7 +839,7 @@ void bench_interleaved(const et::Program& program, const std::vector<std::string
         if (done[i]) continue;
         const auto& m = *ms[i];
         bool more = (long)m.us.size() < args.iterations ||
-                    (m.timed_ms < args.min_time_ms && m.us.size() < kMaxSamples);
+                    (m.span_ms < args.min_time_ms && m.us.size() < kMaxSamples);
         if (!more && args.ci_target > 0) {
           if (check_ci) cis[i] = ci_of(m);
           more = !capped && m.us.size() < kMaxSamples && !(cis[i] >= 0 && cis[i] <= args.ci_target);
@@ -844,6 +851,7 @@ void bench_interleaved(const et::Program& program, const std::vector<std::string
       if (ref) order.push_back(-1);
       for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng.next() % i]);  // Fisher-Yates
       double ref_x = 0.0;
+      auto t_round = std::chrono::steady_clock::now();
       for (long k : order) {
         warm(k < 0 ? *ref : *ms[(size_t)k], args.rewarm);
         if (k < 0) {
@@ -853,8 +861,11 @@ void bench_interleaved(const et::Program& program, const std::vector<std::string
           group_timed_ms += time_once(*ms[(size_t)k]) / 1000.0;
         }
       }
-      if (ref) {
-        for (long k : order) if (k >= 0) ms[(size_t)k]->reference_us.push_back(ref_x);
+      double round_ms = ms_since(t_round);
+      for (long k : order) {
+        if (k < 0) continue;
+        ms[(size_t)k]->span_ms += round_ms;
+        if (ref) ms[(size_t)k]->reference_us.push_back(ref_x);
       }
       ++rounds;
     }

@@ -461,6 +461,18 @@ def test_interleaved_rounds_with_reference(runner, pte):
 
 
 @pytest.mark.slow
+def test_interleaved_min_time_is_the_span_of_the_rounds(runner, pte):
+    """In rounds, --min_time_ms is wall time spanned, which the reference fills: a tiny method next to a big
+    reference stops long before its own runs add up to it (before, it ran the reference in each of them)."""
+    proc = run(runner, "--model_path", pte, "--methods", "tiny", "--reference", "big", "--iterations", "3",
+               "--warmup", "0", "--rewarm", "0", "--min_time_ms", "300")
+    assert proc.returncode == 0, proc.stderr
+    (r,) = lines(proc.stdout)
+    own, with_reference = sum(r["iterations_us"]), sum(r["iterations_us"]) + sum(r["reference_us"])
+    assert r["rounds"] > 3  # min_time, not --iterations, ended it
+    assert own < 300_000 / 2 <= with_reference
+
+@pytest.mark.slow
 def test_interleaved_bad_numbers_are_usage_errors(runner, pte):
     proc = run(runner, "--model_path", pte, "--interleave", "--seed", "-1")
     assert_one_line_error(proc, 2)
