@@ -33,14 +33,16 @@ import numpy as np
 import torch
 
 from amc_mobile.errors import AmcError
-from amc_mobile.files import read_json, write_json
+from amc_mobile.files import write_json
 from amc_mobile.pruning.graph import PruningGraph
 
 from .config import SearchConfig
 from .cost import CostModel, FlopsCost
 from .env import Episode, PruningEnv, round_channels
-from .loop import (BEST_FILE, CONFIG_FILE, LOG_FILE, SUMMARY_FILE, EpisodeLog, SearchResult, SearchSetup, _finish,
-                   _row, episode_bar, policy_dict, prepare, run_search)
+from .export import SearchResult, finish_run
+from .loop import episode_bar, run_search
+from .run_folder import BEST_FILE, CONFIG_FILE, LOG_FILE, SUMMARY_FILE, EpisodeLog, episode_row, policy_dict
+from .setup import SearchSetup, family_of, prepare
 
 METHODS = ("uniform", "random", "amc-flops")
 TOLERANCE = 0.03  # equal measured latency means within 3%
@@ -273,7 +275,7 @@ def run_uniform(config: SearchConfig, model=None, data=None, setup: SearchSetup 
         ep = _episode(setup, env, [ratio] * len(groups), channels)
         trial = {"ratio": ratio, "channels": channels, "ep": ep, "step": step, "predicted_budget": budget}
         trials.append(trial)
-        log.append(_row(step, phase, float("nan"), ep, setup.cost.full_cost))
+        log.append(episode_row(step, phase, float("nan"), ep, setup.cost.full_cost))
         if not measure:
             break
         trial["measured"] = m = _measure_pair(setup, channels, stat, measure_config)
@@ -299,7 +301,7 @@ def run_uniform(config: SearchConfig, model=None, data=None, setup: SearchSetup 
     best = policy_dict(setup, chosen["ep"], chosen["step"])
     best.update(method="uniform", uniform_ratio=chosen["ratio"])
     write_json(run_dir / BEST_FILE, best)
-    result = _finish(replace(setup, config=replace(cfg, measure_final=False)), run_dir, best)
+    result = finish_run(replace(setup, config=replace(cfg, measure_final=False)), run_dir, best)
     extra = {
         "method": "uniform",
         "uniform_ratio": chosen["ratio"],
@@ -345,7 +347,7 @@ def run_random(config: SearchConfig, model=None, data=None, setup: SearchSetup |
                 best = policy_dict(setup, ep, e)
                 best["method"] = "random"
                 write_json(run_dir / BEST_FILE, best)
-            row = _row(e, "random", float("nan"), ep, setup.cost.full_cost)
+            row = episode_row(e, "random", float("nan"), ep, setup.cost.full_cost)
             log.append(row)
             if bar is not None:
                 bar.update(1)
@@ -357,7 +359,7 @@ def run_random(config: SearchConfig, model=None, data=None, setup: SearchSetup |
             bar.close()
     if best is None:
         raise AmcError("no random episode produced a finite accuracy: check the model's weights")
-    result = _finish(setup, run_dir, best)
+    result = finish_run(setup, run_dir, best)
     return _complete(result, setup, {"method": "random", "episodes": cfg.episodes})
 
 
@@ -459,7 +461,6 @@ def annotate(result: SearchResult, extra: dict | None = None, latency=None) -> S
     from amc_mobile.pruning.graph import default_scope
 
     from .cost import LatencyCost
-    from .loop import family_of
 
     summary = dict(result.summary)
     summary.update(extra or {})
@@ -480,13 +481,6 @@ def annotate(result: SearchResult, extra: dict | None = None, latency=None) -> S
     write_json(result.run_dir / SUMMARY_FILE, summary)
     result.summary = summary
     return result
-
-
-def read_summary(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / SUMMARY_FILE
-    if not path.exists():
-        raise AmcError(f"{run_dir}: no {SUMMARY_FILE} (the run did not finish)")
-    return read_json(path, dict, "rerun the baseline")
 
 
 def _measure_config():
