@@ -203,12 +203,14 @@ def test_end_to_end_flops_search_through_the_cli(tiny, tmp_path):
 def test_latency_budget_is_relative_to_the_measured_original(tiny, tmp_path, et_bench):
     """Latency cost on the local device: the budget is a fraction of the original's measured latency,
     the predictions come from a (table-lookup) latency model, the result is measured on the device."""
-    from amc_mobile.search.setup import measure_models
+    from amc_mobile.measure_models import measure_models
+    from device import open_device
 
     from _search_helpers import TableLatency
 
     model, data = tiny
-    measured = measure_models("local", [("original", model)], model.input_shape)
+    with open_device("local") as dev:
+        measured = measure_models(dev, [("original", model)], model.input_shape).to_dict()
     assert "error" not in measured and not measured["original"]["error"], measured  # after `make`: it measures
     graph = build_graph(model)
     table = TableLatency(graph, graph.decision_groups("all"))

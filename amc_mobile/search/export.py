@@ -17,9 +17,10 @@ from amc_mobile.files import write_json
 from amc_mobile.pruning.graph import PruningGraph
 
 from .config import SearchConfig, SearchWarning
+from .device_session import DeviceSession
 from .run_folder import BEST_FILE, LOG_FILE, PRUNED_DIR, SUMMARY_FILE, read_log
 from .score import evaluate_split
-from .setup import SearchSetup, measure_models
+from .setup import SearchSetup, measured_summary
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class SearchResult:
 
 
 
-def _measured_pick(setup: SearchSetup, best: dict, top: list[dict]) -> tuple[dict, dict]:
+def _measured_pick(setup: SearchSetup, device: DeviceSession, best: dict, top: list[dict]) -> tuple[dict, dict]:
     """Item 6 of issue 19 (see measured_wall.py): (the policy to export, summary entry)."""
     from .env import ActionWall
     from .measured_wall import pick_measured
@@ -54,7 +55,7 @@ def _measured_pick(setup: SearchSetup, best: dict, top: list[dict]) -> tuple[dic
 
     pool = top or [best]
     try:
-        pick = pick_measured(pool, device_uri=cfg.device, original=setup.model, input_shape=setup.model.input_shape,
+        pick = pick_measured(pool, device=device.device(), original=setup.model, input_shape=setup.model.input_shape,
                              build=setup.builder.build, score=lambda ch: setup.scorer(ch).accuracy, refit=refit,
                              predict=setup.cost.predict, target_ratio=cfg.target, target_ms=cfg.target_ms)
     except AmcError as exc:
@@ -84,7 +85,8 @@ def _measured_pick(setup: SearchSetup, best: dict, top: list[dict]) -> tuple[dic
     return chosen, entry
 
 
-def finish_run(setup: SearchSetup, run_dir: Path, best: dict, top: list[dict] | None = None) -> SearchResult:
+def finish_run(setup: SearchSetup, device: DeviceSession, run_dir: Path, best: dict, top: list[dict] | None = None
+               ) -> SearchResult:
     """Export the best policy: pruned model (reconstructed weights), its accuracy, measured latency.
     With a latency budget, the policy is the one whose measured ratio meets it (`_measured_pick`)."""
     from amc_mobile.models import model_config
@@ -93,7 +95,7 @@ def finish_run(setup: SearchSetup, run_dir: Path, best: dict, top: list[dict] | 
     cfg = setup.config
     measured_budget = None
     if cfg.cost == "latency" and setup.budget is not None and cfg.measure_final and cfg.final_candidates > 0:
-        best, measured_budget = _measured_pick(setup, best, top or [])
+        best, measured_budget = _measured_pick(setup, device, best, top or [])
         write_json(run_dir / BEST_FILE, best)
     channels = {int(g): int(c) for g, c in best["channels"].items()}
     pruned = setup.builder.build(channels)
@@ -124,7 +126,8 @@ def finish_run(setup: SearchSetup, run_dir: Path, best: dict, top: list[dict] | 
                     extra={"policy": best, "reconstructed": bool(cfg.reconstruct), "fine_tuned": False})
         summary["pruned_dir"] = str(run_dir / PRUNED_DIR)
     if cfg.measure_final:
-        measured = measure_models(cfg.device, [("original", setup.model), ("pruned", pruned)], setup.model.input_shape)
+        measured = measured_summary(device, [("original", setup.model), ("pruned", pruned)],
+                                    setup.model.input_shape)
         if "error" in measured or not all(measured.get(n, {}).get("error") is None for n in ("original", "pruned")):
             warnings.warn(f"final measurement on {cfg.device} failed: "
                           f"{measured.get('error') or [measured[n].get('error') for n in ('original', 'pruned')]}",

@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from amc_mobile.errors import AmcError
+from amc_mobile.measure_models import measure_models
 from amc_mobile.pruning.graph import Layer, PruningGraph, build_graph, default_scope, require_prunable
 from latency_tables.predict import LatencyModel
 
 from .config import SearchConfig, SearchWarning
 from .cost import CostModel, FlopsCost, LatencyCost, ParamsCost
+from .device_session import DeviceSession
 from .env import ActionWall
 from .reconstruct import ChannelSelector, PrunedModelBuilder, Reconstructor, collect_layer_stats
 from .score import EpisodeScorer
@@ -71,7 +73,7 @@ def family_of(model: nn.Module) -> str | None:
     return cfg.get("name") if isinstance(cfg, dict) else None
 
 
-def _latency_model(model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig):
+def _latency_model(model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig, device: DeviceSession):
     """The tables engineer's predictor for this model, scope and device: from --table-dir when given,
     else `ensure_table` (builds whatever the device's table still lacks, then loads it)."""
     try:
@@ -79,43 +81,38 @@ def _latency_model(model: nn.Module, graph: PruningGraph, scope: str, cfg: Searc
     except ImportError as exc:
         raise AmcError(f"latency tables are not available in this installation ({exc}); use --cost flops") from exc
     if cfg.table_dir:
-        return load_latency_model(model, graph, scope, device_uri=cfg.device, table_dir=cfg.table_dir)
-    return ensure_table(model, graph, scope, device_uri=cfg.device, progress=cfg.progress)
+        return load_latency_model(model, graph, scope, device_uri=device.device(), table_dir=cfg.table_dir)
+    return ensure_table(model, graph, scope, device_uri=device.device(), progress=cfg.progress)
 
 
-def make_cost(name: str, model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig,
+def make_cost(name: str, model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig, device: DeviceSession,
               latency_model=None) -> CostModel:
     if name == "flops":
         return FlopsCost(graph)
     if name == "params":
         return ParamsCost(graph)
     if name == "latency":
-        return LatencyCost(latency_model if latency_model is not None else _latency_model(model, graph, scope, cfg))
+        if latency_model is None:
+            latency_model = _latency_model(model, graph, scope, cfg, device)
+        return LatencyCost(latency_model)
     raise AmcError(f"unknown cost {name!r}: latency, flops or params")
 
 
-def measure_models(device_uri: str, models: list[tuple[str, nn.Module]], input_shape) -> dict:
-    """Measure `models` on the device in ONE batch; {name: LatencyStats dict} or {"error": why}."""
-    from device import Candidate, MeasureConfig, example_input, open_device
-
-    x = example_input(input_shape)
+def measured_summary(device: DeviceSession, models: list[tuple[str, nn.Module]], input_shape) -> dict:
+    """`models` measured on the device in ONE batch as setup.json and summary.json record it:
+    {name: LatencyStats dict, "fingerprint": ...}, or {"error": why} when the device cannot measure."""
     try:
-        with open_device(device_uri) as dev:
-            stats = dev.measure([Candidate(n, m.eval(), x) for n, m in models], MeasureConfig())
-            fp = dev.fingerprint(MeasureConfig())
+        return measure_models(device.device(), models, input_shape).to_dict()
     except AmcError as exc:
         return {"error": str(exc)}
-    out = {s.name: s.to_dict() for s in stats}
-    out["fingerprint"] = fp.to_dict()
-    return out
 
 
-def _recalibrate(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict) -> dict | None:
+def _recalibrate(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict, device: DeviceSession
+                 ) -> dict | None:
     """Re-time the table's calibration models on the device and refit the overhead term (see
-    latency_tables.session); returns the unpruned model's timing as `measure_models` does, or
+    latency_tables.session); returns the unpruned model's timing as `measured_summary` does, or
     None (with a warning) when this cost model has no table or the device fails."""
     import latency_tables as lt
-    from device import open_device
     from latency_tables.session import SESSION_CONFIG
     from amc_mobile.tables import resolve_target
 
@@ -124,13 +121,13 @@ def _recalibrate(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dic
         return None
     try:
         store = lt.TableStore(lat.source) if lat.source else None
-        with open_device(cfg.device) as dev:
-            if store is not None and store.exists():
-                if store.fingerprint.differences(dev.fingerprint(SESSION_CONFIG)):
-                    store = None  # a table from another device configuration: refit for this session only
-            else:
-                store = None
-            rec = lt.recalibrate(lat, resolve_target(model, lat.graph, lat.scope), dev, store=store)
+        dev = device.device()
+        if store is not None and store.exists():
+            if store.fingerprint.differences(dev.fingerprint(SESSION_CONFIG)):
+                store = None  # a table from another device configuration: refit for this session only
+        else:
+            store = None
+        rec = lt.recalibrate(lat, resolve_target(model, lat.graph, lat.scope), dev, store=store)
     except AmcError as exc:
         warnings.warn(f"could not re-time the calibration models on {cfg.device} ({exc}): the table's stored "
                       f"calibration is used", SearchWarning, stacklevel=2)
@@ -142,12 +139,13 @@ def _recalibrate(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dic
     return {"original": rec.original}
 
 
-def _budget(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict) -> float | None:
+def _budget(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict, device: DeviceSession
+            ) -> float | None:
     if cfg.cost == "latency" and cfg.recalibrate and (
             cfg.reward == "guaranteed" or (cfg.latency_reference == "predicted" and cfg.target_ms is None)):
         # Issue 19: these paths set no measured budget, but their predictions must still be on today's
         # scale: the table is re-timed as for a measured budget (a failure warns, never silently).
-        measured = _recalibrate(cfg, cost, model, info)
+        measured = _recalibrate(cfg, cost, model, info, device)
         if measured is not None:
             info["original_measured"] = measured
     if cfg.reward == "guaranteed":
@@ -158,9 +156,9 @@ def _budget(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dict) ->
         return cfg.target * cost.full_cost
     # Latency: the target is relative to (or given in) measured milliseconds; the predictor is
     # calibrated on whole models measured end to end, so its ms compare with measured ms.
-    measured = _recalibrate(cfg, cost, model, info) if cfg.recalibrate else None
+    measured = _recalibrate(cfg, cost, model, info, device) if cfg.recalibrate else None
     if measured is None:
-        measured = measure_models(cfg.device, [("original", model)], model.input_shape)
+        measured = measured_summary(device, [("original", model)], model.input_shape)
     ms = measured.get("original", {}).get("median_ms")
     info["original_measured"] = measured
     if ms is None or not math.isfinite(ms):
@@ -202,9 +200,13 @@ def restore_budget(cost: CostModel, saved: dict, info: dict) -> float | None:
 
 
 def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latency_model=None,
-            saved_info: dict | None = None) -> SearchSetup:
+            saved_info: dict | None = None, device: DeviceSession | None = None) -> SearchSetup:
     """Load the model and data, analyse the graph, build the cost model, the reconstruction cache and the
-    scorer. `saved_info` (a resumed run's setup.json) restores the budget instead of measuring again."""
+    scorer. `saved_info` (a resumed run's setup.json) restores the budget instead of measuring again;
+    `device`: the run's device session (else cfg.device is opened for the preparation only, if needed)."""
+    if device is None:
+        with DeviceSession(cfg.device) as session:
+            return prepare(cfg, model, data, latency_model, saved_info, session)
     from amc_mobile.compute import describe, resolve_compute
 
     compute = resolve_compute(cfg.compute)  # before loading anything: a wrong --compute fails at once
@@ -230,9 +232,9 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
                        f"{tuple(model.input_shape)}: pass --input-size (and matching channels) or another model")
     info["data"] = data.note or str(data.source)
     val = data.val.subset(cfg.val_images)
-    cost = make_cost(cfg.cost, model, graph, scope, cfg, latency_model)
+    cost = make_cost(cfg.cost, model, graph, scope, cfg, device, latency_model)
     budget = (restore_budget(cost, saved_info, info) if saved_info and "budget" in saved_info
-              else _budget(cfg, cost, model, info))
+              else _budget(cfg, cost, model, info, device))
     groups = [l.in_group for l in layers]
     # an unreachable budget is an error now, before minutes of calibration
     ActionWall(graph, groups, cost, budget, cfg.lbound, cfg.rbound, cfg.channel_round, info.get("original_measured_ms"))
