@@ -9,6 +9,7 @@ import os
 
 from torch import nn
 
+from device import Device
 from latency_tables.build import build_table as _build_table
 from latency_tables.build import build_tables as _build_tables
 from latency_tables.build import ensure_table as _ensure_table
@@ -65,7 +66,8 @@ def build_tables(model, devices, *, graph: PruningGraph | None = None, scope: st
     return _build_tables(resolve_target(model, graph, scope, options), devices, **build_kw)
 
 
-def ensure_table(model, graph: PruningGraph | None = None, scope: str | None = None, device_uri: str = "local",
+def ensure_table(model, graph: PruningGraph | None = None, scope: str | None = None,
+                 device_uri: str | Device = "local",
                  tables_dir: str | os.PathLike | None = None, **kw) -> LatencyModel:
     """Build whatever the table for (model, scope, device) still lacks, then load it."""
     return _ensure_table(resolve_target(model, graph, scope), device_uri, tables_dir=tables_dir, **kw)

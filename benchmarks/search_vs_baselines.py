@@ -145,7 +145,9 @@ def main(argv=None) -> int:
     from amc_mobile.search.config import SearchConfig
     from amc_mobile.search.cost import LatencyCost
     from amc_mobile.search.finetune import FinetuneConfig, finetune
-    from amc_mobile.search.loop import family_of, prepare, run_search
+    from amc_mobile.search.loop import run_search
+    from amc_mobile.search.setup import family_of, prepare
+    from device import open_device
     from amc_mobile.search.plots import write_plots
     from amc_mobile.train import get_or_train
 
@@ -206,8 +208,9 @@ def main(argv=None) -> int:
     if "uniform" in args.methods:
         ratio = args.target
         if args.uniform_at == "amc":  # latency-AMC's ratio, measured like uniform's trials (not the search's own)
-            m = measure_batch(args.device, [("original", model), ("pruned", results["amc-latency"].model)],
-                              model.input_shape)
+            with open_device(args.device) as dev:
+                m = measure_batch(dev, [("original", model), ("pruned", results["amc-latency"].model)],
+                                  model.input_shape)
             if "error" in m or m["original"].get("error") or m["pruned"].get("error"):
                 print(f"   measuring amc-latency failed ({m.get('error') or m}); uniform aims at --target")
             else:
@@ -225,8 +228,9 @@ def main(argv=None) -> int:
 
     # One measurement batch for every model: the fair comparison on a machine whose load drifts.
     print("\n== measuring the original and every pruned model in one batch ==", flush=True)
-    batch = measure_batch(args.device, [("original", model)] + [(_ident(k), r.model) for k, r in results.items()],
-                          model.input_shape)
+    with open_device(args.device) as dev:
+        batch = measure_batch(dev, [("original", model)] + [(_ident(k), r.model) for k, r in results.items()],
+                              model.input_shape)
     batch = {k.replace("_", "-") if k != "measure_config" else k: v for k, v in batch.items()}
     if "error" in batch:
         print(f"   measurement failed: {batch['error']}")

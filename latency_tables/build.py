@@ -382,11 +382,11 @@ def _calibration(store: TableStore, target: Target, grid: int, count: int, runne
     return Companions(runner, jobs, on_pass, config)
 
 
-def ensure_table(target: Target, device_uri: str = "local", *,
+def ensure_table(target: Target, device_uri: str | Device = "local", *,
                  tables_dir: str | os.PathLike | None = None, grid: int = DEFAULT_GRID,
                  config: MeasureConfig | None = None, progress: bool = True, **build_kw) -> LatencyModel:
     """Build whatever the table for (model, scope, device) still lacks, then load it as a LatencyModel.
-    A complete table costs only the check (seconds)."""
+    A complete table costs only the check (seconds). `device_uri`: a URI, or an opened Device (left open)."""
     require_target(target, "ensure_table")
     report = build_table(target, device_uri, grid=grid, config=config, tables_dir=tables_dir, progress=progress,
                          **build_kw)

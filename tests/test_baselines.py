@@ -72,7 +72,7 @@ def _small_data():
 
 @pytest.fixture(scope="module")
 def small():
-    from amc_mobile.search.loop import prepare
+    from amc_mobile.search.setup import prepare
     from amc_mobile.train import get_or_train
 
     data = _small_data()

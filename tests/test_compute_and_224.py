@@ -151,7 +151,7 @@ def test_imagenet_strided_search_on_a_resized_image_folder_records_its_phases(tm
     config = json.loads((out / "config.json").read_text())
     assert config["compute"] == "cpu"
     # a resumed run may be scored elsewhere (compute is a run-time choice, like --threads)
-    from amc_mobile.search.loop import RESUMABLE_OVERRIDES
+    from amc_mobile.search.run_folder import RESUMABLE_OVERRIDES
 
     assert "compute" in RESUMABLE_OVERRIDES
 

@@ -203,12 +203,14 @@ def test_end_to_end_flops_search_through_the_cli(tiny, tmp_path):
 def test_latency_budget_is_relative_to_the_measured_original(tiny, tmp_path, et_bench):
     """Latency cost on the local device: the budget is a fraction of the original's measured latency,
     the predictions come from a (table-lookup) latency model, the result is measured on the device."""
-    from amc_mobile.search.loop import measure_models
+    from amc_mobile.measure_models import measure_models
+    from device import open_device
 
     from _search_helpers import TableLatency
 
     model, data = tiny
-    measured = measure_models("local", [("original", model)], model.input_shape)
+    with open_device("local") as dev:
+        measured = measure_models(dev, [("original", model)], model.input_shape).to_dict()
     assert "error" not in measured and not measured["original"]["error"], measured  # after `make`: it measures
     graph = build_graph(model)
     table = TableLatency(graph, graph.decision_groups("all"))
@@ -259,7 +261,7 @@ def test_latency_budget_relative_to_the_prediction(tiny, tmp_path):
 
 def test_resume_restores_the_budget_and_session_fit_instead_of_measuring_again():
     from amc_mobile.search.cost import LatencyCost
-    from amc_mobile.search.loop import _restore_budget
+    from amc_mobile.search.setup import restore_budget
 
     class Lat:  # the parts of a LatencyModel the cost and the restore use
         scale, offset, full_latency_ms = 1.0, 0.0, 2.0
@@ -276,6 +278,6 @@ def test_resume_restores_the_budget_and_session_fit_instead_of_measuring_again()
     cost, info = LatencyCost(Lat()), {}
     saved = {"budget": 0.9, "original_measured_ms": 1.8,
              "recalibration": {"fit": {"scale": 0.9, "offset": -0.1}}}
-    assert _restore_budget(cost, saved, info) == 0.9
+    assert restore_budget(cost, saved, info) == 0.9
     assert cost.full_cost == pytest.approx(1.7) and cost.model.scale == 0.9
     assert info["original_measured_ms"] == 1.8 and info["recalibration"] == saved["recalibration"]

@@ -69,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     agent = {f.name: getattr(args, f.name) for f in fields(DDPGConfig) if hasattr(args, f.name)}
     if args.resume:
         from amc_mobile.errors import AmcError
-        from amc_mobile.search.loop import RESUMABLE_OVERRIDES, resume_config
+        from amc_mobile.search.run_folder import RESUMABLE_OVERRIDES, resume_config
 
         changed = sorted(set(given) - set(RESUMABLE_OVERRIDES)) + sorted(agent)
         if changed:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from amc_mobile.pruning.slicing import SPEC_FILE, WEIGHTS_FILE
-from amc_mobile.search.loop import BEST_FILE, LOG_FILE, SUMMARY_FILE
+from amc_mobile.search.run_folder import BEST_FILE, LOG_FILE, SUMMARY_FILE
 from amc_mobile.search.plots import REWARD_PNG
 
 from .folder import (MAX_ROWS, df_table, dump_json, flatten, is_fingerprint, kv_table, py_value, read_csv, read_json,

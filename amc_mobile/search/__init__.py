@@ -5,7 +5,10 @@ from .agent import Actor, Critic, DDPGAgent, ReplayBuffer, TruncatedNormalNoise
 from .config import DDPGConfig, SearchConfig
 from .cost import CostModel, FlopsCost, LatencyCost, ParamsCost, layer_costs
 from .env import ActionWall, Episode, PruningEnv, Score, grid_counts, round_channels
-from .loop import SearchResult, prepare, read_log, resume_config, run_search
+from .export import SearchResult
+from .loop import run_search
+from .run_folder import read_log, resume_config
+from .setup import prepare
 from .reconstruct import ChannelSelector, PrunedModelBuilder, Reconstructor, collect_layer_stats
 
 __all__ = [

@@ -33,14 +33,20 @@ import numpy as np
 import torch
 
 from amc_mobile.errors import AmcError
-from amc_mobile.files import read_json, write_json
+from amc_mobile.measure_models import measure_models
+from amc_mobile.measure_models import paired_ratio as per_pass_ratio
+from amc_mobile.files import write_json
 from amc_mobile.pruning.graph import PruningGraph
+from device import Device
 
 from .config import SearchConfig
+from .device_session import DeviceSession, open_session
 from .cost import CostModel, FlopsCost
 from .env import Episode, PruningEnv, round_channels
-from .loop import (BEST_FILE, CONFIG_FILE, LOG_FILE, SUMMARY_FILE, EpisodeLog, SearchResult, SearchSetup, _finish,
-                   _row, episode_bar, policy_dict, prepare, run_search)
+from .export import SearchResult, finish_run
+from .loop import episode_bar, run_search
+from .run_folder import BEST_FILE, CONFIG_FILE, LOG_FILE, SUMMARY_FILE, EpisodeLog, episode_row, policy_dict
+from .setup import SearchSetup, family_of, prepare
 
 METHODS = ("uniform", "random", "amc-flops")
 TOLERANCE = 0.03  # equal measured latency means within 3%
@@ -102,59 +108,15 @@ def _neighbour(graph: PruningGraph, groups: list[int], ratio: float, grid: int, 
 PASSES = 5  # measurement passes of a batch: ratios are taken per pass (paired), then their median
 
 
-def measure_batch(device_uri: str, models: list, input_shape, config=None, passes: int = PASSES) -> dict:
-    """Like `loop.measure_models` ({name: LatencyStats dict, "fingerprint": ...} or {"error": why}) with a
-    MeasureConfig; steadier than a search's final measurement: 20 warm-up runs, 100 timed runs, 3 runner
-    invocations pooled per pass, `passes` passes over the batch, lowered once where the device can time a
-    prebuilt program. Each model's entry is its stats from its median pass, plus its per-pass medians and
-    p10s (`pass_median_ms`, `pass_p10_ms`) for `paired_ratio`: a shared host's slow stretches last
-    seconds, so a ratio within one pass (the models alternate within seconds) is far steadier than a
-    ratio of medians pooled over a minute."""
-    import statistics
-    import tempfile
-
-    from device import Candidate, PteDevice, example_input, open_device
-    from device.lowering import lower_to_pte
-    from device.stats import LatencyStats
-
-    config = config or MEASURE
-    x = example_input(input_shape)
-    cands = [Candidate(n, m.eval(), x) for n, m in models]
-    runs: list[dict[str, LatencyStats]] = []
-    failed: dict[str, str] = {}
+def measure_batch(device: Device, models: list, input_shape, config=None, passes: int = PASSES) -> dict:
+    """`measure_models` with `passes` passes (default MeasureConfig `MEASURE`: 20 warm-up runs, 100 timed
+    runs, 3 runner invocations pooled per pass) as a summary records it: {name: LatencyStats dict of its
+    median pass + `pass_median_ms`, `pass_p10_ms`, "fingerprint", "measure_config", "passes"} or
+    {"error": why}; steadier than a search's final measurement (ratios are taken per pass)."""
     try:
-        with open_device(device_uri) as dev:
-            if isinstance(dev, PteDevice):
-                with tempfile.TemporaryDirectory(prefix="amc-batch-") as tmp:
-                    pte = Path(tmp) / "batch.pte"
-                    failed = lower_to_pte(cands, pte)
-                    names = [c.name for c in cands if c.name not in failed]
-                    for _ in range(max(1, passes) if names else 0):
-                        runs.append({s.name: s for s in dev.measure_pte(pte, names, config)})
-            else:
-                for _ in range(max(1, passes)):
-                    runs.append({s.name: s for s in dev.measure(cands, config)})
-            fp = dev.fingerprint(config)
+        return measure_models(device, models, input_shape, config or MEASURE, passes=passes).to_dict(with_passes=True)
     except AmcError as exc:
         return {"error": str(exc)}
-    out: dict = {}
-    for c in cands:
-        if c.name in failed:
-            out[c.name] = LatencyStats.failed(c.name, failed[c.name]).to_dict()
-            continue
-        per = [r[c.name] for r in runs if c.name in r]
-        ok = [s for s in per if s.ok]
-        if not ok:
-            out[c.name] = (per[0] if per else LatencyStats.failed(c.name, "not measured")).to_dict()
-            continue
-        mid = statistics.median(s.median_ms for s in ok)
-        best = min(ok, key=lambda s: abs(s.median_ms - mid))
-        out[c.name] = {**best.to_dict(), "pass_median_ms": [s.median_ms if s.ok else None for s in per],
-                       "pass_p10_ms": [s.p10_ms if s.ok else None for s in per]}
-    out["fingerprint"] = fp.to_dict()
-    out["measure_config"] = config.to_dict()
-    out["passes"] = len(runs)
-    return out
 
 
 def paired_ratio(batch: dict, name: str, ref: str = "original", stat: str = "median_ms") -> float | None:
@@ -162,20 +124,19 @@ def paired_ratio(batch: dict, name: str, ref: str = "original", stat: str = "med
     ratio (falls back to the ratio of the entries' `stat` when there are no per-pass figures)."""
     a, b = batch.get(name) or {}, batch.get(ref) or {}
     key = f"pass_{stat}"
-    if key in a and key in b:
-        ratios = [x / y for x, y in zip(a[key], b[key]) if x and y]
-        if ratios:
-            return float(np.median(ratios))
-    x, y = a.get(stat), b.get(stat)
-    return x / y if x and y else None
+    return per_pass_ratio(a.get(key, []), b.get(key, []), a.get(stat), b.get(stat))
 
 
-def _measure_pair(setup: SearchSetup, channels: dict[int, int], stat: str = "median_ms", config=None) -> dict:
+def _measure_pair(setup: SearchSetup, device: DeviceSession, channels: dict[int, int], stat: str = "median_ms",
+                  config=None) -> dict:
     """Original and pruned model measured in ONE batch (so a busy machine slows both alike); the
     ratio is taken on `stat` (median_ms; p10_ms is steadier on a loaded machine)."""
     pruned = setup.builder.build(channels)
-    m = measure_batch(setup.config.device, [("original", setup.model), ("pruned", pruned)], setup.model.input_shape,
-                      config)
+    try:
+        dev = device.device()
+    except AmcError as exc:
+        return {"error": str(exc)}
+    m = measure_batch(dev, [("original", setup.model), ("pruned", pruned)], setup.model.input_shape, config)
     ok = "error" not in m and all(m.get(n, {}).get("error") is None for n in ("original", "pruned"))
     if ok:
         ratio = paired_ratio(m, "pruned", stat=stat)
@@ -246,136 +207,143 @@ def target_ratio(cfg: SearchConfig, setup: SearchSetup) -> float | None:
 
 def run_uniform(config: SearchConfig, model=None, data=None, setup: SearchSetup | None = None,
                 tolerance: float = TOLERANCE, max_adjust: int = 4, latency_model=None,
-                stat: str = "median_ms", measure_config=None) -> SearchResult:
+                stat: str = "median_ms", measure_config=None, device: DeviceSession | None = None) -> SearchResult:
     """The uniform-width baseline (see module doc). `setup` (from `prepare`) may be shared with other
     baselines of the same model and config (its config is replaced by `config`, its budget kept);
     `latency_model` replaces the table lookup as in `run_search`; `stat`: the latency statistic the
     measured ratio is taken on (median_ms, or p10_ms on a loaded machine); `measure_config`: a device
-    MeasureConfig for those measurements (default `MEASURE`)."""
+    MeasureConfig for those measurements (default `MEASURE`); `device`: a session on cfg.device shared with
+    the caller (else the baseline opens cfg.device once, at its first use)."""
     if stat not in ("median_ms", "p10_ms", "mean_ms", "p90_ms"):
         raise AmcError(f"unknown latency statistic {stat!r}: median_ms, p10_ms, mean_ms or p90_ms")
     cfg = config.validate()
     if cfg.reward != "constrained":
         raise AmcError("the uniform baseline needs a budget: use --reward constrained")
     run_dir = _start(cfg, "uniform")
-    setup = _setup(cfg, model, data, setup, latency_model)
-    groups = [l.in_group for l in setup.layers]
-    env = _env(setup)
-    log = EpisodeLog(run_dir / LOG_FILE)
-    ratio, channels = uniform_at_cost(setup.cost, setup.graph, groups, setup.budget, cfg.lbound, cfg.rbound,
-                                      cfg.channel_round)
-    trials: list[dict] = []  # {"ratio", "channels", "episode", "measured"}
-    target = target_ratio(cfg, setup) if cfg.cost == "latency" else None
-    measure = cfg.measure_final and cfg.cost == "latency" and target is not None
-    budget = setup.budget
-    phase = "uniform"
-    for step in range(max_adjust + 1):
-        ep = _episode(setup, env, [ratio] * len(groups), channels)
-        trial = {"ratio": ratio, "channels": channels, "ep": ep, "step": step, "predicted_budget": budget}
-        trials.append(trial)
-        log.append(_row(step, phase, float("nan"), ep, setup.cost.full_cost))
-        if not measure:
-            break
-        trial["measured"] = m = _measure_pair(setup, channels, stat, measure_config)
-        if "measured_ratio" not in m:
-            warnings.warn(f"uniform baseline: measuring on {cfg.device} failed ({m.get('error') or m}); "
-                          f"keeping the ratio the prediction gave")
-            break
-        miss = m["measured_ratio"] / target - 1
-        if abs(miss) <= tolerance:
-            break
-        budget *= target / m["measured_ratio"]  # the predictor's correction, used until a bracket exists
-        phase = "adjust"
-        nxt = _next_uniform(setup, groups, trials, target, budget, cfg)
-        if nxt is None:
-            break
-        ratio, channels = nxt
+    with open_session(cfg.device, device) as session:
+        setup = _setup(cfg, model, data, setup, latency_model, session)
+        groups = [l.in_group for l in setup.layers]
+        env = _env(setup)
+        log = EpisodeLog(run_dir / LOG_FILE)
+        ratio, channels = uniform_at_cost(setup.cost, setup.graph, groups, setup.budget, cfg.lbound, cfg.rbound,
+                                          cfg.channel_round)
+        trials: list[dict] = []  # {"ratio", "channels", "episode", "measured"}
+        target = target_ratio(cfg, setup) if cfg.cost == "latency" else None
+        measure = cfg.measure_final and cfg.cost == "latency" and target is not None
+        budget = setup.budget
+        phase = "uniform"
+        for step in range(max_adjust + 1):
+            ep = _episode(setup, env, [ratio] * len(groups), channels)
+            trial = {"ratio": ratio, "channels": channels, "ep": ep, "step": step, "predicted_budget": budget}
+            trials.append(trial)
+            log.append(episode_row(step, phase, float("nan"), ep, setup.cost.full_cost))
+            if not measure:
+                break
+            trial["measured"] = m = _measure_pair(setup, session, channels, stat, measure_config)
+            if "measured_ratio" not in m:
+                warnings.warn(f"uniform baseline: measuring on {cfg.device} failed ({m.get('error') or m}); "
+                              f"keeping the ratio the prediction gave")
+                break
+            miss = m["measured_ratio"] / target - 1
+            if abs(miss) <= tolerance:
+                break
+            budget *= target / m["measured_ratio"]  # the predictor's correction, used until a bracket exists
+            phase = "adjust"
+            nxt = _next_uniform(setup, groups, trials, target, budget, cfg)
+            if nxt is None:
+                break
+            ratio, channels = nxt
 
-    def distance(t: dict) -> float:
-        m = t.get("measured") or {}
-        return abs(m["measured_ratio"] / target - 1) if "measured_ratio" in m else math.inf
+        def distance(t: dict) -> float:
+            m = t.get("measured") or {}
+            return abs(m["measured_ratio"] / target - 1) if "measured_ratio" in m else math.inf
 
-    chosen = min(trials, key=distance) if measure else trials[0]
-    best = policy_dict(setup, chosen["ep"], chosen["step"])
-    best.update(method="uniform", uniform_ratio=chosen["ratio"])
-    write_json(run_dir / BEST_FILE, best)
-    result = _finish(replace(setup, config=replace(cfg, measure_final=False)), run_dir, best)
-    extra = {
-        "method": "uniform",
-        "uniform_ratio": chosen["ratio"],
-        "target_ratio": target,
-        "tolerance": tolerance,
-        "ratio_stat": stat if measure else None,
-        "adjust": [{"step": t["step"], "ratio": t["ratio"], "predicted": t["ep"].cost,
-                    "predicted_budget": t["predicted_budget"],
-                    "measured_ratio": (t.get("measured") or {}).get("measured_ratio"),
-                    "accuracy": t["ep"].score.accuracy} for t in trials],
-    }
-    if measure and "measured_ratio" in (chosen.get("measured") or {}):
-        extra["measured"] = chosen["measured"]
-        extra["equal_latency"] = distance(chosen) <= tolerance
-    elif cfg.measure_final and not measure:  # FLOPs/params budget: measure once, for the record
-        extra["measured"] = _measure_pair(setup, chosen["channels"], stat, measure_config)
-    return _complete(result, setup, extra)
+        chosen = min(trials, key=distance) if measure else trials[0]
+        best = policy_dict(setup, chosen["ep"], chosen["step"])
+        best.update(method="uniform", uniform_ratio=chosen["ratio"])
+        write_json(run_dir / BEST_FILE, best)
+        result = finish_run(replace(setup, config=replace(cfg, measure_final=False)), session, run_dir, best)
+        extra = {
+            "method": "uniform",
+            "uniform_ratio": chosen["ratio"],
+            "target_ratio": target,
+            "tolerance": tolerance,
+            "ratio_stat": stat if measure else None,
+            "adjust": [{"step": t["step"], "ratio": t["ratio"], "predicted": t["ep"].cost,
+                        "predicted_budget": t["predicted_budget"],
+                        "measured_ratio": (t.get("measured") or {}).get("measured_ratio"),
+                        "accuracy": t["ep"].score.accuracy} for t in trials],
+        }
+        if measure and "measured_ratio" in (chosen.get("measured") or {}):
+            extra["measured"] = chosen["measured"]
+            extra["equal_latency"] = distance(chosen) <= tolerance
+        elif cfg.measure_final and not measure:  # FLOPs/params budget: measure once, for the record
+            extra["measured"] = _measure_pair(setup, session, chosen["channels"], stat, measure_config)
+        return _complete(result, setup, extra, session)
 
 
 # ----------------------------------------------------------------------------------- random search
 
 
 def run_random(config: SearchConfig, model=None, data=None, setup: SearchSetup | None = None,
-               on_episode=None, latency_model=None) -> SearchResult:
-    """Random search with the search's episode budget: U[0,1] actions through the AMC env; best by reward."""
+               on_episode=None, latency_model=None, device: DeviceSession | None = None) -> SearchResult:
+    """Random search with the search's episode budget: U[0,1] actions through the AMC env; best by reward.
+    `device` as in `run_uniform`."""
     cfg = config.validate()
     run_dir = _start(cfg, "random")
-    setup = _setup(cfg, model, data, setup, latency_model)
-    env = _env(setup)
-    log = EpisodeLog(run_dir / LOG_FILE)
-    rng = np.random.default_rng(cfg.seed)  # the search's warm-up stream (DDPGAgent.random_action)
-    best = None
-    bar = episode_bar(cfg, "random")
-    try:
-        for e in range(cfg.episodes):
-            env.reset()
-            done, ep = False, None
-            while not done:
-                _, done, ep = env.step(float(rng.uniform(0.0, 1.0)))
-            if ep.discarded:
-                warnings.warn(f"random episode {e}: accuracy/loss is NaN for channels {ep.channels}; discarded")
-            elif best is None or ep.reward > best["reward"]:
-                best = policy_dict(setup, ep, e)
-                best["method"] = "random"
-                write_json(run_dir / BEST_FILE, best)
-            row = _row(e, "random", float("nan"), ep, setup.cost.full_cost)
-            log.append(row)
+    with open_session(cfg.device, device) as session:
+        setup = _setup(cfg, model, data, setup, latency_model, session)
+        env = _env(setup)
+        log = EpisodeLog(run_dir / LOG_FILE)
+        rng = np.random.default_rng(cfg.seed)  # the search's warm-up stream (DDPGAgent.random_action)
+        best = None
+        bar = episode_bar(cfg, "random")
+        try:
+            for e in range(cfg.episodes):
+                env.reset()
+                done, ep = False, None
+                while not done:
+                    _, done, ep = env.step(float(rng.uniform(0.0, 1.0)))
+                if ep.discarded:
+                    warnings.warn(f"random episode {e}: accuracy/loss is NaN for channels {ep.channels}; discarded")
+                elif best is None or ep.reward > best["reward"]:
+                    best = policy_dict(setup, ep, e)
+                    best["method"] = "random"
+                    write_json(run_dir / BEST_FILE, best)
+                row = episode_row(e, "random", float("nan"), ep, setup.cost.full_cost)
+                log.append(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(best_acc=f"{best['accuracy']:.4f}" if best else "-")
+                if on_episode is not None:
+                    on_episode(row)
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(best_acc=f"{best['accuracy']:.4f}" if best else "-")
-            if on_episode is not None:
-                on_episode(row)
-    finally:
-        if bar is not None:
-            bar.close()
-    if best is None:
-        raise AmcError("no random episode produced a finite accuracy: check the model's weights")
-    result = _finish(setup, run_dir, best)
-    return _complete(result, setup, {"method": "random", "episodes": cfg.episodes})
+                bar.close()
+        if best is None:
+            raise AmcError("no random episode produced a finite accuracy: check the model's weights")
+        result = finish_run(setup, session, run_dir, best)
+        return _complete(result, setup, {"method": "random", "episodes": cfg.episodes}, session)
 
 
 # ----------------------------------------------------------------------------------- AMC, FLOPs budget
 
 
-def run_amc_flops(config: SearchConfig, model=None, data=None, on_episode=None, latency_model=None) -> SearchResult:
+def run_amc_flops(config: SearchConfig, model=None, data=None, on_episode=None, latency_model=None,
+                  device: DeviceSession | None = None) -> SearchResult:
     """AMC as in the paper: the budget is `target` x the original FLOPs (MACs); measured at the end.
-    `latency_model` (optional) gives the policy's table-predicted latency; else an existing table is used."""
+    `latency_model` (optional) gives the policy's table-predicted latency; else an existing table is used;
+    `device` as in `run_uniform` (the search, its final measurement and the table lookup share it)."""
     from amc_mobile.runs import write_manifest
 
     if config.target_ms is not None:
         raise AmcError("amc-flops takes the budget as a FLOPs ratio: pass --target RATIO, not --target-ms")
     cfg = replace(config, cost="flops").validate()
     cfg = replace(cfg, out=cfg.out or str(_default_dir("amc-flops")))
-    result = run_search(cfg, model=model, data=data, on_episode=on_episode)
-    write_manifest(result.run_dir, "search", method="amc-flops")
-    return annotate(result, {"method": "amc-flops"}, latency_model)
+    with open_session(cfg.device, device) as session:
+        result = run_search(cfg, model=model, data=data, on_episode=on_episode, device=session)
+        write_manifest(result.run_dir, "search", method="amc-flops")
+        return annotate(result, {"method": "amc-flops"}, latency_model, session)
 
 
 # ----------------------------------------------------------------------------------- shared pieces
@@ -401,11 +369,10 @@ def _start(cfg: SearchConfig, method: str) -> Path:
     return run_dir
 
 
-def _setup(cfg: SearchConfig, model, data, setup: SearchSetup | None, latency_model=None) -> SearchSetup:
+def _setup(cfg: SearchConfig, model, data, setup: SearchSetup | None, latency_model, device: DeviceSession
+           ) -> SearchSetup:
     if setup is None:
-        if latency_model is not None:
-            return prepare(cfg, model, data, latency_model)
-        return prepare(cfg, model, data)
+        return prepare(cfg, model, data, latency_model, device=device)
     if setup.config.cost != cfg.cost or setup.config.model != cfg.model:
         raise AmcError(f"a shared setup for {setup.config.model}/{setup.config.cost} cannot serve "
                        f"{cfg.model}/{cfg.cost}")
@@ -418,15 +385,18 @@ def _env(setup: SearchSetup) -> PruningEnv:
                       cfg.lbound, cfg.rbound, cfg.channel_round)
 
 
-def latency_cost_for(model, graph: PruningGraph, scope: str, cfg: SearchConfig) -> CostModel | None:
+def latency_cost_for(model, graph: PruningGraph, scope: str, cfg: SearchConfig,
+                     device: DeviceSession | None = None) -> CostModel | None:
     """The table-latency cost model for (model, scope, cfg.device) from an EXISTING table (nothing is
-    built or measured: a FLOPs run must not start a table build), or None with a warning."""
+    built or measured: a FLOPs run must not start a table build), or None with a warning. `device`: the
+    run's session on cfg.device (else the URI is opened for the table's fingerprint)."""
     from .cost import LatencyCost
 
     try:
         from amc_mobile.tables import load_latency_model
 
-        return LatencyCost(load_latency_model(model, graph, scope, device_uri=cfg.device, table_dir=cfg.table_dir))
+        where = device.device() if device is not None else cfg.device
+        return LatencyCost(load_latency_model(model, graph, scope, device_uri=where, table_dir=cfg.table_dir))
     except Exception as exc:  # no table, a table without this model's layers, no executorch...
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"no table-predicted latency for the policy on {cfg.device}: {first}")
@@ -448,18 +418,18 @@ def policy_facts(graph: PruningGraph, channels: dict[int, int], latency: CostMod
     return facts
 
 
-def _complete(result: SearchResult, setup: SearchSetup, extra: dict) -> SearchResult:
-    return annotate(result, extra, setup.cost if getattr(setup.cost, "unit", None) == "ms" else None)
+def _complete(result: SearchResult, setup: SearchSetup, extra: dict, device: DeviceSession) -> SearchResult:
+    return annotate(result, extra, setup.cost if getattr(setup.cost, "unit", None) == "ms" else None, device)
 
 
-def annotate(result: SearchResult, extra: dict | None = None, latency=None) -> SearchResult:
+def annotate(result: SearchResult, extra: dict | None = None, latency=None, device: DeviceSession | None = None
+             ) -> SearchResult:
     """Add `extra` and the `policy` block (kept MACs, table-predicted latency, measured ratio) to the run's
     summary.json and to `result.summary`. `latency`: a latency CostModel or LatencyModel-like predictor;
     None: the search's own cost when it is latency, else an EXISTING table for the run's device (or none)."""
     from amc_mobile.pruning.graph import default_scope
 
     from .cost import LatencyCost
-    from .loop import family_of
 
     summary = dict(result.summary)
     summary.update(extra or {})
@@ -469,7 +439,7 @@ def annotate(result: SearchResult, extra: dict | None = None, latency=None) -> S
     if latency is None and cfg.cost != "latency":
         scope = (summary.get("setup") or {}).get("scope") or cfg.scope or default_scope(
             family_of(result.original))
-        latency = latency_cost_for(result.original, result.graph, scope, cfg)
+        latency = latency_cost_for(result.original, result.graph, scope, cfg, device)
     if latency is None and cfg.cost == "latency":
         best = summary.get("best") or result.best
         summary["policy"] = policy_facts(result.graph, result.channels, None, summary.get("measured"))
@@ -480,13 +450,6 @@ def annotate(result: SearchResult, extra: dict | None = None, latency=None) -> S
     write_json(result.run_dir / SUMMARY_FILE, summary)
     result.summary = summary
     return result
-
-
-def read_summary(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / SUMMARY_FILE
-    if not path.exists():
-        raise AmcError(f"{run_dir}: no {SUMMARY_FILE} (the run did not finish)")
-    return read_json(path, dict, "rerun the baseline")
 
 
 def _measure_config():

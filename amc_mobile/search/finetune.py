@@ -31,7 +31,8 @@ from amc_mobile.errors import AmcError
 from amc_mobile.files import write_json
 from amc_mobile.pruning.slicing import SPEC_FILE, WEIGHTS_FILE, load_pruned, save_pruned
 
-PRUNED_DIR = "pruned"
+from .run_folder import CONFIG_FILE, PRUNED_DIR, SUMMARY_FILE
+
 FINETUNED_DIR = "finetuned"
 RECORD_FILE = "finetune.json"
 
@@ -141,7 +142,7 @@ def _data_for(cfg: FinetuneConfig, run_dir: Path, model):
     from amc_mobile.data_sources import load_data
 
     opts = {"data": cfg.data, "input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std}
-    saved = run_dir / "config.json"
+    saved = run_dir / CONFIG_FILE
     if cfg.data is None and saved.is_file():
         try:
             search = json.loads(saved.read_text())
@@ -201,7 +202,7 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
         "history": res.history,
     }
     write_json(run_dir / RECORD_FILE, record)
-    summary = run_dir / "summary.json"
+    summary = run_dir / SUMMARY_FILE
     if summary.exists() and run_dir != pruned_dir:
         try:
             data_ = json.loads(summary.read_text())

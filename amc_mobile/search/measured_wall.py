@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from amc_mobile.errors import AmcError
-from device.base import Candidate, MeasureConfig
+from amc_mobile.measure_models import MeasuredModels, measure_models
+from device.base import Device, MeasureConfig
 
 # The original in every round; rounds go on until each ratio is known to +-2 % (or 15 s timed).
 FINAL_CONFIG = MeasureConfig(warmup=10, iterations=40, reference="original", ci_target=0.02, max_time_ms=15000.0,
@@ -74,44 +75,34 @@ class MeasuredPick:
                 + f"; {noise_sentence(self.noise, 0.10)}")
 
 
-def _measure(device_uri: str, original: torch.nn.Module, models: list[tuple[str, torch.nn.Module]],
-             input_shape, config: MeasureConfig) -> tuple[dict, object]:
-    from device import open_device
-
-    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
-    cands = [Candidate("original", original.eval(), x)] + [Candidate(n, m.eval(), x) for n, m in models]
-    with open_device(device_uri) as dev:
-        stats = dev.measure(cands, config)
-        why = dev.reference_error
-    by = {s.name: s for s in stats}
-    if not by["original"].ok:
-        raise AmcError(f"the original could not be measured on {device_uri}: {by['original'].error}")
-    if why:
-        raise AmcError(f"the original did not run as the drift reference on {device_uri}: {why}")
-    return by, by["original"]
+def _measure(device: Device, original: torch.nn.Module, models: list[tuple[str, torch.nn.Module]],
+             input_shape, config: MeasureConfig) -> MeasuredModels:
+    measured = measure_models(device, [("original", original), *models], input_shape, config, fingerprint=False)
+    if not measured["original"].ok:
+        raise AmcError(f"the original could not be measured on {device.uri}: {measured['original'].error}")
+    if measured.reference_error:
+        raise AmcError(f"the original did not run as the drift reference on {device.uri}: "
+                       f"{measured.reference_error}")
+    return measured
 
 
-def pick_measured(candidates: list[dict], *, device_uri: str, original: torch.nn.Module, input_shape,
+def pick_measured(candidates: list[dict], *, device: Device, original: torch.nn.Module, input_shape,
                   build: Callable[[dict[int, int]], torch.nn.Module], score: Callable[[dict[int, int]], float],
                   refit: Callable[[dict[int, int], float], dict[int, int]], predict: Callable[[dict[int, int]], float],
                   target_ratio: float | None, target_ms: float | None, config: MeasureConfig = FINAL_CONFIG,
                   max_walks: int = MAX_WALKS) -> MeasuredPick:
     """`candidates`: policy dicts (channels, accuracy, cost), best first. `refit(channels, budget)` is the
     action wall's fit to a predicted budget; `score(channels)` the accuracy of a policy."""
-    from device.stats import robust_cv
-
     pool = sorted(candidates, key=lambda c: -(c.get("accuracy") or 0.0))
     models = [(f"p{i}", build({int(g): int(n) for g, n in c["channels"].items()})) for i, c in enumerate(pool)]
-    by, orig = _measure(device_uri, original, models, input_shape, config)
+    measured = _measure(device, original, models, input_shape, config)
+    orig = measured["original"]
     target = target_ratio if target_ms is None else target_ms / orig.median_ms
     out: list[Measured] = []
     for (name, _), c in zip(models, pool):
         out.append(_row(name, {int(g): int(n) for g, n in c["channels"].items()}, c.get("accuracy"), c["cost"],
-                        by[name], target))
-    from device.noise import noise_figure, pass_drift
-
-    result = MeasuredPick(target, orig.median_ms, noise_figure(robust_cv(orig.samples_ms), pass_drift(orig.samples_ms)),
-                          None, 0, out)
+                        measured[name], target))
+    result = MeasuredPick(target, orig.median_ms, measured.noise("original"), None, 0, out)
     ok = [m for m in out if m.meets]
     if ok:
         result.picked = max(ok, key=lambda m: m.accuracy)
@@ -119,16 +110,16 @@ def pick_measured(candidates: list[dict], *, device_uri: str, original: torch.nn
     # Walk back from the most accurate measured one: its predicted budget shrinks by the measured overshoot.
     base = next((m for m in out if m.error is None), None)
     if base is None:
-        raise AmcError(f"no candidate policy could be measured on {device_uri}: {out[0].error if out else 'none'}")
+        raise AmcError(f"no candidate policy could be measured on {device.uri}: {out[0].error if out else 'none'}")
     current = base
     for k in range(1, max_walks + 1):
         budget = current.predicted * target / current.ratio * (1 - 0.5 * current.ci)
         channels = refit(current.channels, budget)
         if channels == current.channels:
             break  # every layer at its lower bound
-        by, orig = _measure(device_uri, original, [(f"w{k}", build(channels))], input_shape, config)
-        t = target if target_ms is None else target_ms / orig.median_ms
-        m = _row(f"w{k}", channels, score(channels), predict(channels), by[f"w{k}"], t)
+        measured = _measure(device, original, [(f"w{k}", build(channels))], input_shape, config)
+        t = target if target_ms is None else target_ms / measured["original"].median_ms
+        m = _row(f"w{k}", channels, score(channels), predict(channels), measured[f"w{k}"], t)
         out.append(m)
         result.walked_back = k
         if m.error is None:

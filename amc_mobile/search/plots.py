@@ -28,6 +28,8 @@ import numpy as np
 from amc_mobile.errors import AmcError
 from amc_mobile.files import read_json, read_text
 
+from .run_folder import BEST_FILE, CONFIG_FILE, LOG_FILE
+
 REWARD_PNG = "reward.png"
 POLICY_PNG = "policy.png"
 SCATTER_PNG = "accuracy_vs_cost.png"
@@ -49,9 +51,9 @@ def read_run(run_dir: str | Path) -> tuple[list[dict], dict, dict]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AmcError(f"{run_dir} does not exist or is not a folder: pass a search run folder")
-    log, best = run_dir / "episodes.csv", run_dir / "best_policy.json"
+    log, best = run_dir / LOG_FILE, run_dir / BEST_FILE
     if not log.exists() or not best.exists():
-        raise AmcError(f"{run_dir} is not a search run folder: it has no episodes.csv and best_policy.json")
+        raise AmcError(f"{run_dir} is not a search run folder: it has no {LOG_FILE} and {BEST_FILE}")
     fix = "rerun (or --resume) the search that wrote the folder"
     rows = list(csv.DictReader(io.StringIO(read_text(log, fix), newline="")))
     for line_no, r in enumerate(rows, start=2):
@@ -63,7 +65,7 @@ def read_run(run_dir: str | Path) -> tuple[list[dict], dict, dict]:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AmcError(f"{log} line {line_no}: not an episode row ({type(exc).__name__}: {exc}): {fix}") from None
     best_policy = read_json(best, dict, fix)
-    config = read_json(run_dir / "config.json", dict, fix) if (run_dir / "config.json").exists() else {}
+    config = read_json(run_dir / CONFIG_FILE, dict, fix) if (run_dir / CONFIG_FILE).exists() else {}
     return rows, best_policy, config
 
 
@@ -183,7 +185,7 @@ def _cost_from_config(config: dict):
     from .baselines import latency_cost_for
     from .config import SearchConfig
     from .cost import FlopsCost, ParamsCost
-    from .loop import family_of, load_model
+    from .setup import family_of, load_model
 
     cfg = SearchConfig.from_dict(config)
     model = load_model(cfg.model, cfg)

@@ -1,0 +1,141 @@
+"""The end of a search or baseline: export the chosen policy as a pruned model (reconstructed weights,
+not fine-tuned), with its accuracy on the whole validation split and its latency measured on the
+device; with a latency budget the policy is first checked against the budget as measured
+(measured_wall.py)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from amc_mobile.errors import AmcError
+from amc_mobile.files import write_json
+from amc_mobile.pruning.graph import PruningGraph
+
+from .config import SearchConfig, SearchWarning
+from .device_session import DeviceSession
+from .run_folder import BEST_FILE, LOG_FILE, PRUNED_DIR, SUMMARY_FILE, read_log
+from .score import evaluate_split
+from .setup import SearchSetup, measured_summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    config: SearchConfig
+    best: dict  # the best policy, as in best_policy.json
+    channels: dict[int, int]  # decision group -> kept channels of the best policy
+    model: nn.Module  # the pruned model with reconstructed weights (eval mode, not fine-tuned)
+    original: nn.Module
+    graph: PruningGraph
+    summary: dict = field(default_factory=dict)  # as in summary.json (incl. measured latency)
+
+
+
+def _measured_pick(setup: SearchSetup, device: DeviceSession, best: dict, top: list[dict]) -> tuple[dict, dict]:
+    """Item 6 of issue 19 (see measured_wall.py): (the policy to export, summary entry)."""
+    from .env import ActionWall
+    from .measured_wall import pick_measured
+
+    cfg = setup.config
+    groups = [l.in_group for l in setup.layers]
+
+    def refit(channels: dict[int, int], budget: float) -> dict[int, int]:
+        try:
+            wall = ActionWall(setup.graph, groups, setup.cost, budget, cfg.lbound, cfg.rbound, cfg.channel_round)
+            return wall.fit_budget(channels)[0]
+        except AmcError:
+            return channels  # the budget is below what the lower bounds allow: nothing to walk back
+
+    pool = top or [best]
+    try:
+        pick = pick_measured(pool, device=device.device(), original=setup.model, input_shape=setup.model.input_shape,
+                             build=setup.builder.build, score=lambda ch: setup.scorer(ch).accuracy, refit=refit,
+                             predict=setup.cost.predict, target_ratio=cfg.target, target_ms=cfg.target_ms)
+    except AmcError as exc:
+        warnings.warn(f"the measured final wall could not run on {cfg.device} ({exc}): the best predicted policy is "
+                      f"kept, its budget unchecked", SearchWarning, stacklevel=2)
+        return best, {"error": str(exc)}
+    entry = pick.to_dict()
+    # which candidate the search would have exported without this wall (the best by predicted reward)
+    entry["best_predicted"] = next((c["label"] for c in entry["candidates"] if c["channels"] == best["channels"]),
+                                   None)
+    log.info(pick.line())
+    if pick.picked is None:
+        warnings.warn(pick.line(), SearchWarning, stacklevel=2)
+        return best, entry
+    p = pick.picked
+    chosen = next((t for t in pool if {int(g): int(c) for g, c in t["channels"].items()} == p.channels), None)
+    if chosen is None:  # a walked-back policy: the best one's record with the new channels
+        chosen = {**best, "channels": {str(g): int(c) for g, c in p.channels.items()}, "accuracy": p.accuracy,
+                  "cost": p.predicted, "cost_ratio": p.predicted / setup.cost.full_cost, "walked_back_measured":
+                  pick.walked_back}
+        for name, layer in chosen.get("layers", {}).items():
+            layer = dict(layer)
+            layer["kept"] = p.channels.get(layer["group"], layer["kept"])
+            layer["ratio"] = round(layer["kept"] / layer["size"], 6)
+            chosen["layers"][name] = layer
+    chosen = {**chosen, "measured_ratio": p.ratio, "measured_over_target": pick.measured_over_target}
+    return chosen, entry
+
+
+def finish_run(setup: SearchSetup, device: DeviceSession, run_dir: Path, best: dict, top: list[dict] | None = None
+               ) -> SearchResult:
+    """Export the best policy: pruned model (reconstructed weights), its accuracy, measured latency.
+    With a latency budget, the policy is the one whose measured ratio meets it (`_measured_pick`)."""
+    from amc_mobile.models import model_config
+    from amc_mobile.pruning.slicing import save_pruned
+
+    cfg = setup.config
+    measured_budget = None
+    if cfg.cost == "latency" and setup.budget is not None and cfg.measure_final and cfg.final_candidates > 0:
+        best, measured_budget = _measured_pick(setup, device, best, top or [])
+        write_json(run_dir / BEST_FILE, best)
+    channels = {int(g): int(c) for g, c in best["channels"].items()}
+    pruned = setup.builder.build(channels)
+    for p in pruned.parameters():
+        p.requires_grad_(True)
+    from .timing import phase_timing
+
+    summary = {"best": best, "setup": setup.info,
+               "timing": phase_timing(read_log(run_dir / LOG_FILE, with_timings=True), setup.info)}
+    if measured_budget is not None:
+        summary["measured_budget"] = measured_budget
+    full_val = setup.data.val
+    if len(full_val) > len(setup.scorer.val):  # the search scored on a prefix: report the whole split too
+        compute = setup.scorer.compute
+        summary["pruned_full_val_accuracy"], _ = evaluate_split(pruned, full_val, cfg.score_metric, cfg.eval_batch,
+                                                                compute)
+        summary["original_full_val_accuracy"], _ = evaluate_split(setup.model, full_val, cfg.score_metric,
+                                                                  cfg.eval_batch, compute)
+        summary["full_val_images"] = len(full_val)
+    try:
+        base_config = model_config(setup.model)
+    except ValueError:
+        base_config = None
+        warnings.warn("the model was built neither by amc_mobile.models.build_model nor from a FILE.py:FACTORY "
+                      "reference: the pruned model is returned but not saved", SearchWarning, stacklevel=2)
+    if base_config is not None:
+        save_pruned(pruned, run_dir / PRUNED_DIR, base_config, channels,
+                    extra={"policy": best, "reconstructed": bool(cfg.reconstruct), "fine_tuned": False})
+        summary["pruned_dir"] = str(run_dir / PRUNED_DIR)
+    if cfg.measure_final:
+        measured = measured_summary(device, [("original", setup.model), ("pruned", pruned)],
+                                    setup.model.input_shape)
+        if "error" in measured or not all(measured.get(n, {}).get("error") is None for n in ("original", "pruned")):
+            warnings.warn(f"final measurement on {cfg.device} failed: "
+                          f"{measured.get('error') or [measured[n].get('error') for n in ('original', 'pruned')]}",
+                          SearchWarning, stacklevel=2)
+        else:
+            o, p = measured["original"]["median_ms"], measured["pruned"]["median_ms"]
+            measured["speedup"] = o / p
+            measured["measured_ratio"] = p / o
+        summary["measured"] = measured
+    write_json(run_dir / SUMMARY_FILE, summary)
+    return SearchResult(run_dir, cfg, best, channels, pruned.eval(), setup.model, setup.graph, summary)
