@@ -27,7 +27,8 @@ from .errors import AmcError
 
 from .base import Candidate, Fingerprint, MeasureConfig, ProgressFn, PteDevice, tick
 from .lowering import lower_to_pte
-from .runner import RunResult, build_argv, executorch_version, find_runner, parse_list, run_runner, runner_error
+from .runner import (RunResult, build_argv, executorch_version, find_runner, invocation_timeout, parse_list,
+                     run_runner, runner_error)
 from .runner_driver import MethodResults, RunnerDriver
 from .stats import LatencyStats
 
@@ -173,14 +174,7 @@ class LocalDevice(PteDevice):
         return parse_list(proc.stdout)
 
     def timeout_for(self, n_methods: int, config: MeasureConfig) -> float:
-        """A generous bound for one invocation: minutes per method would be a hang, not a model."""
-        if self._timeout_s is not None:
-            return float(self._timeout_s)
-        per_method = 30.0 + 2.0 * (config.warmup + config.iterations) + 3.0 * config.min_time_ms / 1000.0
-        if config.ci_target > 0:  # adaptive rounds: each group may time up to max_time_ms
-            groups = -(-n_methods // max(1, config.group))
-            return 60.0 + n_methods * per_method + groups * 2.0 * config.max_time_ms / 1000.0
-        return 60.0 + n_methods * per_method
+        return float(self._timeout_s) if self._timeout_s is not None else invocation_timeout(n_methods, config)
 
     def _measure_methods(
         self,

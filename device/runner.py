@@ -142,6 +142,17 @@ class RunnerRecord:
 _CONTRACT_KEYS = {"method", "iterations_us", "load_ms", "threads", "affinity", "warmup", "runtime_version"}
 
 
+def invocation_timeout(n_methods: int, config: MeasureConfig, slowness: float = 1.0) -> float:
+    """A generous bound for one runner invocation of `n_methods` (minutes per method would be a hang,
+    not a model); `slowness` scales it for devices slower than the host (phones: 2)."""
+    per_method = 30.0 + 2.0 * (config.warmup + config.iterations) + 3.0 * config.min_time_ms / 1000.0
+    fixed = 60.0 + n_methods * per_method
+    if config.ci_target > 0:  # adaptive rounds: each group may time up to max_time_ms
+        groups = -(-n_methods // max(1, config.group))
+        fixed += groups * 2.0 * config.max_time_ms / 1000.0
+    return slowness * fixed
+
+
 def failed_method(stdout: str) -> tuple[str, str] | None:
     """(method, error) of the `{"failed_method": ...}` line an interleaved run prints before it stops."""
     for raw in stdout.splitlines():

@@ -123,7 +123,10 @@ def test_latency_search_interrupted_by_ctrl_c_resumes_without_measuring_again(ta
            "--no-measure-final",
            "--out", str(run)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A user's terminal delivers Ctrl-C; a test run started in the background (`make test &`, a CI runner)
+    # may have SIGINT ignored, and the child would inherit that: give it the default disposition.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not ((run / "episodes.csv").exists() and len(_episodes(run)) >= 3):

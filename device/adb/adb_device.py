@@ -39,7 +39,7 @@ from device.errors import AmcError
 
 from ..base import Candidate, Fingerprint, MeasureConfig, ProgressFn, PteDevice, tick
 from device.lowering import lower_to_pte
-from device.runner import executorch_version, parse_list, runner_error
+from device.runner import executorch_version, invocation_timeout, parse_list, runner_error
 from device.runner_driver import MethodResults
 from device.stats import LatencyStats
 
@@ -281,14 +281,10 @@ class AdbDevice(PteDevice):
         return parse_list(text)
 
     def timeout_for(self, n_methods: int, config: MeasureConfig) -> float:
-        """A generous bound for one invocation (phones are slower than the host: twice local's)."""
+        """Phones are slower than the host: twice local's bound (min_time and adaptive caps included)."""
         if self._timeout_s is not None:
             return float(self._timeout_s)
-        per_method = 60.0 + 4.0 * (config.warmup + config.iterations) + 3.0 * config.min_time_ms / 1000.0
-        if config.ci_target > 0:  # adaptive rounds: each group may time up to max_time_ms
-            groups = -(-n_methods // max(1, config.group))
-            return 120.0 + n_methods * per_method + groups * 2.0 * config.max_time_ms / 1000.0
-        return 120.0 + n_methods * per_method
+        return invocation_timeout(n_methods, config, slowness=2.0)
 
     def _new_batch_dir(self) -> str:
         self._batch_no += 1
