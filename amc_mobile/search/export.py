@@ -38,8 +38,10 @@ class SearchResult:
 
 
 
-def _measured_pick(setup: SearchSetup, device: DeviceSession, best: dict, top: list[dict]) -> tuple[dict, dict]:
-    """Item 6 of issue 19 (see measured_wall.py): (the policy to export, summary entry)."""
+def _measured_pick(setup: SearchSetup, device: DeviceSession, best: dict, top: list[dict]
+                   ) -> tuple[dict, dict, dict | None]:
+    """Item 6 of issue 19 (see measured_wall.py): (the policy to export, summary entry, its measurement
+    next to the original as summary.json's `measured`, or None when no policy was picked)."""
     from .env import ActionWall
     from .measured_wall import pick_measured
 
@@ -61,7 +63,7 @@ def _measured_pick(setup: SearchSetup, device: DeviceSession, best: dict, top: l
     except AmcError as exc:
         warnings.warn(f"the measured final wall could not run on {cfg.device} ({exc}): the best predicted policy is "
                       f"kept, its budget unchecked", SearchWarning, stacklevel=2)
-        return best, {"error": str(exc)}
+        return best, {"error": str(exc)}, None
     entry = pick.to_dict()
     # which candidate the search would have exported without this wall (the best by predicted reward)
     entry["best_predicted"] = next((c["label"] for c in entry["candidates"] if c["channels"] == best["channels"]),
@@ -69,7 +71,7 @@ def _measured_pick(setup: SearchSetup, device: DeviceSession, best: dict, top: l
     log.info(pick.line())
     if pick.picked is None:
         warnings.warn(pick.line(), SearchWarning, stacklevel=2)
-        return best, entry
+        return best, entry, None
     p = pick.picked
     chosen = next((t for t in pool if {int(g): int(c) for g, c in t["channels"].items()} == p.channels), None)
     if chosen is None:  # a walked-back policy: the best one's record with the new channels
@@ -82,7 +84,7 @@ def _measured_pick(setup: SearchSetup, device: DeviceSession, best: dict, top: l
             layer["ratio"] = round(layer["kept"] / layer["size"], 6)
             chosen["layers"][name] = layer
     chosen = {**chosen, "measured_ratio": p.ratio, "measured_over_target": pick.measured_over_target}
-    return chosen, entry
+    return chosen, entry, pick.final_measurement()
 
 
 def finish_run(setup: SearchSetup, device: DeviceSession, run_dir: Path, best: dict, top: list[dict] | None = None
@@ -93,9 +95,9 @@ def finish_run(setup: SearchSetup, device: DeviceSession, run_dir: Path, best: d
     from amc_mobile.pruning.slicing import save_pruned
 
     cfg = setup.config
-    measured_budget = None
+    measured_budget = measured = None
     if cfg.cost == "latency" and setup.budget is not None and cfg.measure_final and cfg.final_candidates > 0:
-        best, measured_budget = _measured_pick(setup, device, best, top or [])
+        best, measured_budget, measured = _measured_pick(setup, device, best, top or [])
         write_json(run_dir / BEST_FILE, best)
     channels = {int(g): int(c) for g, c in best["channels"].items()}
     pruned = setup.builder.build(channels)
@@ -126,8 +128,9 @@ def finish_run(setup: SearchSetup, device: DeviceSession, run_dir: Path, best: d
                     extra={"policy": best, "reconstructed": bool(cfg.reconstruct), "fine_tuned": False})
         summary["pruned_dir"] = str(run_dir / PRUNED_DIR)
     if cfg.measure_final:
-        measured = measured_summary(device, [("original", setup.model), ("pruned", pruned)],
-                                    setup.model.input_shape)
+        if measured is None:  # no measured wall ran (or it picked nothing): time the export next to the original
+            measured = measured_summary(device, [("original", setup.model), ("pruned", pruned)],
+                                        setup.model.input_shape)
         if "error" in measured or not all(measured.get(n, {}).get("error") is None for n in ("original", "pruned")):
             warnings.warn(f"final measurement on {cfg.device} failed: "
                           f"{measured.get('error') or [measured[n].get('error') for n in ('original', 'pruned')]}",

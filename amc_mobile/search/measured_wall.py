@@ -49,6 +49,17 @@ class MeasuredPick:
     picked: Measured | None
     walked_back: int
     candidates: list[Measured] = field(default_factory=list)
+    # the batch the picked policy was measured in, next to the original in the same rounds: the run's
+    # final measurement, so the export does not lower and time both models once more
+    batch: MeasuredModels | None = field(default=None, repr=False)
+
+    def final_measurement(self) -> dict | None:
+        """{"original": ..., "pruned": ..., "fingerprint": ...} as summary.json's `measured`, from `batch`."""
+        if self.picked is None or self.batch is None or self.batch.fingerprint is None:
+            return None
+        return {"original": self.batch["original"].to_dict(), "pruned": self.batch[self.picked.label].to_dict(),
+                "fingerprint": self.batch.fingerprint.to_dict(),
+                "measure_config": self.batch.config.to_dict(), "from": "measured_budget"}
 
     @property
     def measured_over_target(self) -> float:
@@ -77,7 +88,7 @@ class MeasuredPick:
 
 def _measure(device: Device, original: torch.nn.Module, models: list[tuple[str, torch.nn.Module]],
              input_shape, config: MeasureConfig) -> MeasuredModels:
-    measured = measure_models(device, [("original", original), *models], input_shape, config, fingerprint=False)
+    measured = measure_models(device, [("original", original), *models], input_shape, config)
     if not measured["original"].ok:
         raise AmcError(f"the original could not be measured on {device.uri}: {measured['original'].error}")
     if measured.reference_error:
@@ -105,7 +116,7 @@ def pick_measured(candidates: list[dict], *, device: Device, original: torch.nn.
     result = MeasuredPick(target, orig.median_ms, measured.noise("original"), None, 0, out)
     ok = [m for m in out if m.meets]
     if ok:
-        result.picked = max(ok, key=lambda m: m.accuracy)
+        result.picked, result.batch = max(ok, key=lambda m: m.accuracy), measured
         return result
     # Walk back from the most accurate measured one: its predicted budget shrinks by the measured overshoot.
     base = next((m for m in out if m.error is None), None)
@@ -125,7 +136,7 @@ def pick_measured(candidates: list[dict], *, device: Device, original: torch.nn.
         if m.error is None:
             current = m
             if m.meets:
-                result.picked = m
+                result.picked, result.batch = m, measured
                 return result
     return result
 
