@@ -34,11 +34,15 @@ $(RUNNER): $(RUNNER_SRC) $(VENV)/.installed
 demo: setup
 	@$(BIN)/amc-mobile demo
 
+# One pytest worker per core, at most 4 (each holds a torch and its own session fixtures); each worker's
+# torch runs one thread (tests/conftest.py), so workers do not fight over the cores.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+
 test: setup
-	@$(BIN)/pytest -q -ra
+	@$(BIN)/pytest -q -ra -n $(TEST_WORKERS)
 
 test-fast: setup
-	@$(BIN)/pytest -q -ra -m "not slow"
+	@$(BIN)/pytest -q -ra -n $(TEST_WORKERS) -m "not slow"
 
 clean:
 	rm -rf build runs .pytest_cache

@@ -4,6 +4,7 @@ few hundred steps and cached in pytest's cache), and a latency model made of rea
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -75,7 +76,10 @@ def cached_tiny(request, data) -> TinyNet:
         except Exception:
             path.unlink()
     model = train_tiny(data)
-    torch.save(model.state_dict(), path)
+    # parallel workers may train it at once: each writes its own file, the rename is atomic
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
     return model
 
 

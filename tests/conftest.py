@@ -26,6 +26,17 @@ if importlib.util.find_spec("cryptography") is not None:
     from conftest_adb import *  # noqa: E402,F401,F403  (pytest puts tests/ on sys.path)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test`) the workers share the cores: one torch thread each, and the same
+    for the Python processes tests start (the CLI in a subprocess), instead of every worker's torch
+    spreading over all cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_state_folders(tmp_path_factory):
     """Tables, trained-model cache and run folders of this session live in its temp folder."""
