@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -133,11 +133,7 @@ def measure_candidates(device: Device, cands: Sequence[Candidate], config: Measu
             lowered = lowered or stack.enter_context(lowered_once(cands))
             failed = lowered.failed
             names = [c.name for c in cands if c.name not in failed]
-            run_config = config
-            if config.reference is not None and config.reference in failed:
-                reference_error = (f"the drift reference {config.reference!r} did not lower "
-                                   f"({failed[config.reference]}); measured without it (rows unreferenced)")
-                run_config = replace(config, reference=None)
+            run_config, reference_error = config.without_unlowered_reference(failed)
             for _ in range(passes if names else 0):
                 runs.append({s.name: s for s in device.measure_pte(lowered.path, names, run_config)})
                 reference_error = reference_error or device.reference_error

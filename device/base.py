@@ -7,7 +7,7 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -68,6 +68,15 @@ class MeasureConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def without_unlowered_reference(self, failed: dict[str, str]) -> tuple["MeasureConfig", str | None]:
+        """The config to time a batch with when the candidates in `failed` (name -> why) did not lower:
+        a drift reference among them is dropped, and the second item says so (else None)."""
+        if self.reference is None or self.reference not in failed:
+            return self, None
+        why = (f"the drift reference {self.reference!r} did not lower ({failed[self.reference]}); "
+               f"measured without it (rows unreferenced)")
+        return replace(self, reference=None), why
 
 
 @dataclass(frozen=True)

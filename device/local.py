@@ -19,7 +19,6 @@ import os
 import platform
 import subprocess
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -130,11 +129,9 @@ class LocalDevice(PteDevice):
             for _ in failed:
                 tick(progress)
             names = [c.name for c in candidates if c.name not in failed]
-            if config.reference is not None and config.reference in failed:
-                self.reference_error = (f"the drift reference {config.reference!r} did not lower "
-                                        f"({failed[config.reference]}); measured without it (rows unreferenced)")
+            config, self.reference_error = config.without_unlowered_reference(failed)
+            if self.reference_error:
                 log.warning(self.reference_error)
-                config = replace(config, reference=None)
             measured = self._measure_methods(runner, pte, names, config, progress) if names else {}
         return [
             LatencyStats.failed(c.name, failed[c.name]) if c.name in failed else measured[c.name]

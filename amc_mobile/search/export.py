@@ -37,7 +37,6 @@ class SearchResult:
     summary: dict = field(default_factory=dict)  # as in summary.json (incl. measured latency)
 
 
-
 def _measured_pick(setup: SearchSetup, device: DeviceSession, best: dict, top: list[dict]
                    ) -> tuple[dict, dict, dict | None]:
     """Item 6 of issue 19 (see measured_wall.py): (the policy to export, summary entry, its measurement
