@@ -128,6 +128,13 @@ class ValidationResult:
             if p["session_calibration"]:
                 lines.append(line("p10", "session's", p["session_calibration"]["fit"],
                                   p["session_calibration"]["metrics"]))
+        a = self.metrics.get("anchored_units")
+        if a:
+            lines.append(line("anchor", "table's  ", a["calibration"], a["metrics"]) +
+                         "\n    (units: each row's ratio to the build's drift reference x its level over the build)")
+            if a["session_calibration"]:
+                lines.append(line("anchor", "session's", a["session_calibration"]["fit"],
+                                  a["session_calibration"]["metrics"]))
         n = self.metrics.get("drift_normalised")
         if n:
             lines.append(line("median", "table's  ", self.metrics["calibration"], n["metrics"])
@@ -136,6 +143,10 @@ class ValidationResult:
             if n.get("session_calibration"):
                 sc = n["session_calibration"]
                 lines.append(line("ratio ", "session's", sc["fit"], sc["metrics"]))
+            if n.get("anchored_units_session_calibration"):
+                sc = n["anchored_units_session_calibration"]
+                lines.append(line("ratio ", "session's", sc["fit"], sc["metrics"]).replace(
+                    "ratio  session's", "ratio  session's, anchored units,"))
         noise = self.metrics.get("noise")
         if noise:
             from device.noise import noise_sentence
@@ -296,7 +307,10 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
         metrics["p10"] = {"calibration": lat10.calibration,
                           "metrics": accuracy_metrics(lat10.scale * sums10 + lat10.offset, m10),
                           "session_calibration": _refit(lat10, sums10, m10, session_rows)}
-        metrics.update(_drift_normalised(out / REFERENCES_FILE, df, lat, session_rows, seed, target))
+        anchored_lat = compile_for(target, store, dev, grid, unit_values="anchored") if store.references() else None
+        if anchored_lat is not None:
+            metrics.update(_anchored_units(anchored_lat, df, session_rows))
+        metrics.update(_drift_normalised(out / REFERENCES_FILE, df, lat, session_rows, anchored_lat))
         png = None
         if plot:
             from latency_tables.plots import scatter_plot
@@ -314,10 +328,23 @@ def validate_table(model, device: str | Device = "local", *, samples: int = 50, 
             dev.close()
 
 
-def _drift_normalised(path: Path, df: pd.DataFrame, lat, session_rows, seed: int, target) -> dict:
+def _anchored_units(lat, df: pd.DataFrame, session_rows) -> dict:
+    """The same samples predicted from the table's drift-anchored unit values (`lat` compiled with
+    unit_values="anchored"; `reference.anchored_rows`) instead of its raw medians, with the table's and
+    this session's calibration."""
+    sums = np.array([lat.predict_raw(c) for c in channels_of(df)])
+    measured = df["median_ms"].to_numpy(float)
+    return {"anchored_units": {"calibration": lat.calibration,
+                               "metrics": accuracy_metrics(lat.scale * sums + lat.offset, measured),
+                               "session_calibration": _refit(lat, sums, measured, session_rows)}}
+
+
+def _drift_normalised(path: Path, df: pd.DataFrame, lat, session_rows, anchored_lat=None) -> dict:
     """Metrics of the reference-normalised measurements (each variant's median over its passes of its
     ratio to the original in the same rounds, times the original's median over the whole session) and
-    the noise the original saw; {} when this validation had no reference."""
+    the noise the original saw; {} when this validation had no reference. With `anchored_lat` (the
+    table's anchored unit values) also the fully re-anchored pair: anchored units, fitted on the
+    calibration models' anchored timings, against the anchored measurements."""
     if not path.exists():
         return {}
     ref = pd.read_csv(path, keep_default_na=False)
@@ -345,6 +372,9 @@ def _drift_normalised(path: Path, df: pd.DataFrame, lat, session_rows, seed: int
                 rows.append(CalibrationRow(r.model_hash, r.model, r.variant, r.channels,
                                            replace(r.stats, median_ms=float(by_label[str(r.variant)]))))
         out["session_calibration"] = _refit(lat, d["unit_sum_ms"].to_numpy(float), anchored, rows)
+        if anchored_lat is not None:
+            sums = np.array([anchored_lat.predict_raw(c) for c in channels_of(d.reset_index())])
+            out["anchored_units_session_calibration"] = _refit(anchored_lat, sums, anchored, rows)
     # The figure the verdict uses: the larger of the within-pass spread and the drift between passes
     # (what the raw medians carry and the ratios cancel).
     return {"drift_normalised": out, "noise": {"spread": spread, "pass_drift": drift, "figure": max(spread, drift)}}

@@ -88,27 +88,45 @@ def calibration_points(model: LatencyModel, rows, recent: int = RECENT_PASSES
     return sums, measured, used
 
 
+# How a table's unit rows become a model's values: "median" (the raw median of each row) or "anchored"
+# (each row's ratio to the drift reference of its batch x the reference's level over the build; see
+# `reference.anchored_rows`).
+UNIT_VALUES = ("median", "anchored")
+
+
 def compile_for(target: Target, store: TableStore, device: str | Device | None = None,
-                grid: int | None = None, statistic: str = "median_ms") -> LatencyModel:
+                grid: int | None = None, statistic: str = "median_ms", unit_values: str = "median") -> LatencyModel:
+    if unit_values not in UNIT_VALUES:
+        raise AmcError(f"unknown unit values {unit_values!r}: expected one of {', '.join(UNIT_VALUES)}")
+    if unit_values == "anchored" and statistic != "median_ms":
+        raise AmcError("anchored unit values are medians (the ratio is a median of per-round ratios): "
+                       f"statistic {statistic!r} cannot be anchored")
     grid = int(grid or table_grid(store, target))
     label = device_label(device, store)
-    model = LatencyModel.compile(target.graph, target.scope, store.units().values(), grid,
+    rows = store.units()
+    if unit_values == "anchored":
+        from .reference import anchored_rows
+
+        rows = anchored_rows(rows, store.references())
+    model = LatencyModel.compile(target.graph, target.scope, rows.values(), grid,
                                  build_hint=target.build_command(label, grid), source=str(store.folder),
                                  statistic=statistic)
     sums, measured, used = calibration_points(model, calibration_for(store.calibration(), target.hash))
     fit = fit_overhead(sums, measured)
-    model.set_calibration(fit.scale, fit.offset, {**fit.to_dict(), "variants": used, "model_hash": target.hash})
+    model.set_calibration(fit.scale, fit.offset, {**fit.to_dict(), "variants": used, "model_hash": target.hash,
+                                                  "unit_values": unit_values})
     return model
 
 
 def load_latency_model(target: Target, *, device_uri: str | Device | None = None, table_dir: str | os.PathLike | None = None,
                        allow_mismatch: bool = False, tables_dir: str | os.PathLike | None = None,
                        config: MeasureConfig | None = None, grid: int | None = None,
-                       statistic: str = "median_ms") -> LatencyModel:
+                       statistic: str = "median_ms", unit_values: str = "median") -> LatencyModel:
     """A compiled LatencyModel for `target` (`amc_mobile.tables.load_latency_model` takes a model name,
     folder or module) within its scope, from the table of `device_uri` or `table_dir`.
-    `statistic`: predict the median (default) or the 10th percentile of the measured samples."""
+    `statistic`: predict the median (default) or the 10th percentile of the measured samples;
+    `unit_values`: UNIT_VALUES."""
     require_target(target, "load_latency_model")
     hint = target.build_command(device_label(device_uri))
     store = open_table(device_uri, table_dir, tables_dir, allow_mismatch, config, hint)
-    return compile_for(target, store, device_uri, grid, statistic)
+    return compile_for(target, store, device_uri, grid, statistic, unit_values)

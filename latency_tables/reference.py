@@ -127,13 +127,26 @@ def reference_status(units: dict, refs: dict[str, ReferenceRow]) -> ReferenceSta
                            float(np.median(level)) if level else float("nan"), level_spread(level))
 
 
-def anchored_medians(units: dict, refs: dict[str, ReferenceRow], ref_level_ms: float) -> dict[str, float]:
-    """Each unit's latency re-anchored to the device's level now: ratio x the reference's latency
-    measured now (`ref_level_ms`). Rows without a reference keep their raw median."""
+def anchored_rows(units: dict, refs: dict[str, ReferenceRow]) -> dict:
+    """The table's unit rows with each referenced row's median replaced by its ratio to the drift
+    reference x the reference's median level over the whole build: a slow stretch of the device during
+    the build, which lands on a contiguous run of rows, cancels out of the ratio, and one level puts
+    every row back on the same footing. Rows without a reference (or a NaN ratio) keep their raw median.
+    The level is the build's, not the device's now: the calibration's scale carries the device's level
+    now, as it does for raw medians."""
+    from dataclasses import replace
+
+    status = reference_status(units, refs)
+    level = status.ref_median_ms
+    if math.isnan(level):
+        return dict(units)
     out = {}
     for k, row in units.items():
         r = refs.get(k)
-        out[k] = r.ratio * ref_level_ms if r is not None and not math.isnan(r.ratio) else row.median_ms
+        if r is None or math.isnan(r.ratio):
+            out[k] = row
+        else:
+            out[k] = replace(row, stats=replace(row.stats, median_ms=r.ratio * level))
     return out
 
 

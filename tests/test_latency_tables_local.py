@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from _local_table import GRID, QUICK, copy_table
+from amc_mobile.errors import AmcError
 from amc_mobile.tables import load_latency_model
 from latency_tables.build import CALIBRATION_PASSES
 from latency_tables.loading import RECENT_PASSES
@@ -70,6 +71,14 @@ def test_tiny_real_validation(resnet_table, tmp_path):
     assert res.metrics["max_abs_error_pct"] == pytest.approx(np.max(np.abs(pred - meas) / meas) * 100)
     lat = load_latency_model("resnet20", device_uri="local", tables_dir=root, config=QUICK)
     assert pred.tolist() == pytest.approx([lat.predict(ch) for ch in channels_of(res.samples)], rel=1e-5)
+    # the same samples from the drift-anchored unit values (the table carries references)
+    from latency_tables.loading import UNIT_VALUES
+
+    anchored = load_latency_model("resnet20", device_uri="local", tables_dir=root, config=QUICK, unit_values="anchored")
+    a = res.metrics["anchored_units"]
+    apred = np.array([anchored.predict(ch) for ch in channels_of(res.samples)])
+    assert a["metrics"]["max_abs_error_pct"] == pytest.approx(np.max(np.abs(apred - meas) / meas) * 100, rel=1e-4)
+    assert a["calibration"]["unit_values"] == "anchored" and "anchor" in res.summary() and "anchored" in UNIT_VALUES
     # a rerun into the same folder measures nothing new
     rows = (tmp_path / "val" / "samples.csv").read_text()
     again = validate_table("resnet20", "local", samples=2, out_dir=tmp_path / "val", tables_dir=root, config=QUICK,
@@ -149,3 +158,41 @@ def test_a_table_built_before_drift_references_loads_and_says_so(resnet20_local_
     assert main(["table", "show", "--table-dir", str(store.folder), "--model", "resnet20"]) == 0
     out = capsys.readouterr().out
     assert "drift reference: unreferenced (built before drift references" in out
+
+
+def test_anchored_unit_values_are_ratio_times_the_build_level(resnet20_local_table, tmp_path):
+    """A table compiled with anchored unit values reads each row as its ratio to the drift reference x the
+    reference's median level over the build; a row written while the device ran slow (its raw median
+    doubled, its ratio not) predicts as before; an unreferenced table compiles to its raw medians."""
+    from dataclasses import replace
+
+    from amc_mobile.tables import resolve_target
+    from latency_tables.loading import compile_for
+    from latency_tables.reference import REFERENCES_FILE, anchored_rows
+    from latency_tables.store import TableStore
+
+    store = copy_table(resnet20_local_table, tmp_path)
+    units, refs = store.units(), store.references()
+    level = store.reference_status().ref_median_ms
+    anchored = anchored_rows(units, refs)
+    assert all(anchored[k].median_ms == pytest.approx(refs[k].ratio * level) for k in units)
+    assert all(anchored[k].stats.p10_ms == units[k].stats.p10_ms for k in units)  # only the median is anchored
+    target = resolve_target("resnet20")
+    before = compile_for(target, store, "local", unit_values="anchored")
+    raw_before = compile_for(target, store, "local")
+    # the device ran twice as slow while the rows were written; their ratios came from the same rounds
+    header = store.units_path.read_text().splitlines(keepends=True)[0]
+    store.units_path.write_text(header + "".join(
+        replace(r, stats=replace(r.stats, median_ms=2 * r.median_ms)).to_line() for r in units.values()))
+    slow = TableStore(store.folder)
+    after = compile_for(target, slow, "local", unit_values="anchored")
+    assert after.predict_raw({}) == pytest.approx(before.predict_raw({}))
+    assert compile_for(target, slow, "local").predict_raw({}) == pytest.approx(2 * raw_before.predict_raw({}))
+    assert after.calibration["unit_values"] == "anchored"
+    with pytest.raises(AmcError, match="unknown unit values"):
+        compile_for(target, slow, "local", unit_values="mean")
+    with pytest.raises(AmcError, match="cannot be anchored"):
+        compile_for(target, slow, "local", statistic="p10_ms", unit_values="anchored")
+    (store.folder / REFERENCES_FILE).unlink()
+    raw = compile_for(target, TableStore(store.folder), "local", unit_values="anchored")
+    assert raw.predict_raw({}) == pytest.approx(compile_for(target, TableStore(store.folder), "local").predict_raw({}))
