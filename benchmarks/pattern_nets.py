@@ -63,6 +63,11 @@ def one(name: str, args, out: Path) -> dict:
                                       "spearman")})
     s_fit = (m.get("session_calibration") or {}).get("metrics") or {}
     row.update({f"session_{k}": s_fit.get(k) for k in ("within_5pct", "within_10pct", "rmspe_pct", "spearman")})
+    # issue 19's re-anchoring: the table's units as ratios to its drift reference, the variants as ratios to the
+    # original in the same rounds, the session's fit on the calibration models' ratios
+    both = ((m.get("drift_normalised") or {}).get("anchored_units_session_calibration") or {}).get("metrics") or {}
+    row.update({f"anchored_{k}": both.get(k) for k in ("within_5pct", "within_10pct", "rmspe_pct", "spearman")})
+    row["noise_figure"] = (m.get("noise") or {}).get("figure")
     if args.no_search:
         return row
     t0 = time.perf_counter()
@@ -98,6 +103,14 @@ def one(name: str, args, out: Path) -> dict:
     return row
 
 
+def pct(x, fmt: str = ".0%") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def num(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nets", default="all")
@@ -117,14 +130,18 @@ def main() -> int:
         rows.append(one(name, args, out))
         (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))  # kept as each net finishes
     lines = ["| net | prunable / fixed groups | units | table build | within +-5% / +-10% | RMSPE | under-pred. | "
-             "Spearman | measured ratio at target |", "|---|---|---|---|---|---|---|---|---|"]
+             "Spearman | session: within +-5% / +-10% | re-anchored, session: within +-5% / +-10%, Spearman | "
+             "noise figure | measured ratio at target |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "measured_ratio" not in r:
             r["measured_ratio"], r["search_target"] = None, "unreachable"
         lines.append(f"| {r['net']} | {r['prunable_groups']} / {r['fixed_groups']} | {r['units']} | "
                      f"{r['table_build_s']:.0f} s ({r['configs_measured']} cfgs) | {r['within_5pct']:.0%} / "
                      f"{r['within_10pct']:.0%} | {r['rmspe_pct']:.1f}% | {r['under_predicted_5pct']:.0%} | "
-                     f"{r['spearman']:.3f} | {r['measured_ratio']} (target {r['search_target']}) |")
+                     f"{r['spearman']:.3f} | {pct(r['session_within_5pct'])} / {pct(r['session_within_10pct'])} | "
+                     f"{pct(r['anchored_within_5pct'])} / {pct(r['anchored_within_10pct'])}, "
+                     f"{num(r['anchored_spearman'])} | {pct(r['noise_figure'], '.1%')} | "
+                     f"{r['measured_ratio']} (target {r['search_target']}) |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
