@@ -384,12 +384,14 @@ def _calibration(store: TableStore, target: Target, grid: int, count: int, runne
 
 def ensure_table(target: Target, device_uri: str | Device = "local", *,
                  tables_dir: str | os.PathLike | None = None, grid: int = DEFAULT_GRID,
-                 config: MeasureConfig | None = None, progress: bool = True, **build_kw) -> LatencyModel:
+                 config: MeasureConfig | None = None, progress: bool = True, unit_values: str = "median",
+                 **build_kw) -> LatencyModel:
     """Build whatever the table for (model, scope, device) still lacks, then load it as a LatencyModel.
-    A complete table costs only the check (seconds). `device_uri`: a URI, or an opened Device (left open)."""
+    A complete table costs only the check (seconds). `device_uri`: a URI, or an opened Device (left open).
+    `unit_values`: `loading.UNIT_VALUES`."""
     require_target(target, "ensure_table")
     report = build_table(target, device_uri, grid=grid, config=config, tables_dir=tables_dir, progress=progress,
                          **build_kw)
     # A build stopped by a limit still gives a model when every layer has entries (interpolation fills
     # the rest); otherwise compiling names the first layer without any.
-    return compile_for(target, TableStore(report.folder), device_uri, grid)
+    return compile_for(target, TableStore(report.folder), device_uri, grid, unit_values=unit_values)

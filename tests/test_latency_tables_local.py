@@ -107,12 +107,17 @@ def test_recalibration_refits_on_fresh_timings_and_keeps_them(resnet20_local_tab
     assert rec.persisted == len(fresh) == 2 * len(variants)  # every pass kept
     assert sorted(r.variant for r in fresh) == sorted(2 * [label for label, _ in variants])
     assert lat.calibration["session"] and lat.calibration["points"] == len(variants)
-    # the fit is the fit of the kept timings (median of the two passes per variant), refitted from the file
+    # anchored (the original in every round): each model's value is the median of its per-pass ratios to the
+    # original x the original's level, and the fit is the fit of those values
+    assert rec.anchored and lat.calibration["anchored"] and sorted(rec.ratios) == sorted(l for l, _ in variants)
+    assert all(len(v) == 2 for v in rec.ratios.values())
+    for label, _ in variants:
+        assert rec.calibration_ms[label] == pytest.approx(statistics.median(rec.ratios[label]) * rec.reference_ms)
     by_variant = {}
-    for r in fresh:
+    for r in fresh:  # the table keeps the raw timings
         by_variant.setdefault(r.variant, []).append(r.stats.median_ms)
     sums = [lat.predict_raw(ch) for _, ch in variants]
-    measured = [statistics.median(by_variant[label]) for label, _ in variants]
+    measured = [rec.calibration_ms[label] for label, _ in variants]
     refit = fit_overhead(sums, measured)
     assert (lat.scale, lat.offset) != (3.0, 5.0) and rec.fit.method == refit.method
     assert lat.scale == pytest.approx(refit.scale, rel=1e-4) and lat.offset == pytest.approx(refit.offset, abs=1e-4)
@@ -122,6 +127,10 @@ def test_recalibration_refits_on_fresh_timings_and_keeps_them(resnet20_local_tab
     # the original's latency is the median of its per-pass medians, as recorded
     assert rec.original_ms == pytest.approx(statistics.median(by_variant["full"]), rel=1e-4)
     assert any(rec.original["median_ms"] == pytest.approx(v, rel=1e-4) for v in by_variant["full"])  # one of them
+    # without the reference: the raw medians of the two passes per variant, as the file has them
+    raw = recalibrate(lat, target, _local(), passes=1, config=QUICK, grid=GRID, anchored=False)
+    assert not raw.anchored and not raw.ratios and not lat.calibration["anchored"] and raw.reference_ms is None
+    assert lat.scale == pytest.approx(fit_overhead(sums, [raw.calibration_ms[l] for l, _ in variants]).scale, rel=1e-4)
     # the stored fit now follows the most recent passes, the fresh ones included
     again = load_latency_model("resnet20", device_uri="local", tables_dir=tmp_path, config=QUICK)
     assert again.calibration["points"] == len(variants) and RECENT_PASSES >= 2

@@ -396,7 +396,8 @@ def latency_cost_for(model, graph: PruningGraph, scope: str, cfg: SearchConfig,
         from amc_mobile.tables import load_latency_model
 
         where = device.device() if device is not None else cfg.device
-        return LatencyCost(load_latency_model(model, graph, scope, device_uri=where, table_dir=cfg.table_dir))
+        return LatencyCost(load_latency_model(model, graph, scope, device_uri=where, table_dir=cfg.table_dir,
+                                              unit_values=cfg.unit_values))
     except Exception as exc:  # no table, a table without this model's layers, no executorch...
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"no table-predicted latency for the policy on {cfg.device}: {first}")

@@ -89,6 +89,10 @@ class SearchConfig:
     recalibrate: bool = _f(True, "latency cost: re-time the table's calibration models on the device first (seconds) "
                            "and fit the overhead term to the device as it is now; the unpruned model's timing is "
                            "the measured reference")
+    unit_values: str = _f("anchored", "latency cost: read the table's rows as their ratio to the build's drift "
+                          "reference x its level over the build (anchored; takes a slow stretch of the build off the "
+                          "rows it hit), or as raw medians; the re-timed calibration is anchored to the original "
+                          "likewise", choices=("anchored", "median"))
     reward: str = _f("constrained", "constrained: -error under the budget; guaranteed: -error*log(cost), no budget",
                      choices=REWARDS)
     metric: str = _f("top1", "accuracy the reward uses (AMC's official code used top5 on ImageNet)", choices=METRICS)

@@ -81,8 +81,10 @@ def _latency_model(model: nn.Module, graph: PruningGraph, scope: str, cfg: Searc
     except ImportError as exc:
         raise AmcError(f"latency tables are not available in this installation ({exc}); use --cost flops") from exc
     if cfg.table_dir:
-        return load_latency_model(model, graph, scope, device_uri=device.device(), table_dir=cfg.table_dir)
-    return ensure_table(model, graph, scope, device_uri=device.device(), progress=cfg.progress)
+        return load_latency_model(model, graph, scope, device_uri=device.device(), table_dir=cfg.table_dir,
+                                  unit_values=cfg.unit_values)
+    return ensure_table(model, graph, scope, device_uri=device.device(), progress=cfg.progress,
+                        unit_values=cfg.unit_values)
 
 
 def make_cost(name: str, model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig, device: DeviceSession,
@@ -127,7 +129,8 @@ def _recalibrate(cfg: SearchConfig, cost: CostModel, model: nn.Module, info: dic
                 store = None  # a table from another device configuration: refit for this session only
         else:
             store = None
-        rec = lt.recalibrate(lat, resolve_target(model, lat.graph, lat.scope), dev, store=store)
+        rec = lt.recalibrate(lat, resolve_target(model, lat.graph, lat.scope), dev, store=store,
+                             anchored=cfg.unit_values == "anchored")
     except AmcError as exc:
         warnings.warn(f"could not re-time the calibration models on {cfg.device} ({exc}): the table's stored "
                       f"calibration is used", SearchWarning, stacklevel=2)
