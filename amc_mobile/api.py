@@ -146,6 +146,11 @@ class CompressResult:
 
     @property
     def measured_ratio(self) -> float | None:
+        """The search's final measured ratio (`summary["measured"]["measured_ratio"]`: paired per round when
+        the original ran in every round, else pruned / original median)."""
+        m = self.summary.get("measured") or {}
+        if m.get("measured_ratio") is not None:
+            return float(m["measured_ratio"])
         if self.original_ms and self.pruned_ms:
             return self.pruned_ms / self.original_ms
         return None

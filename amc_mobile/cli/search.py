@@ -112,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
     m = s.get("measured")
     if m and "speedup" in m:
         print(f"measured on {cfg.device}: original {m['original']['median_ms']:.3f} ms, pruned "
-              f"{m['pruned']['median_ms']:.3f} ms ({m['measured_ratio']:.1%}, {m['speedup']:.2f}x faster)")
+              f"{m['pruned']['median_ms']:.3f} ms ({m['measured_ratio']:.1%}"
+              + (" in the same rounds" if m['pruned'].get('ratio') is not None else "")
+              + f", {m['speedup']:.2f}x faster)")
     elif m:
         print(f"measurement on {cfg.device} failed: {json.dumps(m.get('error') or m)[:300]}")
     mb = s.get("measured_budget")
