@@ -7,7 +7,8 @@ predicted six ways side by side from ONE measurement run (units and models in th
 Variants per model: all fp32, all int8, and N random policies (each conv/linear int8 with probability 1/2,
 seeded as the first version of this script was, so resnet20's first 10 are the same policies). Unit
 precisions and the fp32<->int8 edges follow `amc_mobile/precision.py` (the quantizer's rule). What is
-measured, all in one `.pte` batch, `--repeats` runner invocations (samples pooled):
+measured, lowered once into `.pte` batches of 32 methods, then timed in `--repeats` passes (each pass runs
+every program once; a unit's or variant's latency is the median of its pass medians):
 - every unit at fp32, at int8 taking and returning int8 (`int8`), and at int8 taking and returning fp32
   (`int8_fp32io`, its own q/dq inside: how int8 units were measured before);
 - the quantize and dequantize of every edge a policy can create, and of every int8 unit's input and output;
@@ -30,7 +31,10 @@ Metrics over the random mixes only (fp32 and all-int8 are the fit's points).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
+import os
 import random
 import statistics
 import sys
@@ -44,9 +48,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from device import Candidate, MeasureConfig  # noqa: E402
+from device import MeasureConfig  # noqa: E402
 from device.local import LocalDevice  # noqa: E402
 from device.quantize import QuantPolicy, quantize_model  # noqa: E402
+from latency_tables.batching import BatchRunner, Job, Programs  # noqa: E402
+
+
+@contextlib.contextmanager
+def lock(path: str | None, exclusive: bool):
+    """`--lock FILE`: lower under a shared flock, time under an exclusive one (a quiet host for the timing
+    only, without holding it through minutes of lowering)."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 LAYER_KINDS = ("conv", "dwconv", "linear")
 
@@ -76,6 +96,9 @@ def run_model(name: str, args, dev) -> list[dict]:
     policies = {"fp32": QuantPolicy("fp32"), "int8": QuantPolicy("int8")}
     for k in range(args.variants):
         policies[f"mix{k}"] = QuantPolicy("fp32", {n: rng.choice(["fp32", "int8"]) for n in layers})
+    # two mixed calibration models with many edges (every other layer int8): the points a per-edge fit needs
+    for k in range(2):
+        policies[f"alt{k}"] = QuantPolicy("fp32", {n: ("int8" if i % 2 == k else "fp32") for i, n in enumerate(layers)})
 
     # every unit each prediction needs, measured once
     plain = {p: units_at(graph, pmap.unit_dtypes(pol)) for p, pol in policies.items()}
@@ -90,19 +113,37 @@ def run_model(name: str, args, dev) -> list[dict]:
     distinct = sorted(need)
     x = torch.randn(1, *model.input_shape, generator=torch.Generator().manual_seed(0))
     calib = torch.randn(64, *model.input_shape, generator=torch.Generator().manual_seed(1))
+    jobs = [Job(f"u{i}", spec=s) for i, s in enumerate(distinct)]
+    cfg = MeasureConfig(warmup=10, iterations=50, repeats=1)
     t0 = time.time()
-    cands = [Candidate(f"u{i}", *s.build()) for i, s in enumerate(distinct)]
-    for p, pol in policies.items():
-        m = model if pol.all_fp32 else quantize_model(model, x, calib, pol, check_delegation=False).module
-        cands.append(Candidate(f"m_{p}", m, x))
-    built = time.time() - t0
-    cfg = MeasureConfig(warmup=10, iterations=50, repeats=args.repeats)
-    res = dev.measure(cands, cfg)
-    bad = [(c.name, r.error) for c, r in zip(cands, res) if not r.ok]
-    if bad:
-        raise SystemExit(f"{name}: {len(bad)} failed, first {bad[0][0]}: {bad[0][1]}")
-    ms = {s: r.median_ms for s, r in zip(distinct, res)}
-    measured = {p: r.median_ms for p, r in zip(policies, res[len(distinct):])}
+    with BatchRunner(dev, cfg, batch_size=32, workers=1) as runner:
+        with lock(args.lock, exclusive=False):
+            for p, pol in policies.items():
+                m = model if pol.all_fp32 else quantize_model(model, x, calib, pol, check_delegation=False).module
+                jobs.append(Job(f"m_{p}", module=m, example_input=x))
+            random.Random(1).shuffle(jobs)  # units and variants share programs: drift between them is shared
+            programs = Programs(runner, jobs, cfg)
+        medians: dict[str, list[float]] = {j.name: [] for j in jobs}
+        built = time.time() - t0
+        with programs, lock(args.lock, exclusive=True):  # only the timing needs the quiet host
+            t1 = time.time()
+            for _ in range(args.repeats):
+                for job, r in programs.measure_pass():
+                    if not r.ok:
+                        raise SystemExit(f"{name}: {job.name} failed: {r.error}")
+                    medians[job.name].append(r.median_ms)
+            timed = time.time() - t1
+    ms = {s: statistics.median(medians[f"u{i}"]) for i, s in enumerate(distinct)}
+    measured = {p: statistics.median(medians[f"m_{p}"]) for p in policies}
+
+    if args.dump:
+        import json
+
+        dump = {"units": {s.key(): ms[s] for s in distinct}, "measured": measured,
+                "plain": {p: [s.key() for s in us] for p, us in plain.items()},
+                "io": {p: [s.key() for s in us] for p, us in io.items()},
+                "passes": {j.name: medians[j.name] for j in jobs}}
+        Path(args.dump.replace("MODEL", name)).write_text(json.dumps(dump))
 
     def before(p):  # old unit builder: layer units int8 with fp32 IO, other "int8" units unquantized
         return sum(ms[replace(s, dtype="int8_fp32io")] if s.dtype == "int8" and s.kind in LAYER_KINDS
@@ -135,7 +176,8 @@ def run_model(name: str, args, dev) -> list[dict]:
                "io+edges": offset_fp32(io_edges), "io+edges+fit": fit2(io_edges), "sub+edges+fit": fit2(sub_edges)}
     mixes = [p for p in policies if p.startswith("mix")]
     print(f"\n{name} on local ({dev.fingerprint(cfg).hardware}, 1 thread): {len(distinct)} distinct units, "
-          f"{len(policies)} variants, {len(pmap.edges)} possible edges; built in {built:.0f} s, repeats {args.repeats}")
+          f"{len(policies)} variants, {len(pmap.edges)} possible edges; lowered in {built:.0f} s, {args.repeats} "
+          f"passes timed in {timed:.0f} s (load average at the end {os.getloadavg()[0]:.2f})")
     print(f"{'variant':8s} {'int8 u.':>8s} {'edges':>5s} {'measured':>9s} " +
           " ".join(f"{m:>14s}" for m in methods))
     for p in policies:
@@ -158,6 +200,9 @@ def main() -> None:
     ap.add_argument("--variants", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dump", default=None, help="write every unit's and variant's medians to this JSON (MODEL "
+                                                 "in the name is replaced by the model)")
+    ap.add_argument("--lock", default=None, help="flock FILE: shared while lowering, exclusive while timing")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)

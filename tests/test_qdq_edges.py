@@ -69,6 +69,7 @@ def _split(active):
     return sum(1 for i in active if i % 2 == 0), sum(1 for i in active if i % 2 == 1)
 
 
+@pytest.mark.slow
 def test_one_qdq_per_edge_as_pt2e_inserts_them():
     """The edges a policy pays are the q/dq PT2E puts in the graph: none inside an all-int8 model (only the
     input's quantize and the output's dequantize), none in fp32, and the same count for random mixes."""
@@ -81,15 +82,16 @@ def test_one_qdq_per_edge_as_pt2e_inserts_them():
     all8 = pmap.active_edges(QuantPolicy("int8"))
     assert [pmap.edge_units[i].name for i in all8] == ["quantize:input->stem.conv", "dequantize:classifier->output"]
     rng = random.Random(3)
-    policies = [QuantPolicy("int8"), QuantPolicy("int8", {"blocks.0.conv2.conv": "fp32"})]
-    policies += [QuantPolicy("fp32", {n: rng.choice(["fp32", "int8"]) for n in pmap.layers}) for _ in range(2)]
+    # a block's input into an fp32 conv and its int8 add; a mix with values read by two fp32 and two int8 ops
+    policies = [QuantPolicy("int8", {"blocks.0.conv2.conv": "fp32"}),
+                QuantPolicy("fp32", {n: rng.choice(["fp32", "int8"]) for n in pmap.layers})]
     for policy in policies:
         qm = quantize_model(model, x, calib, policy, check_delegation=False)
         assert _split(pmap.active_edges(policy)) == graph_boundaries(qm.module.graph_module), policy.label()
     # an int8 conv between two fp32 neighbours: its input quantized, its output dequantized, one each
     one = QuantPolicy("fp32", {"blocks.3.conv1.conv": "int8"})
     names = [pmap.edge_units[i].name for i in pmap.active_edges(one)]
-    assert names == ["quantize:blocks_3_relu->blocks.3.conv1.conv", "dequantize:blocks.3.conv1.conv->blocks.3.conv2.conv"]
+    assert names == ["quantize:blocks_2_relu->blocks.3.conv1.conv", "dequantize:blocks_3_conv1_act->blocks.3.conv2.conv"]
 
 
 def test_edge_units_follow_the_channels_and_keys_round_trip():
@@ -98,11 +100,11 @@ def test_edge_units_follow_the_channels_and_keys_round_trip():
     pmap = PrecisionMap(model, graph)
     policy = QuantPolicy("fp32", {"blocks.3.conv1.conv": "int8"})
     (q, dq) = pmap.edge_specs(policy)
-    assert q.key() == "quantize1x1-s1-p0-g1-in32-out32-hw14x14-none-int8-b1"
+    assert q.key() == "quantize1x1-s1-p0-g1-in16-out16-hw28x28-none-int8-b1"  # the stride-2 conv's input
     assert dq.key() == "dequantize1x1-s1-p0-g1-in32-out32-hw14x14-none-int8-b1"
     group = next(u for u in graph.units if u.name == "blocks.3.conv1.conv").out_group
-    pruned = pmap.edge_specs(policy, {group: 16})
-    assert (pruned[0].c_in, pruned[1].c_in) == (32, 16)  # the input group stays full, the output is pruned
+    pruned = pmap.edge_specs(policy, {group: 8})
+    assert (pruned[0].c_in, pruned[1].c_in) == (16, 8)  # the input group stays full, the output is pruned
     for spec in (q, dq, UnitSpec("conv", 8, 8, 4, 8, 3, padding=1, dtype="int8_fp32io")):
         assert UnitSpec.from_dict(spec.to_dict()) == spec
     # the prediction is the sum over exactly these units
@@ -134,7 +136,7 @@ def test_bad_unit_and_policy_inputs_are_one_line_errors():
         pmap.policy_of(odd)
     dtypes = pmap.unit_dtypes(QuantPolicy("int8", {"stem.conv": "fp32"}))
     assert pmap.policy_of(dtypes).precision_of("stem.conv") == "fp32"
-    with pytest.raises(AmcError, match="no measurement of unit quantize1x1"):
+    with pytest.raises(AmcError, match="no measurement of unit conv3x3-.*-int8-b1"):
         predict_mixed({s.key(): 1.0 for s in mixed_units(pmap, graph, QuantPolicy("fp32"))}, pmap, graph,
                       QuantPolicy("int8"))
 
@@ -160,3 +162,49 @@ def test_int8_io_and_edge_units_lower_and_run(et_bench):
     res = LocalDevice().measure([Candidate(f"u{i}", m, x) for i, (m, x) in enumerate(built)],
                                 MeasureConfig(warmup=1, iterations=3))
     assert [r.ok for r in res] == [True] * len(specs), [r.error for r in res]
+
+
+NET = ("from torch import nn\n"
+       "class Net(nn.Module):\n"
+       "    input_shape = (1, 8, 8)\n"
+       "    def __init__(self):\n"
+       "        super().__init__()\n"
+       "        self.a = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())\n"
+       "        self.b = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())\n"
+       "        self.pool = nn.AdaptiveAvgPool2d(1)\n"
+       "        self.fc = nn.Linear(16, 4)\n"
+       "    def forward(self, x):\n"
+       "        return self.fc(self.pool(self.b(self.a(x))).flatten(1))\n"
+       "def build():\n"
+       "    return Net()\n")
+
+
+@pytest.mark.slow
+def test_table_validate_mixed_from_fp32_and_int8_rows(tmp_path, et_bench, capsys):
+    """`table build` + `table build --dtype int8` (int8 units and every edge's q/dq) are what
+    `table validate --dtype mixed` predicts from; without the int8 rows it is a one-line error."""
+    import json
+
+    from amc_mobile.cli import main
+
+    net = tmp_path / "net.py"
+    net.write_text(NET)
+    table, model = tmp_path / "table", f"{net}:build"
+    fast = ["--grid", "4", "--no-refine", "--iterations", "3", "--warmup", "1", "--quiet", "--workers", "1"]
+    assert main(["table", "build", "-m", model, "--table-dir", str(table), "--calibration-variants", "2", *fast]) == 0
+    validate = ["table", "validate", "-m", model, "--dtype", "mixed", "--table-dir", str(table), "--samples", "3",
+                "--passes", "1", "--iterations", "3", "--warmup", "1", "--quiet", "--workers", "1"]
+    capsys.readouterr()
+    assert main([*validate, "--out", str(tmp_path / "v0")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "table build --dtype int8" in err and "-int8-b1" in err, err
+    assert main(["table", "build", "-m", model, "--dtype", "int8", "--table-dir", str(table), *fast]) == 0
+    keys = (table / "units.csv").read_text()
+    assert "\nquantize1x1-" in keys and "\ndequantize1x1-" in keys and "-int8_fp32io-" not in keys
+    out = tmp_path / "v1"
+    assert main([*validate, "--out", str(out)]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())["metrics"]
+    assert summary["session"]["fit"]["int8"] and summary["session"]["metrics"]["samples"] == 3
+    rows = (out / "samples.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("index,seed,pass,channels,policy,int8_units,edges")
+    assert "within ±10%" in capsys.readouterr().out
