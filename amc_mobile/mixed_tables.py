@@ -31,7 +31,7 @@ from device.quantize import QuantPolicy, quantize_model
 from device.stats import LatencyStats
 from latency_tables.batching import BatchRunner, Job, Programs
 from latency_tables.build import MODEL_CONFIG
-from latency_tables.calibrate import calibration_for, calibration_variants
+from latency_tables.calibrate import DEFAULT_VARIANTS, calibration_for, calibration_variants
 from latency_tables.loading import device_label, open_table, table_grid, RECENT_PASSES
 from latency_tables.mixed import MixedLatencyModel, at_dtype
 from latency_tables.network import Target, model_hash
@@ -108,6 +108,57 @@ def load_mixed_latency_model(model, device: str | Device = "local", *, graph=Non
     return predictor, target, store
 
 
+def calibration_jobs(target: Target, grid: int, count: int = DEFAULT_VARIANTS) -> list[Job]:
+    """The table's calibration models (the unpruned one and uniformly pruned ones) at fp32 and all-int8."""
+    x = target.example_input()
+    return [Job(f"c{d}{i:02d}", example_input=x, payload=("calibration", f"{d}:{lbl}", ch, QuantPolicy(d)))
+            for d in ("fp32", "int8") for i, (lbl, ch) in enumerate(calibration_variants(target.graph, target.scope,
+                                                                                         grid, count))]
+
+
+def recalibrate_mixed(predictor: MixedPredictor, target: Target, device: str | Device = "local", *,
+                      grid: int | None = None, passes: int = 3, config: MeasureConfig | None = None,
+                      store: TableStore | None = None, count: int = DEFAULT_VARIANTS) -> dict:
+    """Time the calibration models at fp32 and all-int8 now (`passes` interleaved passes) and refit the
+    predictor's scale and offset on them: the session calibration a search makes before it sets a budget.
+    `store`, when given, gets every timing appended to its calibration rows. Returns the fit."""
+    from device.registry import open_device
+
+    if passes < 1:
+        raise AmcError(f"recalibration needs at least one pass (got {passes})")
+    config = config or MODEL_CONFIG
+    grid = int(grid or (table_grid(store, target) if store is not None else 8))
+    jobs = calibration_jobs(target, grid, count)
+    x = target.example_input()
+    rows: list[CalibrationRow] = []
+
+    def materialize(job: Job) -> None:
+        job.module = quantized(target, job.payload[2], job.payload[3], x)
+
+    def on_batch(results) -> None:
+        new = [CalibrationRow(target.hash if job.payload[3].default == "fp32" else int8_hash(target), target.label,
+                              job.payload[1], job.payload[2], Stats.of(st)) for job, st in results if st.ok]
+        rows.extend(new)
+        if store is not None and new:
+            with store.calibration_log() as log:
+                for r in new:
+                    log.append(r.to_line())
+
+    owned = isinstance(device, str)
+    dev = open_device(device) if owned else device
+    try:
+        with BatchRunner(dev, config, batch_size=len(jobs), workers=1) as runner, \
+                Programs(runner, jobs, config, materialize=materialize) as programs:
+            for _ in range(passes):
+                programs.measure_pass(on_batch)
+    finally:
+        if owned:
+            dev.close()
+    if not rows:
+        raise AmcError("recalibration measured none of the calibration models")
+    return fit_from_rows(predictor, target, rows)
+
+
 @dataclass
 class MixedValidation:
     out_dir: Path
@@ -131,7 +182,9 @@ class MixedValidation:
 def validate_mixed(model, device: str | Device = "local", *, samples: int = 30, seed: int = 0, prune: bool = True,
                    scope: str | None = None, grid: int | None = None, out_dir=None, table_dir=None, tables_dir=None,
                    allow_mismatch: bool = False, config: MeasureConfig | None = None, passes: int = 3,
-                   batch_size: int = 4, workers: int = 1, progress: bool = True) -> MixedValidation:
+                   batch_size: int = 4, workers: int = 1, progress: bool = True,
+                   calibration_count: int = DEFAULT_VARIANTS) -> MixedValidation:
+    """See the module doc; `calibration_count`: calibration models per precision (the unpruned one first)."""
     if samples < 1:
         raise AmcError("--samples must be >= 1")
     config = config or MODEL_CONFIG
@@ -159,9 +212,7 @@ def validate_mixed(model, device: str | Device = "local", *, samples: int = 30, 
             variants.append((ch, QuantPolicy("fp32", {n: ("int8" if rng.random() < 0.5 else "fp32") for n in layers})))
         x = target.example_input()
         jobs = [Job(f"s{i:04d}", example_input=x, payload=("sample", i, ch, pol)) for i, (ch, pol) in enumerate(variants)]
-        for d in ("fp32", "int8"):
-            jobs += [Job(f"c{d}{i:02d}", example_input=x, payload=("calibration", f"{d}:{lbl}", ch, QuantPolicy(d)))
-                     for i, (lbl, ch) in enumerate(calibration_variants(target.graph, target.scope, grid))]
+        jobs += calibration_jobs(target, grid, calibration_count)
         if config.reference is None:
             config = replace(config, reference=REFERENCE_NAME)
 

@@ -183,28 +183,39 @@ NET = ("from torch import nn\n"
 def test_table_validate_mixed_from_fp32_and_int8_rows(tmp_path, et_bench, capsys):
     """`table build` + `table build --dtype int8` (int8 units and every edge's q/dq) are what
     `table validate --dtype mixed` predicts from; without the int8 rows it is a one-line error."""
-    import json
-
     from amc_mobile.cli import main
 
     net = tmp_path / "net.py"
     net.write_text(NET)
     table, model = tmp_path / "table", f"{net}:build"
     fast = ["--grid", "4", "--no-refine", "--iterations", "3", "--warmup", "1", "--quiet", "--workers", "1"]
-    assert main(["table", "build", "-m", model, "--table-dir", str(table), "--calibration-variants", "2", *fast]) == 0
-    validate = ["table", "validate", "-m", model, "--dtype", "mixed", "--table-dir", str(table), "--samples", "3",
-                "--passes", "1", "--iterations", "3", "--warmup", "1", "--quiet", "--workers", "1"]
+    assert main(["table", "build", "-m", model, "--table-dir", str(table), "--no-calibrate", *fast]) == 0
     capsys.readouterr()
-    assert main([*validate, "--out", str(tmp_path / "v0")]) == 2
+    assert main(["table", "validate", "-m", model, "--dtype", "mixed", "--table-dir", str(table), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "table build --dtype int8" in err and "-int8-b1" in err, err
     assert main(["table", "build", "-m", model, "--dtype", "int8", "--table-dir", str(table), *fast]) == 0
     keys = (table / "units.csv").read_text()
     assert "\nquantize1x1-" in keys and "\ndequantize1x1-" in keys and "-int8_fp32io-" not in keys
-    out = tmp_path / "v1"
-    assert main([*validate, "--out", str(out)]) == 0, capsys.readouterr().err
-    summary = json.loads((out / "summary.json").read_text())["metrics"]
-    assert summary["session"]["fit"]["int8"] and summary["session"]["metrics"]["samples"] == 3
-    rows = (out / "samples.csv").read_text().splitlines()
-    assert len(rows) == 4 and rows[0].startswith("index,seed,pass,channels,policy,int8_units,edges")
-    assert "within ±10%" in capsys.readouterr().out
+    from amc_mobile.mixed_tables import validate_mixed
+    from device import MeasureConfig
+
+    res = validate_mixed(model, "local", samples=2, passes=1, table_dir=table, out_dir=tmp_path / "v", progress=False,
+                         config=MeasureConfig(warmup=1, iterations=3), calibration_count=1)
+    session = res.metrics["session"]
+    assert session["fit"]["int8"] and session["metrics"]["samples"] == 2 and "table" not in res.metrics
+    rows = (res.out_dir / "samples.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("index,seed,pass,channels,policy,int8_units,edges")
+    assert "within ±10%" in res.summary()
+    # the joint search's entry point: a predictor for (channels, per-unit dtypes), recalibrated now
+    from amc_mobile.mixed_tables import load_mixed_latency_model, recalibrate_mixed
+
+    predictor, target, store = load_mixed_latency_model(model, "local", table_dir=table)
+    fit = recalibrate_mixed(predictor, target, "local", passes=1, config=MeasureConfig(warmup=1, iterations=3),
+                            store=store, count=1)
+    assert fit["int8"] and fit["points"] == 2
+    dtypes = predictor.pmap.unit_dtypes(QuantPolicy("int8", {"a.0": "fp32"}))
+    group = target.graph.layers[1].in_group
+    assert predictor.predict({group: 4}, dtypes) > 0
+    with pytest.raises(AmcError, match="unit dtypes for a model of"):
+        predictor.predict({}, ["int8"])
