@@ -320,6 +320,69 @@ def _undelegated_layers(converted: QuantizedModule, example_input: torch.Tensor)
     return left
 
 
+_QUANTIZE_OPS = ("quantize_per_tensor",)
+
+
+def _is_op(node: fx.Node, names: tuple[str, ...]) -> bool:
+    return node.op == "call_function" and any(n in _op_name(node) for n in names)
+
+
+def _strip_io_quantization(gm: fx.GraphModule) -> tuple:
+    """Drop the quantize after the graph's input and the dequantize before its output, so that the graph
+    takes and returns int8 (ExecuTorch's `quantize_io_pass` does the same on an edge program; here it is
+    done before lowering, so XNNPACK's delegate gets int8 at its boundary). Returns the input's
+    quantize arguments (scale, zero point, qmin, qmax, dtype)."""
+    graph = gm.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    for guard in [u for u in (inputs[0].users if len(inputs) == 1 else ()) if u.op == "call_module"]:
+        graph.erase_node(guard)  # torch.export's input guards: they were made for the fp32 input
+    users = list(inputs[0].users) if len(inputs) == 1 else []
+    if len(users) != 1 or not _is_op(users[0], _QUANTIZE_OPS):
+        raise AmcError("int8 unit: its input does not feed exactly one quantize op, so it cannot take int8 "
+                       "(the XNNPACK quantizer left it unannotated)")
+    quant = users[0]
+    out = graph.output_node()
+    values = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    if len(values) != 1 or not _is_op(values[0], _DEQUANT_OPS):
+        raise AmcError("int8 unit: its output is not a dequantize op, so it cannot return int8 "
+                       "(the XNNPACK quantizer left its last op unannotated)")
+    qargs = tuple(quant.args[1:])
+    quant.replace_all_uses_with(inputs[0])
+    out.args = ((values[0].args[0],),) if isinstance(out.args[0], (tuple, list)) else (values[0].args[0],)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return qargs
+
+
+def quantize_unit(module: nn.Module, example_input: torch.Tensor, calibration: torch.Tensor, *,
+                  int8_io: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """One fused unit of a latency table in int8, calibrated on `calibration`: every op int8 (a unit has no
+    layer for an add or a pool to follow, so `node_precisions` would leave those fp32).
+
+    `int8_io`: the module takes and returns int8, its input's quantize and its output's dequantize removed:
+    the unit as it runs inside an int8 region, where an int8 op hands int8 to the next; the q/dq on the
+    edges between fp32 and int8 ops are units of their own (`latency_tables.units`, kinds quantize and
+    dequantize). The example input is then the int8 quantization of `example_input`. Otherwise the module
+    takes and returns fp32, its own quantize and dequantize included. A unit whose ops the quantizer does
+    not annotate is a one-line error."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                         get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    module = module.eval()
+    images = check_calibration(calibration, example_input, 1)
+    gm, batched = _export(module, example_input)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(gm, quantizer)
+    _calibrate(prepared, images, batched)
+    converted = convert_pt2e(prepared)
+    if not int8_io:
+        return QuantizedModule(converted, tuple(example_input.shape[1:])), example_input
+    qargs = _strip_io_quantization(converted)
+    x8 = torch.ops.quantized_decomposed.quantize_per_tensor(example_input, *qargs)
+    return QuantizedModule(converted, tuple(example_input.shape[1:])), x8
+
+
 def quantize_model(module: nn.Module, example_input: torch.Tensor, calibration: torch.Tensor | None,
                    policy: QuantPolicy, *, min_images: int = MIN_CALIBRATION_IMAGES,
                    check_delegation: bool = True) -> QuantizedModel:

@@ -14,7 +14,8 @@ Modules: `units` (the fused unit a table is keyed by), `network` (what a table k
 `schema` (CSV rows), `store` (a table folder),
 `space` (channel choices, unit plans), `sampling` (adaptive sampling), `batching` (measure in
 multi-method .pte batches), `build`, `calibrate` (overhead term), `predict` (LatencyModel),
-`loading` (find + compile), `session` (re-time the calibration models now), `plots`.
+`loading` (find + compile), `session` (re-time the calibration models now), `mixed` (mixed-precision
+latency: units at their dtypes plus the q/dq edges a policy creates), `plots`.
 
 The names below are imported lazily, so that `units` and `network` (which the pruning graph
 imports) do not pull in ExecuTorch's lowering.
@@ -27,12 +28,12 @@ import importlib
 _EXPORTS = {
     "BuildReport": "build", "build_table": "build", "ensure_table": "build",
     "load_latency_model": "loading", "open_table": "loading",
-    "LatencyModel": "predict",
+    "LatencyModel": "predict", "MixedLatencyModel": "mixed",
     "Recalibration": "session", "recalibrate": "session",
     "channel_choices": "space", "round_channels": "space",
     "TableStore": "store", "tables_root": "store",
     "UnitSpec": "units",
-    "Target": "network", "UnitNetwork": "network", "UnitTemplate": "network",
+    "Target": "network", "UnitNetwork": "network", "UnitTemplate": "network", "UnitsOn": "network",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,7 +15,7 @@ from device.files import config_hash
 
 from .units import UnitSpec
 
-__all__ = ["UnitTemplate", "UnitNetwork", "Target", "model_hash", "require_target"]
+__all__ = ["UnitTemplate", "UnitNetwork", "UnitsOn", "Target", "model_hash", "require_target"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,26 @@ class UnitNetwork(Protocol):
 
     def decision_groups(self, scope: str) -> list[int]:
         """The groups the search may prune within `scope`, forward order."""
+
+
+@dataclass
+class UnitsOn:
+    """Other units over a network's channel groups: the same groups and decision groups as `base` (a
+    "decoupled" scope is `base`'s choice, not one recomputed from these units). How a model's int8 units
+    and its q/dq edges are compiled into `LatencyModel`s next to its fp32 ones."""
+
+    base: UnitNetwork
+    units: list[UnitTemplate]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.base.input_shape
+
+    def full_channels(self) -> dict[int, int]:
+        return self.base.full_channels()
+
+    def decision_groups(self, scope: str) -> list[int]:
+        return self.base.decision_groups(scope)
 
 
 def model_hash(network: UnitNetwork) -> str:

@@ -15,8 +15,12 @@ from torch import nn
 
 from device.errors import AmcError
 
+# quantize / dequantize: the q/dq on an edge between an fp32 and an int8 op (model input and output included),
+# a unit of its own keyed by the edge's tensor (c_in = c_out = its channels, hw its map; a flattened tensor
+# is hw 1x1). quantize takes fp32 and returns int8, dequantize the reverse; their dtype is int8 (their int8 side).
+EDGE_KINDS = ("quantize", "dequantize")
 UNIT_KINDS = ("conv", "dwconv", "linear", "add", "pool", "avgpool", "gate", "mul", "act", "copy", "bn", "mean", "sum",
-              "amax", "layernorm")
+              "amax", "layernorm") + EDGE_KINDS
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish,
                "hardsigmoid": nn.Hardsigmoid, "silu": nn.SiLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid,
                "tanh": nn.Tanh}
@@ -26,10 +30,17 @@ ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswi
 # splits the delegate. `kernel` holds keepdim: 1 keeps a 1x1 map, 0 drops H, W (the key reads `mean0x0`).
 REDUCTIONS = ("mean", "sum", "amax")
 # kinds whose output has the input's channels
-_CHANNEL_KEEPING = ("dwconv", "add", "pool", "avgpool", "gate", "mul", "act", "copy", "bn", "layernorm") + REDUCTIONS
-# fp32, or int8 as ExecuTorch's XNNPACK quantizer makes it (device/quantize.py): a unit measured in int8
-# takes and returns fp32, so its time includes the quantize of its input and the dequantize of its output
-DTYPES = ("fp32", "int8")
+_CHANNEL_KEEPING = ("dwconv", "add", "pool", "avgpool", "gate", "mul", "act", "copy", "bn", "layernorm") + REDUCTIONS \
+    + EDGE_KINDS
+# fp32, or int8 as ExecuTorch's XNNPACK quantizer makes it (device/quantize.py.quantize_unit):
+# - int8: every op int8, taking and returning int8 (its input's quantize and its output's dequantize removed),
+#   as the unit runs inside an int8 region; a model's q/dq sit on its fp32<->int8 edges (EDGE_KINDS units).
+# - int8_fp32io: the same unit taking and returning fp32, its own quantize and dequantize included (how int8
+#   units were measured before edges were units; summed, they charge a q/dq pair per unit, docs/BENCHMARKS.md).
+DTYPES = ("fp32", "int8", "int8_fp32io")
+# the unit kinds that have an int8 form (the XNNPACK quantizer annotates them and XNNPACK runs them in int8)
+INT8_KINDS = ("conv", "dwconv", "linear", "add", "pool", "mul") + EDGE_KINDS
+EDGE_SCALE = 0.05  # quantization parameters of an edge unit: its speed does not depend on them
 INT8_CALIBRATION = 16  # random inputs of the unit's shape: a unit's weights are random too
 
 
@@ -57,6 +68,11 @@ class UnitSpec:
             raise AmcError(f"unknown unit dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.act not in ACTIVATIONS:
             raise AmcError(f"unknown activation {self.act!r} in a {self.kind} unit: expected one of {', '.join(ACTIVATIONS)}")
+        if self.kind in EDGE_KINDS and self.dtype != "int8":
+            raise AmcError(f"a {self.kind} unit is an fp32<->int8 edge: its dtype is int8, not {self.dtype!r}")
+        if self.dtype != "fp32" and self.kind not in INT8_KINDS:
+            raise AmcError(f"a {self.kind} unit has no {self.dtype} form: int8 units are "
+                           f"{', '.join(INT8_KINDS)}")
         if min(self.c_in, self.c_out, self.h, self.w, self.stride, self.batch) < 1 or self.kernel < 0:
             raise AmcError(f"unit {self.key()} has a non-positive size")
 
@@ -86,7 +102,7 @@ class UnitSpec:
     def output_hw(self) -> tuple[int, int]:
         if self.kind == "linear" or (self.kind == "pool" and self.kernel == 0) or self.kind in REDUCTIONS:
             return 1, 1
-        if self.kind in ("add", "gate", "mul", "act", "copy", "bn", "layernorm"):
+        if self.kind in ("add", "gate", "mul", "act", "copy", "bn", "layernorm") + EDGE_KINDS:
             return self.h, self.w
         return ((self.h + 2 * self.padding - self.kernel) // self.stride + 1,
                 (self.w + 2 * self.padding - self.kernel) // self.stride + 1)
@@ -111,6 +127,8 @@ class UnitSpec:
     def build(self, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
         """A module that runs exactly this fused unit, and an example input for it."""
         gen = torch.Generator().manual_seed(seed)
+        if self.kind in EDGE_KINDS:
+            return _edge_unit(self, gen)
         module = _UNIT_BUILDERS[self.kind](self)
         with torch.no_grad():
             for p in module.parameters():
@@ -120,12 +138,12 @@ class UnitSpec:
                     m.running_mean.uniform_(-0.1, 0.1, generator=gen)
                     m.running_var.uniform_(0.5, 1.5, generator=gen)
         x = torch.randn(self.input_shape(), generator=gen)
-        if self.dtype == "int8":
-            from device.quantize import QuantPolicy, quantize_model
+        if self.dtype != "fp32":
+            from device.quantize import quantize_unit
 
             calib = torch.randn((INT8_CALIBRATION, *self.input_shape()[1:]), generator=gen)
             # no delegation check: a unit lowered with portable int8 ops fails in the runner, with its reason
-            return quantize_model(module.eval(), x, calib, QuantPolicy("int8"), check_delegation=False).module, x
+            return quantize_unit(module.eval(), x, calib, int8_io=self.dtype == "int8")
         return module.eval(), x
 
     def to_dict(self) -> dict:
@@ -266,6 +284,29 @@ class _BatchNormUnit(nn.Module):
 
     def forward(self, x):
         return self.bn(x)
+
+
+class _EdgeUnit(nn.Module):
+    """The q or dq on an fp32<->int8 edge: fp32 -> int8 (quantize) or int8 -> fp32 (dequantize), per tensor,
+    with the quantizer's int8 range; XNNPACK runs either as one convert kernel."""
+
+    def __init__(self, s: UnitSpec):
+        super().__init__()
+        self.kind = s.kind
+
+    def forward(self, x):
+        op = torch.ops.quantized_decomposed.quantize_per_tensor if self.kind == "quantize" else \
+            torch.ops.quantized_decomposed.dequantize_per_tensor
+        return op(x, EDGE_SCALE, 0, -128, 127, torch.int8)
+
+
+def _edge_unit(s: UnitSpec, gen: torch.Generator) -> tuple[nn.Module, torch.Tensor]:
+    import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
+
+    x = torch.randn(s.input_shape(), generator=gen)
+    if s.kind == "dequantize":
+        x = torch.randint(-128, 128, s.input_shape(), generator=gen, dtype=torch.int8)
+    return _EdgeUnit(s).eval(), x
 
 
 _UNIT_BUILDERS = {"conv": _ConvUnit, "dwconv": _ConvUnit, "linear": _LinearUnit, "add": _AddUnit, "pool": _PoolUnit,

@@ -211,12 +211,16 @@ def test_unit_dtypes_follow_the_policy_and_int8_units_build_quantized():
     assert specs[1].key().endswith("-int8-b1") and specs[2].key().endswith("-fp32-b1")
     with pytest.raises(AmcError, match="unknown unit dtype 'fp16'"):
         UnitSpec("conv", 4, 4, 8, 8, 3, dtype="fp16")
-    module, x = UnitSpec("conv", 6, 6, 4, 8, 3, padding=1, act="relu", dtype="int8").build()
+    module, x = UnitSpec("conv", 6, 6, 4, 8, 3, padding=1, act="relu", dtype="int8_fp32io").build()
     assert isinstance(module, QuantizedModule)
     assert any("quantize_per_tensor" in str(n.target) for n in module.graph_module.graph.nodes)
     fp32, _ = UnitSpec("conv", 6, 6, 4, 8, 3, padding=1, act="relu").build()
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(module(x).flatten(), fp32(x).flatten(), dim=0) > 0.98
+    # as it runs inside an int8 region: int8 in, int8 out (its IO quantize/dequantize stripped)
+    module, x = UnitSpec("conv", 6, 6, 4, 8, 3, padding=1, act="relu", dtype="int8").build()
+    with torch.no_grad():
+        assert x.dtype == torch.int8 and module(x).dtype == torch.int8
 
 
 @pytest.mark.slow
@@ -335,4 +339,6 @@ def test_precision_search_end_to_end(tmp_path, et_bench, capsys):
     with open(out / "episodes.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
     rows = (out / "unit_costs.csv").read_text().splitlines()
-    assert rows[0] == "key,median_ms" and any("-int8-" in r for r in rows) and rows[-1].startswith("model-fp32,")
+    assert rows[0] == "key,median_ms" and any("-int8-" in r for r in rows)
+    assert any(r.startswith("model-fp32,") for r in rows) and any(r.startswith("model-int8,") for r in rows)
+    assert any(r.startswith("quantize") for r in rows) and any(r.startswith("dequantize") for r in rows)

@@ -18,8 +18,9 @@ def register(sub) -> None:
         description="Stage two of the two-stage pipeline: MODEL (e.g. a search run's pruned/ folder) gets a "
         "precision per conv/linear layer, int8 or fp32, from a second DDPG agent (AMC's agent, HAQ's state), "
         "reward -error after post-training quantization, the budget enforced by an action wall on the "
-        "predicted latency (every fused unit measured on DEVICE at both precisions, plus the fp32 model's "
-        "overhead). The chosen model is then quantized, lowered and MEASURED next to the fp32 one. "
+        "predicted latency (every fused unit measured on DEVICE at both precisions, int8 ones taking and returning "
+        "int8, plus the quantize or dequantize on each fp32<->int8 edge, scale and offset fitted on the fp32 and the "
+        "all-int8 models). The chosen model is then quantized, lowered and MEASURED next to the fp32 one. "
         "OUT: unit_costs.csv, episodes.csv, policy.json (a --policy for `amc-mobile quantize`), result.json.")
     p.add_argument("model", metavar="MODEL", help=f"{MODEL_HELP}; a registry name gets its trained weights")
     p.add_argument("--out", required=True, help="output folder")

@@ -76,8 +76,10 @@ def register(sub) -> None:
     b.add_argument("--retry-failed", action="store_true", help="measure again the units that failed before")
     b.add_argument("--dtype", choices=("fp32", "int8"), default="fp32",
                    help="precision of the units: int8 units are quantized as `amc-mobile quantize` does (XNNPACK "
-                        "quantizer) and keyed by dtype next to fp32 ones (default %(default)s; int8 builds units "
-                        "only, no whole-model calibration yet)")
+                        "quantizer), measured taking and returning int8 and keyed by dtype next to fp32 ones; int8 "
+                        "also measures the quantize/dequantize on every fp32<->int8 edge a policy can create, so "
+                        "that fp32 + int8 rows predict any mixed-precision variant (default %(default)s; int8 "
+                        "builds units only: `table validate --dtype mixed` times whole int8 models)")
     b.add_argument("--dry-run", action="store_true", help="print what would be measured and stop")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_measure_options(b, iterations=UNIT_CONFIG.iterations, warmup=UNIT_CONFIG.warmup)
@@ -117,6 +119,12 @@ def register(sub) -> None:
     v.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     v.add_argument("--batch-size", type=int, default=4, help="models per .pte (default %(default)s)")
     v.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    v.add_argument("--dtype", choices=("fp32", "mixed"), default="fp32",
+                   help="mixed: each variant also gets a random precision per conv/linear layer (int8 with "
+                        "probability 1/2), predicted from the fp32 and int8 rows (`table build --dtype int8`) plus "
+                        "a q/dq per fp32<->int8 edge, calibrated on the calibration models at fp32 and all-int8 "
+                        "timed in the same passes (default %(default)s)")
+    v.add_argument("--full-width", action="store_true", help="with --dtype mixed: precision only, no pruning")
     add_measure_options(v, iterations=MODEL_CONFIG.iterations, warmup=MODEL_CONFIG.warmup)
     v.set_defaults(func=run_validate, min_time_ms=MODEL_CONFIG.min_time_ms, repeats=MODEL_CONFIG.repeats)
 
@@ -147,10 +155,12 @@ def run_build(args: argparse.Namespace) -> int:
     check_positive(args, "tolerance", "budget_minutes")
     target = resolve_target(args.model, scope=args.scope, options=model_options(args))
     if args.dtype != "fp32":
-        from amc_mobile.precision import with_dtypes
+        from amc_mobile.precision import PrecisionMap
+        from latency_tables.mixed import int8_build_network
 
-        target.graph = with_dtypes(target.graph, args.dtype)
-        args.no_calibrate = True  # the calibration models would be fp32: not what int8 rows are used with
+        # int8 units (taking and returning int8) and the quantize/dequantize of every edge a policy can make
+        target.graph = int8_build_network(target.graph, PrecisionMap(target.module, target.graph).edge_units)
+        args.no_calibrate = True  # whole int8 models are timed by `table validate --dtype mixed` and searches
     devices = list(dict.fromkeys(args.device or ["local"]))
     if args.dry_run:
         args.device = devices[0]
@@ -313,6 +323,18 @@ def run_validate(args: argparse.Namespace) -> int:
     check_at_least(args, samples=1, grid=1, passes=1, workers=1, batch_size=1)
     options = model_options(args)
     model = args.model if options.empty else resolve_target(args.model, scope=args.scope, options=options).module
+    if args.full_width and args.dtype != "mixed":
+        raise AmcError("--full-width goes with --dtype mixed (an fp32 validation's variants are its pruned ones)")
+    if args.dtype == "mixed":
+        from amc_mobile.mixed_tables import validate_mixed
+
+        res = validate_mixed(model, args.device, samples=args.samples, seed=args.seed, prune=not args.full_width,
+                             scope=args.scope, grid=args.grid, out_dir=args.out, table_dir=args.table_dir,
+                             tables_dir=args.tables_dir, allow_mismatch=args.allow_fingerprint_mismatch, config=config,
+                             passes=args.passes, batch_size=args.batch_size, workers=args.workers,
+                             progress=not args.quiet)
+        print(res.summary())
+        return 0
     res = validate_table(model, args.device, samples=args.samples, seed=args.seed, scope=args.scope,
                          grid=args.grid, out_dir=args.out, tables_dir=args.tables_dir, table_dir=args.table_dir,
                          allow_mismatch=args.allow_fingerprint_mismatch, config=config,

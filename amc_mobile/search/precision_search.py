@@ -9,10 +9,11 @@ chooses each conv/linear layer's precision, int8 or fp32, under a latency budget
   every later layer int8 (the fastest completion) is predicted within the budget; otherwise int8. So
   every finished policy is within the budget as predicted, and a budget below the all-int8 prediction
   is refused before any episode.
-- **cost**: the sum of the model's fused units at their dtypes (`amc_mobile/precision.py`), each unit
-  measured standalone on the device at both dtypes, plus an overhead fitted on the measured fp32 model
-  (measured - sum of its fp32 units), as a latency table's overhead term. How well that predicts mixed
-  models is measured in docs/BENCHMARKS.md (benchmarks/mixed_precision_validate.py).
+- **cost**: the model's fused units at their dtypes (`amc_mobile/precision.py`; int8 units measured taking
+  and returning int8) plus a quantize or dequantize per fp32<->int8 edge the policy creates, each unit and
+  edge measured standalone on the device, then scale and offset fitted on the measured fp32 and all-int8
+  models (`predict_mixed`). How well that predicts mixed models is measured in docs/BENCHMARKS.md
+  (benchmarks/mixed_precision_validate.py).
 - **reward**: -error of the quantized model (PT2E, calibrated on training images) on validation images.
 """
 
@@ -31,9 +32,10 @@ import torch
 from torch import nn
 
 from amc_mobile.errors import AmcError
-from amc_mobile.precision import PrecisionMap
+from amc_mobile.precision import PrecisionMap, mixed_units, predict_mixed
 from amc_mobile.pruning.graph import PruningGraph
 from device.quantize import QuantPolicy
+from latency_tables.calibrate import fit_overhead
 
 from .agent import DDPGAgent
 from .config import DDPGConfig
@@ -43,36 +45,53 @@ HAQ_STATE = ("index", "is_conv", "is_depthwise", "c_in", "c_out", "kernel", "str
 
 @dataclass
 class UnitCosts:
-    """Measured ms of each fused unit at each dtype (keys: UnitSpec.key()) and the fitted overhead."""
+    """Measured ms of each unit and edge a policy can use (keys: UnitSpec.key()), and the overhead fit."""
 
     ms: dict[str, float]
-    overhead_ms: float = 0.0
+    pmap: PrecisionMap
+    graph: PruningGraph
+    scale: float = 1.0
+    offset: float = 0.0
 
-    def total(self, graph: PruningGraph, dtypes: list[str]) -> float:
-        from dataclasses import replace
+    def unit_sum(self, policy: QuantPolicy) -> float:
+        return predict_mixed(self.ms, self.pmap, self.graph, policy)
 
-        return self.overhead_ms + sum(self.ms[replace(u.spec, dtype=d).key()] for u, d in zip(graph.units, dtypes))
+    def total(self, policy: QuantPolicy) -> float:
+        """Predicted ms of the model under `policy`."""
+        return predict_mixed(self.ms, self.pmap, self.graph, policy, scale=self.scale, offset=self.offset)
+
+
+MODEL_KEYS = {"fp32": "model-fp32", "int8": "model-int8"}  # the whole models the overhead is fitted on
 
 
 def measure_unit_costs(model: nn.Module, graph: PruningGraph, device, config, path: Path) -> UnitCosts:
-    """Every unit at fp32 and int8, and the whole fp32 model, measured in one batch on `device` (unless
-    `path` already holds them: a rerun measures nothing again). Rows are written as the batch returns."""
-    from dataclasses import replace
-
+    """Every unit at fp32 and int8, the q/dq of every possible edge, and the whole model at fp32 and all-int8,
+    measured in one batch on `device` (unless `path` already holds them: a rerun measures nothing again).
+    Rows are written as the batch returns."""
     from device import Candidate
+    from device.quantize import quantize_model
 
+    pmap = PrecisionMap(model, graph)
     have: dict[str, float] = {}
     if path.exists():
         with open(path) as f:
             have = {r["key"]: float(r["median_ms"]) for r in csv.DictReader(f)}
-    specs = {replace(u.spec, dtype=d).key(): replace(u.spec, dtype=d) for u in graph.units for d in ("fp32", "int8")}
-    todo = [k for k in [*specs, "model-fp32"] if k not in have]
+    specs = {}
+    for policy in (QuantPolicy("fp32"), QuantPolicy("int8")):
+        specs.update({s.key(): s for s in mixed_units(pmap, graph, policy)})
+    for t in pmap.edge_units:
+        specs.setdefault(t.spec.key(), t.spec)
+    todo = [k for k in [*specs, *MODEL_KEYS.values()] if k not in have]
     if todo:
+        x = torch.randn(1, *graph.input_shape, generator=torch.Generator().manual_seed(0))
         cands = []
         for i, k in enumerate(todo):
-            if k == "model-fp32":
-                x = torch.randn(1, *graph.input_shape, generator=torch.Generator().manual_seed(0))
+            if k == MODEL_KEYS["fp32"]:
                 cands.append(Candidate(f"c{i}", model, x))
+            elif k == MODEL_KEYS["int8"]:
+                # random calibration images: the ranges change the values, not the kernels' speed
+                calib = torch.randn(16, *graph.input_shape, generator=torch.Generator().manual_seed(1))
+                cands.append(Candidate(f"c{i}", quantize_model(model, x, calib, QuantPolicy("int8")).module, x))
             else:
                 cands.append(Candidate(f"c{i}", *specs[k].build()))
         results = device.measure(cands, config)
@@ -91,8 +110,10 @@ def measure_unit_costs(model: nn.Module, graph: PruningGraph, device, config, pa
         failed = [(k, s.error) for k, s in zip(todo, results) if not s.ok]
         if failed:
             raise AmcError(f"{len(failed)} unit(s) failed to measure, first {failed[0][0]}: {failed[0][1]}")
-    costs = UnitCosts(have)
-    costs.overhead_ms = have["model-fp32"] - costs.total(graph, ["fp32"] * len(graph.units))
+    costs = UnitCosts(have, pmap, graph)
+    fit = fit_overhead([costs.unit_sum(QuantPolicy(d)) for d in MODEL_KEYS],
+                       [have[k] for k in MODEL_KEYS.values()])
+    costs.scale, costs.offset = fit.scale, fit.offset
     return costs
 
 
@@ -216,10 +237,9 @@ def write_json(path: Path, obj) -> None:
 def make_env(model: nn.Module, graph: PruningGraph, costs: UnitCosts, budget_ms: float,
              score: Callable[[dict[str, str]], float]) -> PrecisionEnv:
     """The env over every conv/linear module of the trace (depthwise convs included: they have an int8 form)."""
-    pmap = PrecisionMap(model, graph)
-    layers = pmap.layers
+    layers = costs.pmap.layers
 
     def cost(choice: dict[str, str]) -> float:
-        return costs.total(graph, pmap.unit_dtypes(policy_of(layers, [choice[n] for n in layers])))
+        return costs.total(policy_of(layers, [choice[n] for n in layers]))
 
     return PrecisionEnv(layers, haq_states(model, layers), cost, budget_ms, score)
