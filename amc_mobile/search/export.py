@@ -171,7 +171,6 @@ def _export_quantized(setup: SearchSetup, run_dir: Path, best: dict, pruned: nn.
     quantized module the final measurement times."""
     from amc_mobile.quantization import QUANTIZED_DIR, quantize_to_folder
     from device import example_input
-    from device.quantize import quantize_model
 
     from .joint import quant_policy
 
@@ -179,8 +178,8 @@ def _export_quantized(setup: SearchSetup, run_dir: Path, best: dict, pruned: nn.
     policy = quant_policy(best["precisions"])
     write_json(run_dir / QUANT_POLICY_FILE, policy.to_dict())
     x = example_input(setup.model.input_shape)
-    qm = quantize_model(pruned.eval(), x, joint.scorer.calibration, policy)
     channels = {int(g): int(c) for g, c in best["channels"].items()}
+    qm = joint.scorer.quantized(channels, best["precisions"], check_delegation=True)  # the measured wall's, if it ran
     folder = quantize_to_folder(pruned, x, setup.data.train, setup.data.val, policy, run_dir / QUANTIZED_DIR,
                                 calib_images=cfg.quant_calib_images, eval_images=len(setup.data.val),
                                 label=f"{cfg.model} pruned [{policy.label()}]",

@@ -191,7 +191,8 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
     policy = _quant_policy(cfg, run_dir)
     t0 = time.perf_counter()
     before = _scores(model, data, cfg.eval_images, cfg.eval_before, device)
-    q_before = _quantized_scores(model, data, policy, cfg) if policy is not None else None
+    if policy is not None:
+        q_before, policy = _quantized_scores(model, data, policy, cfg)
     eval_s = time.perf_counter() - t0
     for p in model.parameters():
         p.requires_grad_(True)
@@ -223,7 +224,7 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
         "history": res.history,
     }
     if policy is not None:
-        q_after = _quantized_scores(model, data, policy, cfg, run_dir / QUANTIZED_FINETUNED_DIR)
+        q_after, _ = _quantized_scores(model, data, policy, cfg, run_dir / QUANTIZED_FINETUNED_DIR)
         record["quantized"] = {"policy": policy.to_dict(), "calibration_images": cfg.quant_calib_images,
                                "before": q_before, "after": q_after, "dir": str(run_dir / QUANTIZED_FINETUNED_DIR),
                                "delta_top1": {s: q_after[s] - q_before[s] for s in q_before if s in q_after}}
@@ -255,25 +256,29 @@ def _quant_policy(cfg: FinetuneConfig, run_dir: Path):
     return None
 
 
-def _quantized_scores(model: nn.Module, data, policy, cfg: FinetuneConfig, out: Path | None = None) -> dict:
-    """{split: top-1} of `model` quantized at `policy` (PT2E, first training images), on the splits fine-tuning
-    scores; with `out`, the quantized program is written there too (model.pte + quantization.json)."""
+def _quantized_scores(model: nn.Module, data, policy, cfg: FinetuneConfig, out: Path | None = None):
+    """({split: top-1} of `model` quantized at `policy` (PT2E, first training images) on the splits fine-tuning
+    scores, the policy as it was honoured). Without `out` the layers XNNPACK would not delegate in int8 are
+    found (one lowering) and the returned policy has them fp32, so the model after fine-tuning is quantized
+    the same way without that check; with `out` the program is written there (model.pte + quantization.json)."""
     from amc_mobile.quantization import calibration_images, quantize_to_folder
     from amc_mobile.train import evaluate
     from device import example_input
-    from device.quantize import quantize_model
+    from device.quantize import QuantPolicy, quantize_model
 
     model = model.cpu().eval()
     x = example_input(model.input_shape)
-    qm = quantize_model(model, x, calibration_images(data.train, cfg.quant_calib_images), policy)
+    qm = quantize_model(model, x, calibration_images(data.train, cfg.quant_calib_images), policy,
+                        check_delegation=out is None)
     scores = {s: float(evaluate(qm.module, getattr(data, s), device="cpu", topk=(1,),
                                 max_images=cfg.eval_images)["top1"])
               for s in dict.fromkeys((*cfg.eval_before, *cfg.eval_after))}
+    honoured = QuantPolicy(policy.default, {**policy.layers, **{l.layer: l.actual for l in qm.layers}})
     if out is not None:
-        quantize_to_folder(model, x, data.train, None, policy, out, calib_images=cfg.quant_calib_images,
+        quantize_to_folder(model, x, data.train, None, honoured, out, calib_images=cfg.quant_calib_images,
                            label=f"fine-tuned [{policy.label()}]", quantized=qm,
                            extra={"top1_torch": scores, "fine_tuned": True})
-    return scores
+    return scores, honoured
 
 
 def finetune_run(path: str | Path, epochs: int = FinetuneConfig.epochs, train_images: int | None = FinetuneConfig.train_images,

@@ -41,15 +41,28 @@ class QuantScorer:
         self.builder, self.val, self.calibration = builder, val, calibration
         self.metric, self.batch_size = metric, batch_size
         self._cache: dict[tuple, tuple[float, float]] = {}
+        self._deployed: dict[tuple, QuantizedModel] = {}
+
+    @staticmethod
+    def _key(channels: dict[int, int], precisions: dict[str, str]) -> tuple:
+        return tuple(sorted((int(g), int(c)) for g, c in channels.items())), tuple(sorted(precisions.items()))
 
     def quantized(self, channels: dict[int, int], precisions: dict[str, str], check_delegation: bool = False
                   ) -> QuantizedModel:
+        """The policy's quantized model; `check_delegation` (what deploys: an int8 layer XNNPACK would not
+        delegate stays fp32) costs a lowering, so those are kept: the measured wall's pick is the export."""
+        key = self._key(channels, precisions)
+        if check_delegation and key in self._deployed:
+            return self._deployed[key]
         model = self.builder.build(channels).eval()
-        return quantize_model(model, example_input(model.input_shape), self.calibration, quant_policy(precisions),
-                              check_delegation=check_delegation)
+        qm = quantize_model(model, example_input(model.input_shape), self.calibration, quant_policy(precisions),
+                            check_delegation=check_delegation)
+        if check_delegation:
+            self._deployed[key] = qm
+        return qm
 
     def __call__(self, channels: dict[int, int], precisions: dict[str, str]) -> Score:
-        key = (tuple(sorted((int(g), int(c)) for g, c in channels.items())), tuple(sorted(precisions.items())))
+        key = self._key(channels, precisions)
         if key in self._cache:
             return Score(*self._cache[key])
         t0 = time.perf_counter()
