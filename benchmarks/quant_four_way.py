@@ -1,11 +1,13 @@
 """Pruning only, int8 only, two-stage, joint: four ways to one latency budget, side by side (issue 15).
 
-    .venv/bin/python benchmarks/quant_four_way.py [--model resnet20] [--device local] [--target 0.3]
+    .venv/bin/python benchmarks/quant_four_way.py [--model mobilenet_v2] [--device local] [--target 0.3]
         [--episodes 60] [--joint-episodes 40] [--precision-episodes 16] [--stage1-target 0.6]
         [--val-images 500] [--ft-train-images 6000] [--eval-images 2000] [--passes 3] [--out DIR]
 
 One model with its shipped trained weights, one device, one budget: `--target` x the fp32 original's
-latency MEASURED on the device at the start (what every search's budget is relative to):
+latency MEASURED on the device at the start (what every search's budget is relative to). MobileNet-V2 by
+default: pruning alone cannot bring ResNet-20 to 0.3x (its 16-channel stage at the grid of 8 keeps at
+least half: 0.479x predicted with every layer at the lower bound).
 
 1. **pruning**: `amc-mobile search` (fp32, latency table, measured wall);
 2. **int8**: the original, every layer int8 (PT2E, XNNPACK quantizer); no knob: its ratio is what it is;
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet20")
+    p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--device", default="local")
     p.add_argument("--target", type=float, default=0.3, help="budget: this fraction of the fp32 original, measured")
     p.add_argument("--episodes", type=int, default=60, help="pruning search episodes (pruning arm, stage 1)")
@@ -94,42 +96,53 @@ def main(argv=None) -> int:
         print(f"== {name}: {seconds[name]:.0f} s", flush=True)
         return r
 
-    pruning = timed("pruning search", lambda: run_search(SearchConfig(
-        **common, episodes=args.episodes, out=str(out / "pruning")), model=original, data=data))
-    budget_ms = pruning.summary["setup"]["original_measured_ms"] * args.target
-    stage1 = timed("two-stage: stage 1", lambda: run_search(SearchConfig(
-        **{**common, "target": args.stage1_target}, episodes=args.episodes, out=str(out / "two_stage")),
-        model=original, data=data))
+    def search(name, cfg):
+        """A finished run folder is reused (a rerun after a late failure redoes only what is missing)."""
+        summary = Path(cfg.out) / "summary.json"
+        if not summary.is_file():
+            timed(name, lambda: run_search(cfg, model=original, data=data))
+        return Path(cfg.out), json.loads(summary.read_text())
+
+    pruning_dir, pruning = search("pruning search", SearchConfig(**common, episodes=args.episodes,
+                                                                 out=str(out / "pruning")))
+    budget_ms = pruning["setup"]["original_measured_ms"] * args.target
+    stage1_dir, _ = search("two-stage: stage 1", SearchConfig(**{**common, "target": args.stage1_target},
+                                                              episodes=args.episodes, out=str(out / "two_stage")))
     ps_out = out / "two_stage" / "precision"
-    timed("two-stage: stage 2", lambda: cli([
-        "precision-search", str(stage1.run_dir / "pruned"), "--out", str(ps_out), "--device", args.device,
-        "--budget-ms", f"{budget_ms:.6f}", "--episodes", str(args.precision_episodes), "--warmup-episodes",
-        str(max(1, args.precision_episodes // 4)), "--val-images", str(args.val_images), "--calib-images",
-        str(args.quant_calib_images), "--seed", str(args.seed)]))
-    joint = timed("joint search", lambda: run_search(SearchConfig(
-        **common, precision="joint", episodes=args.joint_episodes, quant_calib_images=args.quant_calib_images,
-        out=str(out / "joint")), model=original, data=data))
+    if not (ps_out / "result.json").is_file():
+        timed("two-stage: stage 2", lambda: cli([
+            "precision-search", str(stage1_dir / "pruned"), "--out", str(ps_out), "--device", args.device,
+            "--budget-ms", f"{budget_ms:.6f}", "--episodes", str(args.precision_episodes), "--warmup-episodes",
+            str(max(1, args.precision_episodes // 4)), "--val-images", str(args.val_images), "--calib-images",
+            str(args.quant_calib_images), "--seed", str(args.seed)]))
+    joint_dir, _ = search("joint search", SearchConfig(**common, precision="joint", episodes=args.joint_episodes,
+                                                        quant_calib_images=args.quant_calib_images,
+                                                        out=str(out / "joint")))
     # int8 only: the original as a (not pruned) pruned-model folder, so the same fine-tune runs on it
     int8_dir = out / "int8"
-    save_pruned(original, int8_dir / "pruned", model_config(original), {})
+    if not (int8_dir / "pruned").is_dir():
+        save_pruned(original, int8_dir / "pruned", model_config(original), {})
 
     ft = FinetuneConfig(epochs=args.ft_epochs, train_images=args.ft_train_images, eval_images=args.eval_images,
                         eval_before=("test",), eval_after=("test",), seed=args.seed, progress=False,
                         device="cpu", quant_calib_images=args.quant_calib_images)
-    arms = {"pruning": (pruning.run_dir, None), "int8": (int8_dir, "int8"),
-            "two-stage": (stage1.run_dir, str(ps_out / "policy.json")), "joint": (joint.run_dir, None)}
+    arms = {"pruning": (pruning_dir, None), "int8": (int8_dir, "int8"),
+            "two-stage": (stage1_dir, str(ps_out / "policy.json")), "joint": (joint_dir, None)}
     fts = {}
     for name, (run_dir, policy) in arms.items():
-        cfg = replace(ft, quant_policy=policy)
-        fts[name] = timed(f"fine-tune {name}", lambda: finetune(run_dir, cfg, data=data))
+        record = run_dir / "finetune.json"
+        if not record.is_file():
+            cfg = replace(ft, quant_policy=policy)
+            timed(f"fine-tune {name}", lambda: finetune(run_dir, cfg, data=data))
+        fts[name] = json.loads(record.read_text())
 
     # the four as they deploy, fine-tuned: quantized at their policies
     calib = calibration_images(data.train, args.quant_calib_images)
     x = example_input(original.input_shape)
     deployed, facts = {}, {}
     for name, r in fts.items():
-        model, _ = load_pruned(r.out)
-        q = r.record.get("quantized")
+        model, _ = load_pruned(r["out"])
+        q = r.get("quantized")
         if q is None:
             deployed[name] = model.eval()
             facts[name] = {"precision": "fp32", **weights_mb(model, [])}
@@ -150,9 +163,9 @@ def main(argv=None) -> int:
         ratios = [a / b for a, b in zip(t.pass_median_ms, o.pass_median_ms) if a and b]
         ratio = sorted(ratios)[len(ratios) // 2] if ratios else float("nan")
         r = fts[name]
-        q = r.record.get("quantized")
-        before = q["before"]["test"] if q else r.before["test"]["top1"]
-        after = q["after"]["test"] if q else r.after["test"]["top1"]
+        q = r.get("quantized")
+        before = q["before"]["test"] if q else r["before"]["test"]["top1"]
+        after = q["after"]["test"] if q else r["after"]["test"]["top1"]
         rows.append({"arm": name, "precision": facts[name]["precision"], "median_ms": t.stats.median_ms,
                      "ratio": ratio, "ratio_per_pass": ratios, "over_budget": ratio / args.target,
                      "weights_mb": facts[name].get("weights_mb"), "pte_mb": facts[name].get("pte_mb"),
@@ -160,7 +173,7 @@ def main(argv=None) -> int:
     fp32_mb = weights_mb(original, [])["weights_mb"]
     result = {"model": args.model, "device": args.device, "target": args.target, "budget_ms": budget_ms,
               "original_ms": o.stats.median_ms, "original_weights_mb": fp32_mb,
-              "original_top1": fts["int8"].before["test"]["top1"], "rows": rows, "seconds": seconds,
+              "original_top1": fts["int8"]["before"]["test"]["top1"], "rows": rows, "seconds": seconds,
               "total_s": round(time.perf_counter() - t_start, 1), "load_before": load0, "load_after": os.getloadavg(),
               "args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "fingerprint": batch.fingerprint.to_dict() if batch.fingerprint else None}
