@@ -6,8 +6,8 @@
 
 One model with its shipped trained weights, one device, one budget: `--target` x the fp32 original's
 latency MEASURED on the device at the start (what every search's budget is relative to). MobileNet-V2 by
-default: pruning alone cannot bring ResNet-20 to 0.3x (its 16-channel stage at the grid of 8 keeps at
-least half: 0.479x predicted with every layer at the lower bound).
+default: pruning alone cannot bring ResNet-20 to 0.3x (its residual streams are fixed: 0.479x predicted
+with every prunable layer at the lower bound, for any --lbound down to 0.05).
 
 1. **pruning**: `amc-mobile search` (fp32, latency table, measured wall);
 2. **int8**: the original, every layer int8 (PT2E, XNNPACK quantizer); no knob: its ratio is what it is;

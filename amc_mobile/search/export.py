@@ -95,7 +95,7 @@ def _measured_pick(setup: SearchSetup, device: DeviceSession, best: dict, top: l
     if chosen is None:  # a walked-back policy: the best one's record with the new channels
         chosen = {**best, "channels": {str(g): int(c) for g, c in p.channels.items()}, "accuracy": p.accuracy,
                   "cost": p.predicted, "cost_ratio": p.predicted / setup.cost.full_cost, "walked_back_measured":
-                  pick.walked_back}
+                  pick.walked_back, **({"precisions": p.precisions} if p.precisions is not None else {})}
         for name, layer in chosen.get("layers", {}).items():
             layer = dict(layer)
             layer["kept"] = p.channels.get(layer["group"], layer["kept"])
