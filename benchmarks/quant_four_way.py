@@ -127,7 +127,7 @@ def main(argv=None) -> int:
                         eval_before=("test",), eval_after=("test",), seed=args.seed, progress=False,
                         device="cpu", quant_calib_images=args.quant_calib_images)
     arms = {"pruning": (pruning_dir, None), "int8": (int8_dir, "int8"),
-            "two-stage": (stage1_dir, str(ps_out / "policy.json")), "joint": (joint_dir, None)}
+            "two_stage": (stage1_dir, str(ps_out / "policy.json")), "joint": (joint_dir, None)}
     fts = {}
     for name, (run_dir, policy) in arms.items():
         record = run_dir / "finetune.json"
