@@ -21,7 +21,7 @@ class LoadedModel:
     label: str
     module: nn.Module | None
     example_input: torch.Tensor | None
-    source: str  # "registry", "pruned", "checkpoint", "pte", "pickle"
+    source: str  # "registry", "pruned", "checkpoint", "pte", "quantized" (a quantize folder: .pte + its report), "pickle"
     pte_path: Path | None = None
     meta: dict | None = None
 
@@ -158,6 +158,14 @@ def _load_model(ref: str, allow_pickle: bool, label: str | None, options: ModelO
         label = label or path.name
         if path.is_dir() or path.name == "architecture.json":
             folder = path if path.is_dir() else path.parent
+            from amc_mobile.quantization import PTE_NAME, REPORT_NAME, is_quantized_folder
+
+            if is_quantized_folder(folder):  # `quantize` / a joint search's quantized/: the program as it deploys
+                from amc_mobile.files import read_json
+
+                _check_pte(folder / PTE_NAME)
+                meta = read_json(folder / REPORT_NAME, dict, "it is written by `amc-mobile quantize`")
+                return LoadedModel(label, None, None, "quantized", pte_path=folder / PTE_NAME, meta=meta)
             if (folder / "architecture.json").exists():
                 from amc_mobile.pruning.slicing import load_pruned
 

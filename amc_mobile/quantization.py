@@ -5,7 +5,11 @@
 
     out/model.pte            the quantized program (method `forward`), runs in et_bench locally and on phones
     out/quantization.json    policy, precision per layer (asked / got / why not), calibration size,
-                             top-1 of the fp32 model and of the .pte, sizes; written after each step
+                             top-1 of the fp32 model and of the .pte, sizes (`weights_mb`: the weights at
+                             their precisions, `search.cost.model_size_mb`; `pte_mb`: the file); written
+                             after each step
+
+`compare` and the report read such a folder as one quantized model (`is_quantized_folder`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from device.quantize import QuantizedModel, QuantPolicy, quantize_model
 
 PTE_NAME = "model.pte"
 REPORT_NAME = "quantization.json"
+QUANTIZED_DIR = "quantized"  # where a search or precision-search run puts its quantized result (this layout)
 
 
 def calibration_images(train: Split, n: int) -> torch.Tensor:
@@ -71,14 +76,36 @@ def _write_report(out_dir: Path, report: dict) -> None:
     os.replace(tmp, out_dir / REPORT_NAME)
 
 
+def is_quantized_folder(path: Path) -> bool:
+    return path.is_dir() and (path / REPORT_NAME).is_file() and (path / PTE_NAME).is_file()
+
+
+def weights_mb(module: nn.Module, layers) -> dict:
+    """{"weights_mb": at the precisions `layers` (LayerPrecision) got, "fp32_weights_mb": all fp32}; {} for a
+    model the pruning graph cannot analyse (its size is then the .pte's alone)."""
+    from amc_mobile.precision import PrecisionMap, units_at
+    from amc_mobile.pruning.graph import build_graph
+    from amc_mobile.search.cost import model_size_mb
+
+    try:
+        graph = build_graph(module)
+        pmap = PrecisionMap(module, graph)
+    except Exception:  # the graph's refusal is not the quantizer's: the .pte size still stands
+        return {}
+    got = QuantPolicy("fp32", {l.layer: l.actual for l in layers if l.layer in pmap.layers})
+    return {"weights_mb": model_size_mb(units_at(graph, pmap.unit_dtypes(got))),
+            "fp32_weights_mb": model_size_mb(graph.units_for({}))}
+
+
 def quantize_to_folder(module: nn.Module, example_input: torch.Tensor, train: Split, val: Split | None,
                        policy: QuantPolicy, out_dir: str | os.PathLike, *, calib_images: int = 256,
-                       eval_images: int | None = 1000, label: str = "model") -> QuantizeResult:
-    """Quantize `module` per `policy`, write `out_dir/model.pte` and `quantization.json`, score both models."""
+                       eval_images: int | None = 1000, label: str = "model", quantized: QuantizedModel | None = None,
+                       extra: dict | None = None) -> QuantizeResult:
+    """Quantize `module` per `policy` (or take `quantized`, already made from it), write `out_dir/model.pte`
+    and `quantization.json` (with `extra` merged in), score both models."""
     out_dir = Path(out_dir)
-    qm = quantize_model(module, example_input, calibration_images(train, calib_images), policy)
-    report: dict = {"model": label, **qm.to_dict(),
-                    "fp32_weights_mb": sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 1e6}
+    qm = quantized or quantize_model(module, example_input, calibration_images(train, calib_images), policy)
+    report: dict = {"model": label, **qm.to_dict(), **weights_mb(module, qm.layers), **(extra or {})}
     _write_report(out_dir, report)
     failed = lower_to_pte([Candidate("forward", qm.module, example_input)], out_dir / PTE_NAME, shared=False)
     if failed:

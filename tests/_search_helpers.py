@@ -91,6 +91,8 @@ class TableLatency:
     multiples of 16 (SIMD remainder loops). A configuration outside the table is a KeyError,
     like OFA's LUTs."""
 
+    scale, offset = 1.0, 0.0  # no overhead fit (what `cost.predict_mixed` reads of a LatencyModel)
+
     def __init__(self, graph: PruningGraph, groups: list[int], lbound: float = 0.2, grid: int = 8):
         from amc_mobile.search.env import grid_counts
 

@@ -40,6 +40,12 @@ def register(sub) -> None:
     p.add_argument("--std", default=None, help="imagefolder: per-channel std, e.g. 0.229,0.224,0.225")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="also (re)draw the run's search figures when it is a search run folder (default: on)")
+    p.add_argument("--quant-policy", default=None, metavar="POLICY",
+                   help="also quantize before and after (int8, or a policy .json such as a precision-search's "
+                        "policy.json) and record both top-1s; default: the run's quant_policy.json when a joint "
+                        "search wrote one")
+    p.add_argument("--quant-calib-images", type=int, default=d.quant_calib_images,
+                   help="training images that calibrate the int8 ranges (default %(default)s)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -56,12 +62,14 @@ def run(args: argparse.Namespace) -> int:
     import warnings
 
     from amc_mobile.search.finetune import FinetuneConfig, finetune, resolve_pruned
+    from device.quantize import QuantPolicy
 
     cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, train_images=args.train_images or None,
                          batch_size=args.batch_size, weight_decay=args.weight_decay, augment=not args.no_augment,
                          seed=args.seed, eval_images=args.eval_images, device=args.device, data_dir=args.data_dir,
                          data=args.data, input_size=args.input_size, mean=args.mean, std=args.std,
-                         progress=not args.quiet).validate()
+                         progress=not args.quiet, quant_policy=args.quant_policy,
+                         quant_calib_images=args.quant_calib_images).validate()
     from amc_mobile.train import resolve_device
 
     resolve_device(cfg.device)  # a --compute this host lacks fails before anything is loaded
@@ -75,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'after':8s} {100 * a['val']['top1']:>9.2f}% {100 * a['test']['top1']:>10.2f}%")
     print(f"({b['val']['images']} val / {b['test']['images']} test images; training {r.record['train_seconds']:.0f} s, "
           f"{r.record['images_per_s']} images/s)")
+    q = r.record.get("quantized")
+    if q:
+        print(f"quantized ({QuantPolicy.from_dict(q['policy']).label()}): " + ", ".join(
+            f"{s} top-1 {100 * q['before'][s]:.2f}% -> {100 * q['after'][s]:.2f}%" for s in q["after"] if s in q["before"])
+            + f"; program {q['dir']}")
     print(f"fine-tuned model: {r.out}")
     print(f"record: {r.run_dir / 'finetune.json'}")
     if args.plots and (run_dir / "episodes.csv").exists():

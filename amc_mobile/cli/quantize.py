@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     rep = res.report
     print(f"{len(res.quantized.int8_layers)}/{len(res.quantized.layers)} layers int8; "
           f"calibrated on {rep['calibration_images']} training images; "
-          f"{res.pte}: {rep['pte_mb']:.3f} MB (fp32 weights {rep['fp32_weights_mb']:.3f} MB)")
+          f"{res.pte}: {rep['pte_mb']:.3f} MB"
+          + (f" (weights {rep['weights_mb']:.3f} MB; all fp32 {rep['fp32_weights_mb']:.3f} MB)" if "weights_mb" in rep
+             else ""))
     acc = rep.get("accuracy")
     if acc:
         print(f"top-1 on {acc['images']} validation images: fp32 {acc['fp32_torch']:.4f}, "

@@ -109,10 +109,17 @@ def run(args: argparse.Namespace) -> int:
         from amc_mobile.search.timing import describe
 
         print(describe(s["timing"]))
+    q = s.get("quantized")
+    if q:
+        acc = q.get("accuracy") or {}
+        print(f"quantized: {q['int8_layers']}/{q['layers']} layers int8, weights {q['size_mb']:.4f} MB"
+              + (f" (budget {q['size_budget_mb']:.4f} MB)" if q.get("size_budget_mb") else "")
+              + f", .pte {q['pte_mb']:.4f} MB; top-1 of the .pte {acc.get('quantized_pte', float('nan')):.4f} on "
+              f"{acc.get('images', 0)} val images; {q['dir']}")
     m = s.get("measured")
     if m and "speedup" in m:
-        print(f"measured on {cfg.device}: original {m['original']['median_ms']:.3f} ms, pruned "
-              f"{m['pruned']['median_ms']:.3f} ms ({m['measured_ratio']:.1%}"
+        print(f"measured on {cfg.device}: original {m['original']['median_ms']:.3f} ms, "
+              f"{'pruned+quantized' if q else 'pruned'} {m['pruned']['median_ms']:.3f} ms ({m['measured_ratio']:.1%}"
               + (" in the same rounds" if m['pruned'].get('ratio') is not None else "")
               + f", {m['speedup']:.2f}x faster)")
     elif m:

@@ -30,6 +30,9 @@ def add_accuracy(models: Sequence[ModelEntry], data_dir: str | None = None, max_
         if m.load_error:
             m.accuracy_note = "skipped: not loaded"
             continue
+        if module is None and m.loaded.source == "quantized":
+            _pte_accuracy(m, test, max_images, log)
+            continue
         if module is None:
             m.accuracy_note = "skipped: a .pte cannot be evaluated here (pass its pruned-model folder)"
             continue
@@ -49,6 +52,20 @@ def add_accuracy(models: Sequence[ModelEntry], data_dir: str | None = None, max_
         if m.loaded.source == "registry":
             notes.append("registry model: fresh untrained weights")
         m.accuracy_note = "; ".join(notes)
+
+
+def _pte_accuracy(m: ModelEntry, test, max_images: int | None, log: Log) -> None:
+    """A quantized program's top-1, run by ExecuTorch's runtime itself (its int8 kernels, as it deploys)."""
+    from amc_mobile.quantization import pte_accuracy
+
+    log(f"accuracy: {m.label} (.pte, ExecuTorch runtime) on {min(len(test), max_images or len(test))} test images ...")
+    try:
+        res = pte_accuracy(m.loaded.pte_path, test, max_images)
+    except Exception as exc:
+        m.accuracy_note = f"skipped: the .pte did not run in ExecuTorch's runtime: {one_line(exc, 200)}"
+        return
+    m.top1 = float(res["top1"])
+    m.accuracy_note = f"test split, {int(res['images'])} images, the .pte in ExecuTorch's runtime"
 
 
 def _shape_str(shape) -> str:

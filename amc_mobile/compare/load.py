@@ -27,6 +27,8 @@ class ModelEntry:
     top1: float | None = None
     accuracy_note: str | None = None
     load_error: str | None = None  # could not be loaded: its cells say why, the other models still run
+    precision: str = "fp32"  # "fp32", or for a quantized program "int8 k/n" (conv/linear layers in int8)
+    layer_precisions: list[dict] | None = None  # a quantized program's layers: asked / got / why not
 
     @property
     def is_pte(self) -> bool:
@@ -35,7 +37,8 @@ class ModelEntry:
     def describe(self) -> dict:
         return {"label": self.label, "ref": self.ref, "source": self.loaded.source, "params": self.params,
                 "macs": self.macs, "size_mb": self.size_mb, "top1": self.top1,
-                "accuracy_note": self.accuracy_note, "notes": self.notes, "load_error": self.load_error}
+                "accuracy_note": self.accuracy_note, "notes": self.notes, "load_error": self.load_error,
+                "precision": self.precision, "layer_precisions": self.layer_precisions}
 
 
 def count_macs(module) -> tuple[int | None, str | None]:
@@ -91,6 +94,8 @@ def load_models(refs: Sequence[str], allow_pickle: bool = False,
     for e in entries:
         e.size_mb = e.loaded.size_mb()
         e.params = e.loaded.params
+        if e.loaded.source == "quantized":
+            _quantized_facts(e)
         if e.loaded.module is not None:
             e.macs, why = count_macs(e.loaded.module)
             if why:
@@ -106,3 +111,15 @@ def _label_of(ref: str, loaded: LoadedModel) -> str:
     if path.name == "architecture.json":
         path = path.parent
     return path.resolve().name or loaded.label
+
+
+def _quantized_facts(e: ModelEntry) -> None:
+    """What a quantized folder's report says: precision per layer, weights at their precisions."""
+    meta = e.loaded.meta or {}
+    layers = [l for l in meta.get("layers") or [] if isinstance(l, dict)]
+    int8 = sum(1 for l in layers if l.get("actual") == "int8")
+    e.precision = f"int8 {int8}/{len(layers)}" if int8 else "fp32"
+    e.layer_precisions = layers
+    if isinstance(meta.get("weights_mb"), (int, float)):
+        e.notes.append(f"weights {meta['weights_mb']:.3f} MB at their precisions (fp32 "
+                       f"{meta.get('fp32_weights_mb', float('nan')):.3f} MB); size_mb is the .pte")

@@ -122,6 +122,11 @@ def measure_device(device, models: Sequence[ModelEntry], config, log: Log | None
             for m in models:
                 if not m.is_pte:
                     continue
+                if not isinstance(dev, PteDevice) and m.loaded.source == "quantized":
+                    cells[m.label] = Cell(m.label, uri, "skipped", error=(
+                        f"skipped: {m.label} is int8 for XNNPACK ({m.precision} layers); {uri} runs PyTorch "
+                        f"modules in fp32 and has no int8 kernels here: int8 is measured on local and adb"))
+                    continue
                 if not isinstance(dev, PteDevice):
                     cells[m.label] = Cell(m.label, uri, "skipped", error=(
                         f"skipped: {m.label} is a .pte (ExecuTorch program); {uri} runs PyTorch modules, "

@@ -17,7 +17,7 @@ from .measure import Cell, DeviceResult
 COLUMNS = [
     "model", "role", "source", "device", "status", "error",
     "median_ms", "p90_ms", "p10_ms", "mean_ms", "std_ms", "n", "load_ms", "speedup",
-    "size_mb", "params", "macs", "macs_ratio", "top1", "accuracy_note",
+    "size_mb", "precision", "params", "macs", "macs_ratio", "top1", "accuracy_note",
     "hardware", "runtime", "backend", "threads", "fingerprint",
 ]
 
@@ -75,6 +75,7 @@ class CompareResult:
                     "load_ms": (s.load_ms if s is not None and s.load_ms is not None else nan),
                     "speedup": base_ms / med if med > 0 and not math.isnan(base_ms) else nan,
                     "size_mb": _num(m.size_mb),
+                    "precision": m.precision,
                     "params": _num(m.params),
                     "macs": _num(m.macs),
                     "macs_ratio": (m.macs / orig.macs if m.macs is not None and orig.macs else nan),
@@ -112,7 +113,7 @@ def format_table(rows: list[dict]) -> str:
     mw = max([len(r["model"]) for r in rows] + [5])
     dw = max([len(r["device"]) for r in rows] + [6])
     head = (f"{'model':{mw}s}  {'device':{dw}s}  {'median ms':>9s}  {'p90 ms':>8s}  {'speedup':>7s}  "
-            f"{'MACs':>7s}  {'params':>7s}  {'size MB':>7s}  {'top-1':>6s}")
+            f"{'MACs':>7s}  {'params':>7s}  {'size MB':>7s}  {'precision':>11s}  {'top-1':>6s}")
     out = [head, "-" * len(head)]
     for r in rows:
         left = f"{r['model']:{mw}s}  {r['device']:{dw}s}  "
@@ -122,7 +123,7 @@ def format_table(rows: list[dict]) -> str:
         sp = r["speedup"]
         out.append(left + f"{_f(r['median_ms'], '.3f'):>9s}  {_f(r['p90_ms'], '.3f'):>8s}  "
                    f"{(_f(sp, '.2f') + 'x') if not math.isnan(sp) else '-':>7s}  {si(r['macs']):>7s}  "
-                   f"{si(r['params']):>7s}  {_f(r['size_mb'], '.2f'):>7s}  "
+                   f"{si(r['params']):>7s}  {_f(r['size_mb'], '.2f'):>7s}  {r['precision']:>11s}  "
                    f"{(_f(r['top1'] * 100, '.2f') + '%') if not math.isnan(r['top1']) else '-':>6s}")
     return "\n".join(out)
 

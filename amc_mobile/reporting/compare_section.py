@@ -52,13 +52,14 @@ def section_compare(report: Report, manifest: dict) -> None:
                 row.append(si(macs) + (f" ({ratio:.0%})" if pd.notna(ratio) else ""))
                 row.append(si(first.get("params")))
                 row.append(fmt_value(py_value(first.get("size_mb"))))
+                row.append(str(first.get("precision")) if pd.notna(first.get("precision", float("nan"))) else "fp32")
                 top1 = first.get("top1")
                 row.append(f"{top1 * 100:.2f}%" if pd.notna(top1) else (str(first.get("accuracy_note") or "-")
                                                                          if pd.notna(first.get("accuracy_note")) else "-"))
                 rows.append(row)
             report.add(Heading("Latency and speedup"),
                        Table(["model"] + [f"{d} median (speedup)" for d in devices]
-                             + ["MACs (of original)", "params", "size MB", "top-1"], rows,
+                             + ["MACs (of original)", "params", "size MB", "precision", "top-1"], rows,
                              caption="median latency per device; speedup = original median / model median"))
         for name, caption in ((SPEEDUP_PNG, "Speedup over the original, per device"),
                               (LATENCY_PNG, "Latency per device (median, p10..p90)")):
@@ -79,10 +80,19 @@ def section_compare(report: Report, manifest: dict) -> None:
                 report.add(Heading("Accuracy (Fashion-MNIST test split)", 3), df_table(notes))
     models = manifest.get("models")
     if isinstance(models, list) and models:
-        cols = ["label", "ref", "source", "params", "macs", "size_mb", "top1", "notes"]
+        cols = ["label", "ref", "source", "params", "macs", "size_mb", "precision", "top1", "notes"]
         report.add(Heading("Models", 3),
                    Table(cols, [[m.get(c) if isinstance(m, dict) else m for c in cols] for m in models],
                          caption="the first model is the original"))
+        for m in models:
+            layers = m.get("layer_precisions") if isinstance(m, dict) else None
+            if isinstance(layers, list) and layers:
+                report.add(Heading(f"Precision per layer: {m.get('label')}", 3),
+                           Table(["layer", "asked", "got", "why not"],
+                                 [[l.get("layer"), l.get("requested"), l.get("actual"), l.get("reason") or ""]
+                                  for l in layers if isinstance(l, dict)],
+                                 caption="conv/linear layers of the quantized program; the ops between them "
+                                         "follow the layers that feed them"))
     cfg = manifest.get("config")
     if isinstance(cfg, dict):
         report.add(Heading("Measurement protocol", 3), kv_table(cfg, "the same MeasureConfig on every device"))

@@ -17,7 +17,7 @@ from .render import Code, Heading, Image, Para, Report, Table, fmt_value, rel
 REWARD_CURVE_PNG = "report_reward_curve.png"  # drawn here from the episodes when the search drew no reward plot
 
 
-_POLICY_KEYS = ("ratios", "preserve_ratios", "policy", "actions", "channels", "group_channels")
+_POLICY_KEYS = ("ratios", "preserve_ratios", "policy", "actions", "channels", "group_channels", "precisions")
 _REWARD_KEYS = ("reward", "best_reward", "return")
 
 
@@ -117,8 +117,45 @@ def section_search(report: Report, manifest: dict) -> None:
         folder = p.parent
         report.add(Para(f"Pruned model: {rel(report, folder)}/ ({SPEC_FILE} + {WEIGHTS_FILE}). Compare it on your "
                         f"devices: amc-mobile compare ORIGINAL {folder} --devices local cuda:0 adb:SERIAL", "note"))
+    quantized_section(report, run_dir)
     if not added and reward_png is None and episodes is None:
         report.add(Para("No best-policy, reward-curve or episode file found; all files follow below.", "note"))
+
+
+def quantized_section(report: Report, run_dir: Path) -> None:
+    """A joint search's (or precision-search's) quantized result and the fine-tuned one: precision per layer,
+    sizes, top-1 of the .pte, from the quantization.json each folder holds."""
+    from amc_mobile.quantization import QUANTIZED_DIR, REPORT_NAME, is_quantized_folder
+    from amc_mobile.search.finetune import QUANTIZED_FINETUNED_DIR
+
+    for name in (QUANTIZED_DIR, QUANTIZED_FINETUNED_DIR):
+        folder = run_dir / name
+        if not is_quantized_folder(folder):
+            continue
+        data = read_json(folder / REPORT_NAME)
+        report.used.add(folder / REPORT_NAME)
+        report.add(Heading(f"Quantized result: {name}/"))
+        if not isinstance(data, dict):
+            report.add(Para(str(data), "error"))
+            continue
+        layers = [l for l in data.get("layers") or [] if isinstance(l, dict)]
+        int8 = sum(1 for l in layers if l.get("actual") == "int8")
+        facts = {"int8 layers": f"{int8}/{len(layers)}", "weights MB": data.get("weights_mb"),
+                 "all-fp32 weights MB": data.get("fp32_weights_mb"), ".pte MB": data.get("pte_mb"),
+                 "calibration images": data.get("calibration_images")}
+        acc = data.get("accuracy")
+        if isinstance(acc, dict):
+            facts.update({"top-1 fp32 (PyTorch)": acc.get("fp32_torch"), "top-1 of the .pte": acc.get("quantized_pte"),
+                          "validation images": acc.get("images")})
+        if isinstance(data.get("top1_torch"), dict):
+            facts.update({f"top-1 {k} (quantized, PyTorch)": v for k, v in data["top1_torch"].items()})
+        report.add(kv_table({k: v for k, v in facts.items() if v is not None}, rel(report, folder / REPORT_NAME)))
+        if layers:
+            report.add(Table(["layer", "asked", "got", "why not"],
+                             [[l.get("layer"), l.get("requested"), l.get("actual"), l.get("reason") or ""]
+                              for l in layers], "precision per conv/linear layer"))
+        report.add(Para(f"Measure it: amc-mobile compare ORIGINAL {rel(report, folder)} --devices local adb:SERIAL "
+                        f"(a cuda: device skips int8 with the reason)", "note"))
 
 
 def _reward_curve(run_dir: Path, df, col: str) -> Path | None:

@@ -21,6 +21,7 @@ class SearchWarning(UserWarning):
     these even though it silences the libraries' warnings."""
 REWARDS = ("constrained", "guaranteed")
 METRICS = ("top1", "top5")
+SEARCH_PRECISIONS = ("fp32", "joint")
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -93,6 +94,14 @@ class SearchConfig:
                           "reference x its level over the build (anchored; takes a slow stretch of the build off the "
                           "rows it hit), or as raw medians; the re-timed calibration is anchored to the original "
                           "likewise", choices=("anchored", "median"))
+    precision: str = _f("fp32", "fp32: prune only; joint: one agent picks each conv/linear layer's preserve ratio AND "
+                        "its precision (int8/fp32; APQ's joint search), every episode scored after int8 "
+                        "post-training quantization, the picked model measured quantized; needs an int8 table "
+                        "(`table build --dtype int8`, built on demand like the fp32 one)", choices=SEARCH_PRECISIONS)
+    size_mb: float | None = _f(None, "joint: model-size budget in MB (1e6 bytes) of weights (int8 1 byte + an fp32 "
+                                     "scale per channel, fp32 4 bytes, biases 4), held with the latency budget "
+                                     "(--target 1 for size alone)")
+    quant_calib_images: int = _f(128, "joint: training images that calibrate the int8 activation ranges")
     reward: str = _f("constrained", "constrained: -error under the budget; guaranteed: -error*log(cost), no budget",
                      choices=REWARDS)
     metric: str = _f("top1", "accuracy the reward uses (AMC's official code used top5 on ImageNet)", choices=METRICS)
@@ -153,6 +162,23 @@ class SearchConfig:
             raise AmcError(f"unknown reward {self.reward!r}: expected one of {', '.join(REWARDS)}")
         if self.latency_reference not in LATENCY_REFERENCES:
             raise AmcError(f"unknown latency reference {self.latency_reference!r}: measured or predicted")
+        if self.precision not in SEARCH_PRECISIONS:
+            raise AmcError(f"unknown precision {self.precision!r}: expected one of {', '.join(SEARCH_PRECISIONS)}")
+        if self.precision == "joint":
+            from device.quantize import MIN_CALIBRATION_IMAGES
+
+            if self.cost != "latency" or self.reward != "constrained":
+                raise AmcError("--precision joint searches under a latency budget: use --cost latency and "
+                               "--reward constrained")
+            if self.quant_calib_images < MIN_CALIBRATION_IMAGES:
+                raise AmcError(f"--quant-calib-images must be at least {MIN_CALIBRATION_IMAGES}, got "
+                               f"{self.quant_calib_images}")
+        if self.size_mb is not None:
+            if self.precision != "joint":
+                raise AmcError("--size-mb is a budget of the joint search (--precision joint); for a pruned model "
+                               "use `amc-mobile precision-search --size-mb`")
+            if not self.size_mb > 0:
+                raise AmcError(f"--size-mb must be positive, got {self.size_mb}")
         if self.metric not in METRICS:
             raise AmcError(f"unknown metric {self.metric!r}: expected top1 or top5")
         if self.eval is not None:

@@ -150,3 +150,92 @@ def layer_costs(cost: CostModel, graph: PruningGraph, groups: list[int]) -> np.n
     """Per decision group: the cost at full width of the units touching it (producer, depthwise, consumer)."""
     per_unit = cost.unit_costs({})
     return np.array([per_unit[graph.units_touching(g)].sum() for g in groups], dtype=float)
+
+
+# ----------------------------------------------------------------------------------- model size
+
+# What a lowered layer stores, in bytes per element: XNNPACK keeps int8 weights with one fp32 scale per
+# output channel (symmetric: no zero point) and a 4-byte bias (the BN folded into it); fp32 layers keep
+# 4-byte weights and bias. Units without parameters (add, pool, act, ...) store nothing.
+_WEIGHT_BYTES = {"fp32": 4, "int8": 1}
+_SCALE_BYTES = 4
+_BIAS_BYTES = 4
+
+
+def unit_bytes(spec: UnitSpec) -> int:
+    """The parameter bytes of one fused unit at its dtype, as the lowered program stores them."""
+    if spec.kind in ("conv", "dwconv"):
+        weights, channels = spec.c_out * (spec.c_in // spec.groups) * spec.kernel ** 2, spec.c_out
+    elif spec.kind == "linear":
+        weights, channels = spec.c_in * spec.c_out, spec.c_out
+    elif spec.kind in ("bn", "layernorm"):  # not folded into a conv: scale and shift, fp32
+        return 2 * spec.c_in * 4
+    else:
+        return 0
+    scales = channels * _SCALE_BYTES if spec.dtype == "int8" else 0
+    return weights * _WEIGHT_BYTES[spec.dtype] + scales + channels * _BIAS_BYTES
+
+
+def model_size_mb(units: list[UnitSpec]) -> float:
+    """A model's weights in MB (1e6 bytes) from its concrete units at their dtypes: exact for the parameters
+    (the `.pte` adds its graph and delegate headers on top, a few kB)."""
+    return sum(unit_bytes(u) for u in units) / 1e6
+
+
+class SizeCost(_GraphCost):
+    """Parameter bytes of every unit at one dtype (`unit_bytes`), in MB: bilinear in the kept counts, so the
+    closed form is exact."""
+
+    unit = "MB"
+    scale = 1e6
+
+    def __init__(self, graph: PruningGraph, dtype: str = "fp32"):
+        self.dtype = dtype
+        super().__init__(graph)
+
+    def _one(self, spec: UnitSpec) -> float:
+        from dataclasses import replace
+
+        return float(unit_bytes(replace(spec, dtype=self.dtype)))
+
+
+def pick_by_dtype(fp32: np.ndarray, int8: np.ndarray, dtypes: list[str]) -> np.ndarray:
+    """Per unit, the fp32 or the int8 figure as `dtypes` (one per unit) says."""
+    return np.where(np.asarray(dtypes) == "int8", np.asarray(int8, dtype=float), np.asarray(fp32, dtype=float))
+
+
+def predict_mixed(fp32, int8, channels: dict[int, int], dtypes: list[str]) -> float:
+    """THE latency prediction of a pruned, mixed-precision model (`channels`, one dtype per unit of
+    `graph.units`), from a fp32 and an int8 latency model of the same network. Every joint-search cost goes
+    through here, so a better predictor replaces this body alone.
+
+    Today: each unit's table latency at its dtype, summed, with the fp32 table's overhead fit (scale, offset)
+    on top. Pessimistic: a standalone int8 unit's time holds a quantize and a dequantize, which inside an int8
+    region the model does not pay (docs/BENCHMARKS.md, issue 15: +45 % for all-int8 ResNet-20); the search's
+    measured wall and final measurement time the quantized model itself."""
+    units = pick_by_dtype(fp32.unit_latencies(channels), int8.unit_latencies(channels), dtypes)
+    return float(units.sum()) * fp32.scale + fp32.offset
+
+
+class MixedLatencyCost:
+    """A `CostModel` view of a mixed-precision model at fixed unit dtypes: what the action wall, which
+    knows channels only, asks (`at(dtypes)` makes one per assumed precision completion)."""
+
+    unit = "ms"
+    scale = 1e3
+
+    def __init__(self, fp32, int8, dtypes: list[str]):
+        self.fp32, self.int8, self.dtypes = fp32, int8, list(dtypes)
+        self.full_cost = predict_mixed(fp32, int8, {}, ["fp32"] * len(self.dtypes))
+
+    def at(self, dtypes: list[str]) -> "MixedLatencyCost":
+        return MixedLatencyCost(self.fp32, self.int8, dtypes)
+
+    def predict(self, channels: dict[int, int]) -> float:
+        return predict_mixed(self.fp32, self.int8, channels, self.dtypes)
+
+    def unit_costs(self, channels: dict[int, int]) -> np.ndarray:
+        return pick_by_dtype(self.fp32.unit_latencies(channels), self.int8.unit_latencies(channels), self.dtypes)
+
+    def __repr__(self) -> str:
+        return f"MixedLatencyCost({self.dtypes.count('int8')}/{len(self.dtypes)} units int8)"

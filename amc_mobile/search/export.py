@@ -18,7 +18,7 @@ from amc_mobile.pruning.graph import PruningGraph
 
 from .config import SearchConfig, SearchWarning
 from .device_session import DeviceSession
-from .run_folder import BEST_FILE, LOG_FILE, PRUNED_DIR, SUMMARY_FILE, read_log
+from .run_folder import BEST_FILE, LOG_FILE, PRUNED_DIR, QUANT_POLICY_FILE, SUMMARY_FILE, read_log
 from .score import evaluate_split
 from .setup import SearchSetup, measured_summary
 
@@ -46,19 +46,37 @@ def _measured_pick(setup: SearchSetup, device: DeviceSession, best: dict, top: l
 
     cfg = setup.config
     groups = [l.in_group for l in setup.layers]
+    joint = setup.joint
 
-    def refit(channels: dict[int, int], budget: float) -> dict[int, int]:
+    def cost_at(precisions):
+        if precisions is None:
+            return setup.cost
+        from .cost import MixedLatencyCost
+
+        return MixedLatencyCost(setup.cost.model, joint.int8, joint.unit_dtypes(precisions))
+
+    def refit(channels: dict[int, int], precisions, budget: float) -> dict[int, int]:
         try:
-            wall = ActionWall(setup.graph, groups, setup.cost, budget, cfg.lbound, cfg.rbound, cfg.channel_round)
+            wall = ActionWall(setup.graph, groups, cost_at(precisions), budget, cfg.lbound, cfg.rbound,
+                              cfg.channel_round)
             return wall.fit_budget(channels)[0]
         except AmcError:
             return channels  # the budget is below what the lower bounds allow: nothing to walk back
 
+    def build(channels, precisions):
+        if precisions is None:
+            return setup.builder.build(channels)
+        return joint.scorer.quantized(channels, precisions, check_delegation=True).module
+
+    def score(channels, precisions) -> float:
+        return (setup.scorer(channels) if precisions is None else joint.scorer(channels, precisions)).accuracy
+
     pool = top or [best]
     try:
         pick = pick_measured(pool, device=device.device(), original=setup.model, input_shape=setup.model.input_shape,
-                             build=setup.builder.build, score=lambda ch: setup.scorer(ch).accuracy, refit=refit,
-                             predict=setup.cost.predict, target_ratio=cfg.target, target_ms=cfg.target_ms)
+                             build=build, score=score, refit=refit,
+                             predict=lambda ch, prec: cost_at(prec).predict(ch), target_ratio=cfg.target,
+                             target_ms=cfg.target_ms)
     except AmcError as exc:
         warnings.warn(f"the measured final wall could not run on {cfg.device} ({exc}): the best predicted policy is "
                       f"kept, its budget unchecked", SearchWarning, stacklevel=2)
@@ -72,11 +90,12 @@ def _measured_pick(setup: SearchSetup, device: DeviceSession, best: dict, top: l
         warnings.warn(pick.line(), SearchWarning, stacklevel=2)
         return best, entry, None
     p = pick.picked
-    chosen = next((t for t in pool if {int(g): int(c) for g, c in t["channels"].items()} == p.channels), None)
+    chosen = next((t for t in pool if {int(g): int(c) for g, c in t["channels"].items()} == p.channels
+                   and t.get("precisions") == p.precisions), None)
     if chosen is None:  # a walked-back policy: the best one's record with the new channels
         chosen = {**best, "channels": {str(g): int(c) for g, c in p.channels.items()}, "accuracy": p.accuracy,
                   "cost": p.predicted, "cost_ratio": p.predicted / setup.cost.full_cost, "walked_back_measured":
-                  pick.walked_back}
+                  pick.walked_back, **({"precisions": p.precisions} if p.precisions is not None else {})}
         for name, layer in chosen.get("layers", {}).items():
             layer = dict(layer)
             layer["kept"] = p.channels.get(layer["group"], layer["kept"])
@@ -126,9 +145,12 @@ def finish_run(setup: SearchSetup, device: DeviceSession, run_dir: Path, best: d
         save_pruned(pruned, run_dir / PRUNED_DIR, base_config, channels,
                     extra={"policy": best, "reconstructed": bool(cfg.reconstruct), "fine_tuned": False})
         summary["pruned_dir"] = str(run_dir / PRUNED_DIR)
+    deployed = pruned
+    if setup.joint is not None:
+        deployed = _export_quantized(setup, run_dir, best, pruned, summary)
     if cfg.measure_final:
         if measured is None:  # no measured wall ran (or it picked nothing): time the export next to the original
-            measured = measured_summary(device, [("original", setup.model), ("pruned", pruned)],
+            measured = measured_summary(device, [("original", setup.model), ("pruned", deployed)],
                                         setup.model.input_shape)
         if "error" in measured or not all(measured.get(n, {}).get("error") is None for n in ("original", "pruned")):
             warnings.warn(f"final measurement on {cfg.device} failed: "
@@ -146,3 +168,32 @@ def finish_run(setup: SearchSetup, device: DeviceSession, run_dir: Path, best: d
         summary["measured"] = measured
     write_json(run_dir / SUMMARY_FILE, summary)
     return SearchResult(run_dir, cfg, best, channels, pruned.eval(), setup.model, setup.graph, summary)
+
+
+def _export_quantized(setup: SearchSetup, run_dir: Path, best: dict, pruned: nn.Module, summary: dict) -> nn.Module:
+    """A joint policy deploys quantized: QUANT_POLICY_FILE (a --policy for `quantize`, next to pruned/) and
+    quantized/ (model.pte + quantization.json: precision per layer, sizes, top-1 of the .pte); returns the
+    quantized module the final measurement times."""
+    from amc_mobile.quantization import QUANTIZED_DIR, quantize_to_folder
+    from device import example_input
+
+    from .joint import quant_policy
+
+    cfg, joint = setup.config, setup.joint
+    policy = quant_policy(best["precisions"])
+    write_json(run_dir / QUANT_POLICY_FILE, policy.to_dict())
+    x = example_input(setup.model.input_shape)
+    channels = {int(g): int(c) for g, c in best["channels"].items()}
+    qm = joint.scorer.quantized(channels, best["precisions"], check_delegation=True)  # the measured wall's, if it ran
+    folder = quantize_to_folder(pruned, x, setup.data.train, setup.data.val, policy, run_dir / QUANTIZED_DIR,
+                                calib_images=cfg.quant_calib_images, eval_images=len(setup.data.val),
+                                label=f"{cfg.model} pruned [{policy.label()}]",
+                                quantized=qm, extra={"channels": best["channels"], "source": "joint search"})
+    rep = folder.report
+    summary["quantized"] = {"dir": str(folder.out_dir), "policy": policy.to_dict(),
+                            "int8_layers": len(qm.int8_layers), "layers": len(qm.layers),
+                            "fallbacks": [f.to_dict() for f in qm.fallbacks],
+                            "size_mb": joint.size_of(channels, {l.layer: l.actual for l in qm.layers}),
+                            "size_budget_mb": joint.size_mb, "fp32_size_mb": setup.info.get("fp32_size_mb"),
+                            "pte_mb": rep.get("pte_mb"), "accuracy": rep.get("accuracy")}
+    return qm.module

@@ -9,6 +9,15 @@ Output: `<run>/finetuned/` in the same pruned format (same base model, `fine_tun
 `<run>/finetune.json` (the recipe, before/after, per-epoch history); a run's summary.json gets the
 same record under "finetune". The training loop is `amc_mobile.train.train` (its SGD is Nesterov).
 
+A quantized result (issue 15, item 4): with a precision policy (`quant_policy`, default the run's
+quant_policy.json that a joint search writes) the model is fine-tuned in fp32 as above and then quantized
+again at that policy (post-training, calibrated on training images): finetune.json's "quantized" holds
+the quantized top-1 before and after, and `<run>/quantized_finetuned/` the program (model.pte +
+quantization.json). PTQ after fine-tuning rather than QAT: PT2E's `prepare_qat_pt2e` works on torch 2.13 /
+torchao 0.18, but the model it trains is an exported graph whose BN is fused into fake-quantized convs,
+which the pruned-model folder (our modules, sliced per channel) cannot hold; PTQ at 8 bits costs
+ResNet-20 no measurable top-1 (docs/BENCHMARKS.md), so the fp32 fine-tune carries over.
+
 The defaults are brief on purpose: on a 2-core CPU MobileNet-V2 trains at a few hundred images/s, so
 one epoch over the first 24,000 training images is the default; longer runs are options. Batch 64 at
 lr 0.005 (the 128 / 0.01 pair scaled linearly): on this CPU a batch of 64 trains about twice as many
@@ -35,6 +44,7 @@ from .run_folder import CONFIG_FILE, PRUNED_DIR, SUMMARY_FILE
 
 FINETUNED_DIR = "finetuned"
 RECORD_FILE = "finetune.json"
+QUANTIZED_FINETUNED_DIR = "quantized_finetuned"
 
 
 @dataclass
@@ -58,6 +68,8 @@ class FinetuneConfig:
     mean: str | None = None
     std: str | None = None
     progress: bool = True
+    quant_policy: str | None = None  # int8, or a policy .json: quantize before and after; None: the run's, if any
+    quant_calib_images: int = 128  # training images that calibrate the int8 ranges
 
     def validate(self) -> "FinetuneConfig":
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -72,6 +84,13 @@ class FinetuneConfig:
             raise AmcError(f"unknown split(s) to evaluate: {', '.join(bad)} (val or test)")
         if self.weight_decay < 0:
             raise AmcError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        from device.quantize import MIN_CALIBRATION_IMAGES, QuantPolicy
+
+        if self.quant_calib_images < MIN_CALIBRATION_IMAGES:
+            raise AmcError(f"--quant-calib-images must be at least {MIN_CALIBRATION_IMAGES}, got "
+                           f"{self.quant_calib_images}")
+        if self.quant_policy is not None:
+            QuantPolicy.parse(self.quant_policy)  # a bad policy fails before any training
         return self
 
 
@@ -169,8 +188,11 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
         raise AmcError(f"--out {out} is the pruned model being fine-tuned: choose another folder")
     if data is None:
         data = _data_for(cfg, run_dir, model)
+    policy = _quant_policy(cfg, run_dir)
     t0 = time.perf_counter()
     before = _scores(model, data, cfg.eval_images, cfg.eval_before, device)
+    if policy is not None:
+        q_before, policy = _quantized_scores(model, data, policy, cfg)
     eval_s = time.perf_counter() - t0
     for p in model.parameters():
         p.requires_grad_(True)
@@ -201,19 +223,62 @@ def finetune(path: str | Path, config: FinetuneConfig | None = None, out: str | 
         "images_per_s": round(n_train * cfg.epochs / res.seconds, 1) if res.seconds > 0 else None,
         "history": res.history,
     }
+    if policy is not None:
+        q_after, _ = _quantized_scores(model, data, policy, cfg, run_dir / QUANTIZED_FINETUNED_DIR)
+        record["quantized"] = {"policy": policy.to_dict(), "calibration_images": cfg.quant_calib_images,
+                               "before": q_before, "after": q_after, "dir": str(run_dir / QUANTIZED_FINETUNED_DIR),
+                               "delta_top1": {s: q_after[s] - q_before[s] for s in q_before if s in q_after}}
     write_json(run_dir / RECORD_FILE, record)
     summary = run_dir / SUMMARY_FILE
     if summary.exists() and run_dir != pruned_dir:
         try:
             data_ = json.loads(summary.read_text())
             if isinstance(data_, dict):
-                data_["finetune"] = {k: record[k] for k in ("out", "before", "after", "delta_top1", "train_seconds")}
+                data_["finetune"] = {k: record[k] for k in ("out", "before", "after", "delta_top1", "train_seconds",
+                                                             "quantized") if k in record}
                 data_["finetune"]["recipe"] = {k: recipe[k] for k in ("epochs", "lr", "train_images_used",
                                                                      "weight_decay", "batch_size", "seed")}
                 write_json(summary, data_)
         except (OSError, ValueError):
             pass  # an unreadable summary (or a folder in its place) is the report's problem, not the fine-tune's
     return FinetuneResult(model, pruned_dir, out, run_dir, before, after, record)
+
+
+def _quant_policy(cfg: FinetuneConfig, run_dir: Path):
+    from device.quantize import QuantPolicy
+
+    from .run_folder import QUANT_POLICY_FILE
+
+    if cfg.quant_policy is not None:
+        return QuantPolicy.parse(cfg.quant_policy)
+    if (run_dir / QUANT_POLICY_FILE).is_file():
+        return QuantPolicy.parse(str(run_dir / QUANT_POLICY_FILE))
+    return None
+
+
+def _quantized_scores(model: nn.Module, data, policy, cfg: FinetuneConfig, out: Path | None = None):
+    """({split: top-1} of `model` quantized at `policy` (PT2E, first training images) on the splits fine-tuning
+    scores, the policy as it was honoured). Without `out` the layers XNNPACK would not delegate in int8 are
+    found (one lowering) and the returned policy has them fp32, so the model after fine-tuning is quantized
+    the same way without that check; with `out` the program is written there (model.pte + quantization.json)."""
+    from amc_mobile.quantization import calibration_images, quantize_to_folder
+    from amc_mobile.train import evaluate
+    from device import example_input
+    from device.quantize import QuantPolicy, quantize_model
+
+    model = model.cpu().eval()
+    x = example_input(model.input_shape)
+    qm = quantize_model(model, x, calibration_images(data.train, cfg.quant_calib_images), policy,
+                        check_delegation=out is None)
+    scores = {s: float(evaluate(qm.module, getattr(data, s), device="cpu", topk=(1,),
+                                max_images=cfg.eval_images)["top1"])
+              for s in dict.fromkeys((*cfg.eval_before, *cfg.eval_after))}
+    honoured = QuantPolicy(policy.default, {**policy.layers, **{l.layer: l.actual for l in qm.layers}})
+    if out is not None:
+        quantize_to_folder(model, x, data.train, None, honoured, out, calib_images=cfg.quant_calib_images,
+                           label=f"fine-tuned [{policy.label()}]", quantized=qm,
+                           extra={"top1_torch": scores, "fine_tuned": True})
+    return scores, honoured
 
 
 def finetune_run(path: str | Path, epochs: int = FinetuneConfig.epochs, train_images: int | None = FinetuneConfig.train_images,

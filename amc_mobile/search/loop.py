@@ -37,6 +37,7 @@ from .config import SearchConfig, SearchWarning
 from .device_session import DeviceSession, open_session
 from .env import Episode, PruningEnv
 from .export import SearchResult, finish_run
+from .joint import make_joint_env
 from .run_folder import (BEST_FILE, CONFIG_FILE, LOG_FILE, SETUP_FILE, EpisodeLog, episode_row, open_run_dir,
                          policy_dict, read_saved_setup)
 from .setup import SearchSetup, prepare
@@ -52,11 +53,12 @@ def _seed_everything(seed: int) -> None:
 
 def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
                on_episode: Callable[[dict], None] | None = None, latency_model=None,
-               device: DeviceSession | None = None) -> SearchResult:
+               device: DeviceSession | None = None, int8_latency_model=None) -> SearchResult:
     """Run (or resume) an AMC search; see the module doc. `model`/`data` override config.model/data_dir
     (the config still names them for the record); `latency_model` (anything LatencyModel-like) replaces
     the table lookup of the latency cost; `on_episode(row)` is called after each episode; `device`: a
-    session on cfg.device shared with the caller (else the search opens cfg.device once, at its first use)."""
+    session on cfg.device shared with the caller (else the search opens cfg.device once, at its first use);
+    `int8_latency_model`: with --precision joint, replaces the int8 table lookup as `latency_model` does the fp32 one."""
     from amc_mobile.runs import write_manifest
 
     from amc_mobile.compute import resolve_compute
@@ -70,12 +72,16 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
     write_manifest(run_dir, "search")
     with open_session(cfg.device, device) as session:
         saved = read_saved_setup(run_dir) if resuming else None
-        setup = prepare(cfg, model, data, latency_model, saved_info=saved, device=session)
+        setup = prepare(cfg, model, data, latency_model, saved_info=saved, device=session,
+                        int8_latency_model=int8_latency_model)
         write_json(run_dir / SETUP_FILE, setup.info)
 
         _seed_everything(cfg.seed)
-        env = PruningEnv(setup.graph, setup.layers, setup.cost, setup.budget, setup.scorer, cfg.reward,
-                         cfg.lbound, cfg.rbound, cfg.channel_round, reference=setup.info.get("original_measured_ms"))
+        if setup.joint is not None:
+            env = make_joint_env(setup)
+        else:
+            env = PruningEnv(setup.graph, setup.layers, setup.cost, setup.budget, setup.scorer, cfg.reward,
+                             cfg.lbound, cfg.rbound, cfg.channel_round, reference=setup.info.get("original_measured_ms"))
         agent = DDPGAgent(env.state_dim, env.n_layers, cfg.agent, cfg.seed)
         episode_log = EpisodeLog(run_dir / LOG_FILE)
         start, best, top = 0, None, []
@@ -158,11 +164,11 @@ def run_search(config: SearchConfig, model: nn.Module | None = None, data=None,
 
 
 def _keep_top(top: list[dict], setup: SearchSetup, ep: Episode, episode: int, k: int) -> list[dict]:
-    """The k best policies by reward, one per channel choice (the candidates of the measured wall)."""
+    """The k best policies by reward, one per channel (and precision) choice (the measured wall's candidates)."""
     if k <= 0:
         return top
     key = {str(g): int(c) for g, c in ep.channels.items()}
-    if any(t["channels"] == key for t in top):
+    if any(t["channels"] == key and t.get("precisions") == ep.precisions for t in top):
         return top
     if len(top) >= k and ep.reward <= min(t["reward"] for t in top):
         return top

@@ -39,6 +39,7 @@ class Measured:
     median_ms: float
     meets: bool = False
     error: str | None = None
+    precisions: dict[str, str] | None = None  # a joint policy's: measured quantized
 
 
 @dataclass
@@ -97,22 +98,30 @@ def _measure(device: Device, original: torch.nn.Module, models: list[tuple[str, 
     return measured
 
 
+Precisions = dict[str, str] | None  # a joint policy's per-layer precision (None: all fp32, pruning only)
+
+
 def pick_measured(candidates: list[dict], *, device: Device, original: torch.nn.Module, input_shape,
-                  build: Callable[[dict[int, int]], torch.nn.Module], score: Callable[[dict[int, int]], float],
-                  refit: Callable[[dict[int, int], float], dict[int, int]], predict: Callable[[dict[int, int]], float],
+                  build: Callable[[dict[int, int], Precisions], torch.nn.Module],
+                  score: Callable[[dict[int, int], Precisions], float],
+                  refit: Callable[[dict[int, int], Precisions, float], dict[int, int]],
+                  predict: Callable[[dict[int, int], Precisions], float],
                   target_ratio: float | None, target_ms: float | None, config: MeasureConfig = FINAL_CONFIG,
                   max_walks: int = MAX_WALKS) -> MeasuredPick:
-    """`candidates`: policy dicts (channels, accuracy, cost), best first. `refit(channels, budget)` is the
-    action wall's fit to a predicted budget; `score(channels)` the accuracy of a policy."""
+    """`candidates`: policy dicts (channels, accuracy, cost, and a joint policy's precisions), best first.
+    `build(channels, precisions)` is the model as it deploys (quantized at the precisions);
+    `refit(channels, precisions, budget)` the action wall's fit to a predicted budget at those precisions;
+    `score` the accuracy of a policy. A walk-back keeps the precisions and refits the channels."""
     pool = sorted(candidates, key=lambda c: -(c.get("accuracy") or 0.0))
-    models = [(f"p{i}", build({int(g): int(n) for g, n in c["channels"].items()})) for i, c in enumerate(pool)]
+    models = [(f"p{i}", build({int(g): int(n) for g, n in c["channels"].items()}, c.get("precisions")))
+              for i, c in enumerate(pool)]
     measured = _measure(device, original, models, input_shape, config)
     orig = measured["original"]
     target = target_ratio if target_ms is None else target_ms / orig.median_ms
     out: list[Measured] = []
     for (name, _), c in zip(models, pool):
         out.append(_row(name, {int(g): int(n) for g, n in c["channels"].items()}, c.get("accuracy"), c["cost"],
-                        measured[name], target))
+                        measured[name], target, c.get("precisions")))
     result = MeasuredPick(target, orig.median_ms, measured.noise("original"), None, 0, out)
     ok = [m for m in out if m.meets]
     if ok:
@@ -125,12 +134,13 @@ def pick_measured(candidates: list[dict], *, device: Device, original: torch.nn.
     current = base
     for k in range(1, max_walks + 1):
         budget = current.predicted * target / current.ratio * (1 - 0.5 * current.ci)
-        channels = refit(current.channels, budget)
+        prec = current.precisions
+        channels = refit(current.channels, prec, budget)
         if channels == current.channels:
             break  # every layer at its lower bound
-        measured = _measure(device, original, [(f"w{k}", build(channels))], input_shape, config)
+        measured = _measure(device, original, [(f"w{k}", build(channels, prec))], input_shape, config)
         t = target if target_ms is None else target_ms / measured["original"].median_ms
-        m = _row(f"w{k}", channels, score(channels), predict(channels), measured[f"w{k}"], t)
+        m = _row(f"w{k}", channels, score(channels, prec), predict(channels, prec), measured[f"w{k}"], t, prec)
         out.append(m)
         result.walked_back = k
         if m.error is None:
@@ -141,10 +151,10 @@ def pick_measured(candidates: list[dict], *, device: Device, original: torch.nn.
     return result
 
 
-def _row(name, channels, accuracy, predicted, s, target) -> Measured:
+def _row(name, channels, accuracy, predicted, s, target, precisions: Precisions = None) -> Measured:
     if not s.ok or not s.has_reference:
         return Measured(name, channels, float(accuracy or 0.0), float(predicted), float("nan"), float("nan"),
-                        float("nan"), False, s.error or "measured without the original as reference")
+                        float("nan"), False, s.error or "measured without the original as reference", precisions)
     ci = s.ci_rel if s.ci_rel is not None and math.isfinite(s.ci_rel) else 0.0
     return Measured(name, channels, float(accuracy or 0.0), float(predicted), s.ratio, ci, s.median_ms,
-                    s.ratio <= target * (1 + ci))
+                    s.ratio <= target * (1 + ci), None, precisions)

@@ -5,10 +5,12 @@ chooses each conv/linear layer's precision, int8 or fp32, under a latency budget
   kernel, stride, params (min-max normalised per column across layers), then the previous action.
 - **action** a in [0, 1]: fp32 when a >= 0.5, int8 below (HAQ rounds a continuous action to a bit width;
   XNNPACK offers two widths here).
+- **budgets**: measured latency (the default), model size in MB (the seed pipeline's target: the weights as
+  the `.pte` stores them, `cost.model_size_mb`: exact, so its wall is exact), or both (both walls hold).
 - **action wall**, as the pruning env's: layer t gets fp32 only if the policy so far, this layer fp32 and
-  every later layer int8 (the fastest completion) is predicted within the budget; otherwise int8. So
-  every finished policy is within the budget as predicted, and a budget below the all-int8 prediction
-  is refused before any episode.
+  every later layer int8 (the fastest and smallest completion) is within every budget; otherwise int8.
+  So every finished policy is within the budgets (latency as predicted), and a budget below the all-int8
+  prediction or size is refused before any episode.
 - **cost**: the model's fused units at their dtypes (`amc_mobile/precision.py`; int8 units measured taking
   and returning int8) plus a quantize or dequantize per fp32<->int8 edge the policy creates, each unit and
   edge measured standalone on the device, then scale and offset fitted on the measured fp32 and all-int8
@@ -137,28 +139,45 @@ def haq_states(model: nn.Module, layers: list[str]) -> np.ndarray:
 @dataclass
 class PrecisionEpisode:
     precisions: list[str]
-    predicted_ms: float
+    predicted_ms: float  # NaN without a latency budget
     accuracy: float
     reward: float
+    size_mb: float = float("nan")  # NaN without a size budget
 
 
 @dataclass
 class PrecisionEnv:
-    """One episode = one precision per layer (forward order), then one score."""
+    """One episode = one precision per layer (forward order), then one score. `cost`/`budget_ms` (latency)
+    and `size`/`size_mb` (model size) are the two walls; either may be None, not both."""
 
     layers: list[str]  # layer (module) names, forward order
     static: np.ndarray  # haq_states
-    cost: Callable[[dict[str, str]], float]  # {layer: precision} -> predicted ms
-    budget_ms: float
+    cost: Callable[[dict[str, str]], float] | None  # {layer: precision} -> predicted ms
+    budget_ms: float | None
     score: Callable[[dict[str, str]], float]  # {layer: precision} -> top-1
+    size: Callable[[dict[str, str]], float] | None = None  # {layer: precision} -> MB
+    size_mb: float | None = None
     _chosen: dict[str, str] = field(default_factory=dict)
     _prev: float = 1.0
 
     def __post_init__(self) -> None:
-        fastest = self.cost({n: "int8" for n in self.layers})
-        if fastest > self.budget_ms:
-            raise AmcError(f"latency budget {self.budget_ms:.3f} ms is below the all-int8 prediction {fastest:.3f} ms: "
-                           f"raise the budget or prune more first")
+        if self.budget_ms is None and self.size_mb is None:
+            raise AmcError("precision search: give a latency budget, a size budget (MB) or both")
+        smallest = {n: "int8" for n in self.layers}
+        if self.budget_ms is not None:
+            fastest = self.cost(smallest)
+            if fastest > self.budget_ms:
+                raise AmcError(f"latency budget {self.budget_ms:.3f} ms is below the all-int8 prediction "
+                               f"{fastest:.3f} ms: raise the budget or prune more first")
+        if self.size_mb is not None:
+            least = self.size(smallest)
+            if least > self.size_mb * (1 + 1e-12):
+                raise AmcError(f"size budget {self.size_mb:.4f} MB is below the all-int8 size {least:.4f} MB: "
+                               f"raise it or prune more first")
+
+    def fits(self, choice: dict[str, str]) -> bool:
+        return ((self.budget_ms is None or self.cost(choice) <= self.budget_ms)
+                and (self.size_mb is None or self.size(choice) <= self.size_mb * (1 + 1e-12)))
 
     @property
     def state_dim(self) -> int:
@@ -175,10 +194,8 @@ class PrecisionEnv:
         t = len(self._chosen)
         name = self.layers[t]
         want = "fp32" if action >= 0.5 else "int8"
-        if want == "fp32":
-            trial = {**{n: "int8" for n in self.layers}, **self._chosen, name: "fp32"}
-            if self.cost(trial) > self.budget_ms:
-                want = "int8"  # the wall
+        if want == "fp32" and not self.fits({**{n: "int8" for n in self.layers}, **self._chosen, name: "fp32"}):
+            want = "int8"  # the wall
         self._chosen[name] = want
         self._prev = 1.0 if want == "fp32" else 0.0
         done = len(self._chosen) == len(self.layers)
@@ -186,7 +203,9 @@ class PrecisionEnv:
             return self._state(t + 1), False, None
         policy = dict(self._chosen)
         acc = self.score(policy)
-        ep = PrecisionEpisode([policy[n] for n in self.layers], self.cost(policy), acc, -(1.0 - acc))
+        nan = float("nan")
+        ep = PrecisionEpisode([policy[n] for n in self.layers], self.cost(policy) if self.cost else nan, acc,
+                              -(1.0 - acc), self.size(policy) if self.size else nan)
         return self._state(t), True, ep
 
 
@@ -234,12 +253,34 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def make_env(model: nn.Module, graph: PruningGraph, costs: UnitCosts, budget_ms: float,
-             score: Callable[[dict[str, str]], float]) -> PrecisionEnv:
-    """The env over every conv/linear module of the trace (depthwise convs included: they have an int8 form)."""
-    layers = costs.pmap.layers
+def make_env(model: nn.Module, graph: PruningGraph, costs: UnitCosts | None, budget_ms: float | None,
+             score: Callable[[dict[str, str]], float], size_mb: float | None = None) -> PrecisionEnv:
+    """The env over every conv/linear module of the trace (depthwise convs included: they have an int8 form);
+    `costs`/`budget_ms` the latency wall, `size_mb` the size wall (either may be None)."""
+    from amc_mobile.precision import units_at
+
+    from .cost import model_size_mb
+
+    pmap = costs.pmap if costs is not None else PrecisionMap(model, graph)
+    layers = pmap.layers
+
+    def policy(choice: dict[str, str]) -> QuantPolicy:
+        return policy_of(layers, [choice[n] for n in layers])
 
     def cost(choice: dict[str, str]) -> float:
-        return costs.total(policy_of(layers, [choice[n] for n in layers]))
+        return costs.total(policy(choice))
 
-    return PrecisionEnv(layers, haq_states(model, layers), cost, budget_ms, score)
+    def size(choice: dict[str, str]) -> float:
+        return model_size_mb(units_at(graph, pmap.unit_dtypes(policy(choice))))
+
+    return PrecisionEnv(layers, haq_states(model, layers), cost if budget_ms is not None else None, budget_ms, score,
+                        size if size_mb is not None else None, size_mb)
+
+
+def policy_size_mb(model: nn.Module, graph: PruningGraph, policy: QuantPolicy) -> float:
+    """The weights of `model` (full width of `graph`) under `policy`, in MB (`cost.model_size_mb`)."""
+    from amc_mobile.precision import units_at
+
+    from .cost import model_size_mb
+
+    return model_size_mb(units_at(graph, PrecisionMap(model, graph).unit_dtypes(policy)))

@@ -5,6 +5,7 @@ writers and readers of each; the report, fine-tuning and the plots read the fold
     setup.json        SearchSetup.info (budget, ...)   best_policy.json  the best policy (policy_dict)
     pruned/           the exported pruned model        summary.json   the result, measured latency
     checkpoints/      the agent's state (checkpoint.py)
+    --precision joint adds quant_policy.json (a QuantPolicy) and quantized/ (model.pte + quantization.json)
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ BEST_FILE = "best_policy.json"
 SUMMARY_FILE = "summary.json"
 SETUP_FILE = "setup.json"
 PRUNED_DIR = "pruned"
+QUANT_POLICY_FILE = "quant_policy.json"  # --precision joint: the chosen precisions, a QuantPolicy
 LOG_COLUMNS = ("episode", "phase", "sigma", "reward", "accuracy", "loss", "cost", "cost_ratio", "walked_back",
-               "prune_s", "eval_s", "predict_s", "agent_s", "episode_s", "discarded", "actions", "ratios", "channels")
+               "prune_s", "eval_s", "predict_s", "agent_s", "episode_s", "discarded", "actions", "ratios", "channels",
+               "precisions")
 # Where an episode's time goes: building the pruned model (slicing + cached reconstructed weights),
 # scoring it, the action wall's latency predictions (and the env's state), the agent (actions, updates),
 # and the whole episode (the rest is the log and checkpoints).
@@ -105,6 +108,9 @@ def policy_dict(setup: SearchSetup, ep: Episode, episode: int) -> dict:
         "channels": {str(g): int(c) for g, c in ep.channels.items()},
         "layers": layers,
         "actions": [round(a, 6) for a in ep.actions],
+        **({"precisions": dict(ep.precisions), "int8_layers": sum(p == "int8" for p in ep.precisions.values())}
+           if ep.precisions is not None else {}),
+        **({"size_mb": ep.info["size_mb"]} if "size_mb" in ep.info else {}),
     }
 
 
@@ -124,6 +130,7 @@ def episode_row(episode: int, phase: str, sigma: float, ep: Episode, full_cost: 
         "actions": json.dumps([round(a, 6) for a in ep.actions]),
         "ratios": json.dumps([round(r, 6) for r in ep.ratios]),
         "channels": json.dumps({str(g): int(c) for g, c in ep.channels.items()}),
+        "precisions": "" if ep.precisions is None else " ".join(ep.precisions.values()),
     }
 
 

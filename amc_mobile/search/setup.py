@@ -21,6 +21,7 @@ from .config import SearchConfig, SearchWarning
 from .cost import CostModel, FlopsCost, LatencyCost, ParamsCost
 from .device_session import DeviceSession
 from .env import ActionWall
+from .joint import JointSetup
 from .reconstruct import ChannelSelector, PrunedModelBuilder, Reconstructor, collect_layer_stats
 from .score import EpisodeScorer
 
@@ -40,6 +41,7 @@ class SearchSetup:
     scorer: EpisodeScorer
     data: object  # the FashionMNIST splits
     info: dict
+    joint: "JointSetup | None" = None  # --precision joint: the int8 table, precision map, quantizing scorer
 
 
 # ----------------------------------------------------------------------------------- preparation
@@ -73,18 +75,28 @@ def family_of(model: nn.Module) -> str | None:
     return cfg.get("name") if isinstance(cfg, dict) else None
 
 
-def _latency_model(model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig, device: DeviceSession):
+def _latency_model(model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig, device: DeviceSession,
+                   dtype: str = "fp32"):
     """The tables engineer's predictor for this model, scope and device: from --table-dir when given,
-    else `ensure_table` (builds whatever the device's table still lacks, then loads it)."""
+    else `ensure_table` (builds whatever the device's table still lacks, then loads it). `dtype` int8: the
+    same units keyed int8 (no whole-model calibration: the fp32 table's overhead fit is the one used)."""
     try:
         from amc_mobile.tables import ensure_table, load_latency_model
     except ImportError as exc:
         raise AmcError(f"latency tables are not available in this installation ({exc}); use --cost flops") from exc
+    kw = {}
+    if dtype != "fp32":
+        from amc_mobile.precision import with_dtypes
+        from amc_mobile.tables import resolve_target
+
+        target = resolve_target(model, graph, scope)
+        target.graph = with_dtypes(target.graph, dtype)
+        model, graph, kw = target, None, {"calibrate": False}
     if cfg.table_dir:
         return load_latency_model(model, graph, scope, device_uri=device.device(), table_dir=cfg.table_dir,
                                   unit_values=cfg.unit_values)
     return ensure_table(model, graph, scope, device_uri=device.device(), progress=cfg.progress,
-                        unit_values=cfg.unit_values)
+                        unit_values=cfg.unit_values, **kw)
 
 
 def make_cost(name: str, model: nn.Module, graph: PruningGraph, scope: str, cfg: SearchConfig, device: DeviceSession,
@@ -203,13 +215,15 @@ def restore_budget(cost: CostModel, saved: dict, info: dict) -> float | None:
 
 
 def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latency_model=None,
-            saved_info: dict | None = None, device: DeviceSession | None = None) -> SearchSetup:
+            saved_info: dict | None = None, device: DeviceSession | None = None,
+            int8_latency_model=None) -> SearchSetup:
     """Load the model and data, analyse the graph, build the cost model, the reconstruction cache and the
     scorer. `saved_info` (a resumed run's setup.json) restores the budget instead of measuring again;
-    `device`: the run's device session (else cfg.device is opened for the preparation only, if needed)."""
+    `device`: the run's device session (else cfg.device is opened for the preparation only, if needed);
+    `int8_latency_model`: --precision joint's int8 predictor instead of the int8 table."""
     if device is None:
         with DeviceSession(cfg.device) as session:
-            return prepare(cfg, model, data, latency_model, saved_info, session)
+            return prepare(cfg, model, data, latency_model, saved_info, session, int8_latency_model)
     from amc_mobile.compute import describe, resolve_compute
 
     compute = resolve_compute(cfg.compute)  # before loading anything: a wrong --compute fails at once
@@ -239,8 +253,10 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
     budget = (restore_budget(cost, saved_info, info) if saved_info and "budget" in saved_info
               else _budget(cfg, cost, model, info, device))
     groups = [l.in_group for l in layers]
-    # an unreachable budget is an error now, before minutes of calibration
-    ActionWall(graph, groups, cost, budget, cfg.lbound, cfg.rbound, cfg.channel_round, info.get("original_measured_ms"))
+    # an unreachable budget is an error now, before minutes of calibration (the joint env checks its own)
+    if cfg.precision == "fp32":
+        ActionWall(graph, groups, cost, budget, cfg.lbound, cfg.rbound, cfg.channel_round,
+                   info.get("original_measured_ms"))
     selector = ChannelSelector(model, graph)
     reconstructor = None
     t0 = time.perf_counter()
@@ -255,5 +271,20 @@ def prepare(cfg: SearchConfig, model: nn.Module | None = None, data=None, latenc
     info.update(original_accuracy=original.accuracy, original_loss=original.loss, original_eval_s=round(original.eval_s, 3),
                 scope=scope, val_images=len(val), full_cost=cost.full_cost, cost_unit=cost.unit, budget=budget,
                 decision_layers=[l.name for l in layers])
-    return SearchSetup(cfg, model, graph, scope, layers, cost, budget, builder, scorer, data, info)
+    joint = None
+    if cfg.precision == "joint":
+        from amc_mobile.quantization import calibration_images
+
+        from .joint import make_joint_env, prepare_joint
+
+        int8 = int8_latency_model if int8_latency_model is not None else \
+            _latency_model(model, graph, scope, cfg, device, "int8")
+        joint = prepare_joint(model, graph, int8, builder, val, calibration_images(data.train, cfg.quant_calib_images),
+                              cfg.size_mb, cfg.score_metric, cfg.eval_batch)
+        info.update(size_budget_mb=cfg.size_mb, precision_layers=joint.layers,
+                    fp32_size_mb=joint.size_of({}, {n: "fp32" for n in joint.layers}))
+    setup = SearchSetup(cfg, model, graph, scope, layers, cost, budget, builder, scorer, data, info, joint)
+    if joint is not None:
+        make_joint_env(setup)  # an unreachable latency or size budget is an error before the first episode
+    return setup
 
