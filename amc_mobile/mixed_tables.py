@@ -140,9 +140,7 @@ def recalibrate_mixed(predictor: MixedPredictor, target: Target, device: str | D
                               job.payload[1], job.payload[2], Stats.of(st)) for job, st in results if st.ok]
         rows.extend(new)
         if store is not None and new:
-            with store.calibration_log() as log:
-                for r in new:
-                    log.append(r.to_line())
+            store.append_calibration(new)
 
     owned = isinstance(device, str)
     dev = open_device(device) if owned else device

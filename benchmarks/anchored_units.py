@@ -21,6 +21,7 @@ variants, what a search uses). Results are appended to --out as each validation 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -59,15 +60,10 @@ def main() -> int:
     for model in args.models.split(","):
         for duty in [float(d) for d in args.build_duties.split(",")]:
             with tempfile.TemporaryDirectory() as tmp:
-                inj = NoiseInjector(duty=duty, period_ms=50, memory_mb=64) if duty > 0 else None
+                noisy = NoiseInjector(duty=duty, period_ms=50, memory_mb=64) if duty > 0 else contextlib.nullcontext()
                 t0 = time.perf_counter()
-                if inj:
-                    inj.start()
-                try:
+                with noisy:
                     rep = build_table(model, "local", tables_dir=Path(tmp) / "tables", progress=False)
-                finally:
-                    if inj:
-                        inj.stop()
                 build_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 res = validate_table(model, "local", samples=args.samples, seed=args.seed,

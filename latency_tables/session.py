@@ -111,9 +111,7 @@ def recalibrate(lat: LatencyModel, target: Target, device: str | Device, *, pass
             new.append(CalibrationRow(target.hash, target.label, label, ch, Stats.of(s)))
         rows.extend(new)
         if store is not None and new:
-            with store.calibration_log() as log:
-                for r in new:
-                    log.append(r.to_line())
+            store.append_calibration(new)
 
     owned = isinstance(device, str)
     dev = open_device(device) if owned else device

@@ -285,6 +285,12 @@ class TableStore:
     def calibration_log(self) -> AppendLog:
         return AppendLog(self.calibration_path, CALIBRATION_COLUMNS)
 
+    def append_calibration(self, rows) -> None:
+        """Append whole-model timings (CalibrationRow) to calibration.csv at once, as they are taken."""
+        with self.calibration_log() as log:
+            for r in rows:
+                log.append(r.to_line())
+
     def failure_log(self) -> AppendLog:
         return AppendLog(self.failures_path, FAILURE_COLUMNS)
 

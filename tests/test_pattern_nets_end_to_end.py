@@ -25,7 +25,10 @@ QUICK = MeasureConfig(warmup=3, iterations=10, min_time_ms=2.0, repeats=1)
 # the pattern family with the most to follow (split, cat, shuffle), with a target it can reach; the other
 # families run the same code paths in test_pruning_patterns.py, and all of them end to end in
 # benchmarks/pattern_nets.py (CI time)
-NETS = {"shufflenet_v2": 0.7}
+# A target with room above the net's floor: ShuffleNet-V2-like's minimum reachable ratio is 0.57-0.71 of the
+# original depending on the load its table was built under (0.71 with a second suite running), so 0.7 could
+# be refused as unreachable by host noise alone.
+NETS = {"shufflenet_v2": 0.85}
 
 
 @pytest.fixture(scope="module")
