@@ -369,8 +369,7 @@ def _drift_normalised(path: Path, df: pd.DataFrame, lat, session_rows, anchored_
         rows = []
         for r in session_rows:
             if str(r.variant) in by_label.index:
-                rows.append(CalibrationRow(r.model_hash, r.model, r.variant, r.channels,
-                                           replace(r.stats, median_ms=float(by_label[str(r.variant)]))))
+                rows.append(r.with_median(by_label[str(r.variant)]))
         out["session_calibration"] = _refit(lat, d["unit_sum_ms"].to_numpy(float), anchored, rows)
         if anchored_lat is not None:
             sums = np.array([anchored_lat.predict_raw(c) for c in channels_of(d.reset_index())])

@@ -8,7 +8,7 @@ and a person can read, grep and diff the files. Units are in the column names (`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -94,6 +94,10 @@ class CalibrationRow:
     variant: str
     channels: dict[int, int]  # kept channels per pruned group; groups not listed are full
     stats: Stats
+
+    def with_median(self, median_ms: float) -> "CalibrationRow":
+        """The same model with its median replaced (a re-anchored value: ratio x the reference's level)."""
+        return replace(self, stats=replace(self.stats, median_ms=float(median_ms)))
 
     def to_line(self) -> str:
         return ",".join([self.model_hash, clean_field(self.model), clean_field(self.variant),

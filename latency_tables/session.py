@@ -132,8 +132,7 @@ def recalibrate(lat: LatencyModel, target: Target, device: str | Device, *, pass
     values: dict[str, float] = {}
     if is_anchored:
         values = {label: float(statistics.median(v)) * level for label, v in ratios.items()}
-        rows = [CalibrationRow(r.model_hash, r.model, r.variant, r.channels, replace(r.stats, median_ms=values[r.variant]))
-                for r in rows]
+        rows = [r.with_median(values[r.variant]) for r in rows]
     sums, measured, used = calibration_points(lat, rows)
     if not sums:
         raise AmcError("recalibration measured none of the calibration models: " + "; ".join(failures[:3]))
